@@ -1,0 +1,1 @@
+"""File and hub input/output."""
