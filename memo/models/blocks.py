@@ -1,0 +1,213 @@
+"""The diffusion net's down, mid and up blocks.
+
+Every layer runs, in order: a resnet; where the block has attention, the spatial transformer (joined by the
+reference image) and the audio module; where the resolution has one, the temporal memory module. Frames
+travel flattened as (batch*frames, C, H, W), so resnets, samplers and convolutions are diffusers' own 2D
+blocks applied to every frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from torch import nn
+
+from memo.models.audio_module import AudioModule
+from memo.models.spatial import SpatialTransformer
+from memo.models.temporal_memory import TemporalMemory, TemporalMemoryModule
+
+
+@dataclass
+class FrameContext:
+    """What every layer of one diffusion-net call needs besides its hidden states."""
+
+    batch: int
+    temb: torch.Tensor
+    image_tokens: torch.Tensor
+    emotion: torch.Tensor
+    memory: TemporalMemory
+    update_memory: bool
+    drop_reference: torch.Tensor | None
+    audio: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The shape of one block: channels, layer count, and which modules its layers hold."""
+
+    in_channels: int
+    out_channels: int
+    num_layers: int
+    with_attention: bool
+    with_motion: bool
+    resample: bool
+    prev_channels: int = 0
+    is_final: bool = False
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Sizes shared by all blocks of a diffusion net."""
+
+    temb_channels: int
+    heads: int
+    cross_attention_dim: int
+    audio_dim: int
+    norm_num_groups: int
+    norm_eps: float
+    emo_drop_rate: float
+    motion_kwargs: dict
+    downsample_padding: int = 1
+    output_scale_factor: float = 1.0
+
+
+def _resnet(net: NetSpec, in_channels: int, out_channels: int) -> ResnetBlock2D:
+    return ResnetBlock2D(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        temb_channels=net.temb_channels,
+        eps=net.norm_eps,
+        groups=net.norm_num_groups,
+        non_linearity="silu",
+        output_scale_factor=net.output_scale_factor,
+    )
+
+
+def _split_reference(feature: torch.Tensor, batch: int, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference-net feature of (batch*(1+past), ...) -> (reference frame tokens (batch, H*W, C) or None,
+    past frames (batch*past, C, H, W))."""
+    h, w = hw
+    if feature.dim() == 3:
+        n, _, c = feature.shape
+        maps = feature.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        maps = feature
+    per_batch = maps.unflatten(0, (batch, -1))
+    past = per_batch[:, 1:].flatten(0, 1)
+    if feature.dim() == 3:
+        return feature.unflatten(0, (batch, -1))[:, 0], past
+    return None, past
+
+
+class LayerStack(nn.Module):
+    """Shared per-layer conditioning (spatial + audio + temporal) of a block's layers."""
+
+    attentions: nn.ModuleList
+    audio_modules: nn.ModuleList
+    motion_modules: nn.ModuleList
+
+    def _build_conditioning(self, net: NetSpec, spec: BlockSpec, channels: int, audio_channels: list[int]) -> None:
+        if spec.with_attention:
+            self.attentions = nn.ModuleList(
+                SpatialTransformer(channels, net.heads, net.cross_attention_dim, net.norm_num_groups)
+                for _ in range(spec.num_layers)
+            )
+            self.audio_modules = nn.ModuleList(
+                AudioModule(
+                    channels,
+                    inner,
+                    net.heads,
+                    net.audio_dim,
+                    net.norm_num_groups,
+                    net.emo_drop_rate,
+                    is_final=spec.is_final and i == spec.num_layers - 1,
+                )
+                for i, inner in enumerate(audio_channels)
+            )
+        if spec.with_motion:
+            self.motion_modules = nn.ModuleList(
+                TemporalMemoryModule(channels, **net.motion_kwargs) for _ in range(spec.num_layers)
+            )
+
+    def _condition(self, i: int, x: torch.Tensor, feature: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``."""
+        reference, past = _split_reference(feature, ctx.batch, x.shape[-2:])
+        if hasattr(self, "attentions"):
+            x = self.attentions[i](x, reference, ctx.image_tokens, ctx.batch, ctx.drop_reference)
+            x, ctx.audio = self.audio_modules[i](x, ctx.audio, ctx.emotion)
+        if hasattr(self, "motion_modules"):
+            x = self.motion_modules[i](x, ctx.batch, past if ctx.update_memory else None, ctx.memory)
+        return x
+
+
+class DownBlock3D(LayerStack):
+    """Resnet layers (with attention and audio where ``with_attention``) and a strided-conv downsampler."""
+
+    def __init__(self, net: NetSpec, spec: BlockSpec):
+        super().__init__()
+        channels = [spec.in_channels] + [spec.out_channels] * (spec.num_layers - 1)
+        self.resnets = nn.ModuleList(_resnet(net, c, spec.out_channels) for c in channels)
+        # As published, a down block's audio modules are as wide as each layer's input.
+        self._build_conditioning(net, spec, spec.out_channels, channels)
+        self.downsamplers = (
+            nn.ModuleList(
+                [Downsample2D(spec.out_channels, use_conv=True, out_channels=spec.out_channels, padding=net.downsample_padding, name="op")]
+            )
+            if spec.resample
+            else None
+        )
+
+    def forward(
+        self, x: torch.Tensor, features: list[torch.Tensor], ctx: FrameContext
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = self._condition(i, resnet(x, ctx.temb), features[i], ctx)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock3D(LayerStack):
+    """A resnet, then layers of (attention, audio, temporal, resnet)."""
+
+    def __init__(self, net: NetSpec, channels: int, num_layers: int = 1):
+        super().__init__()
+        spec = BlockSpec(channels, channels, num_layers, with_attention=True, with_motion=True, resample=False)
+        self.resnets = nn.ModuleList(_resnet(net, channels, channels) for _ in range(num_layers + 1))
+        self._build_conditioning(net, spec, channels, [channels] * num_layers)
+
+    def forward(self, x: torch.Tensor, features: list[torch.Tensor], ctx: FrameContext) -> torch.Tensor:
+        x = self.resnets[0](x, ctx.temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            x = resnet(self._condition(i, x, features[i], ctx), ctx.temb)
+        return x
+
+
+class UpBlock3D(LayerStack):
+    """Resnet layers over the hidden state joined with a skip connection, then a nearest-2x upsampler."""
+
+    def __init__(self, net: NetSpec, spec: BlockSpec):
+        super().__init__()
+        resnets = []
+        for i in range(spec.num_layers):
+            skip = spec.in_channels if i == spec.num_layers - 1 else spec.out_channels
+            previous = spec.prev_channels if i == 0 else spec.out_channels
+            resnets.append(_resnet(net, previous + skip, spec.out_channels))
+        self.resnets = nn.ModuleList(resnets)
+        # As published, an up block's audio modules are as wide as the block's skip input.
+        self._build_conditioning(net, spec, spec.out_channels, [spec.in_channels] * spec.num_layers)
+        self.upsamplers = (
+            nn.ModuleList([Upsample2D(spec.out_channels, use_conv=True, out_channels=spec.out_channels)])
+            if spec.resample
+            else None
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        features: list[torch.Tensor],
+        skips: list[torch.Tensor],
+        ctx: FrameContext,
+        upsample_size: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), ctx.temb)
+            x = self._condition(i, x, features[i], ctx)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x

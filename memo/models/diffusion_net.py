@@ -1,0 +1,181 @@
+"""Diffusion net: the 3D UNet that denoises a clip's latents.
+
+Sinusoidal timestep embedding, an input convolution, down blocks, a mid block, up blocks with skip
+connections, and an output norm and convolution, all applied frame by frame; the layers' spatial, audio and
+temporal modules (see ``blocks.py``) are where frames meet the reference image, the audio, the emotion and
+each other. Published as ``diffusion_net/`` with class name UNet3DConditionModel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from memo.models.blocks import BlockSpec, DownBlock3D, FrameContext, MidBlock3D, NetSpec, UpBlock3D
+from memo.models.reference_net import ReferenceFeatures
+from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
+
+_DEFAULT_MOTION_KWARGS = {
+    "num_attention_heads": 8,
+    "num_transformer_block": 1,
+    "attention_block_types": ["Temporal_Self", "Temporal_Self"],
+    "temporal_position_encoding": True,
+    "temporal_position_encoding_max_len": 32,
+    "temporal_attention_dim_div": 1,
+}
+
+
+class DiffusionNet(ModelMixin, ConfigMixin):
+    """MEMO's diffusion net. ``forward`` predicts the flow-matching velocity of a clip's latents."""
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "CrossAttnDownBlock3D",
+            "DownBlock3D",
+        ),
+        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1.0,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int = 768,
+        attention_head_dim: int = 8,
+        audio_attention_dim: int = 768,
+        motion_module_resolutions: tuple[int, ...] = (1, 2, 4, 8),
+        motion_module_kwargs: dict | None = None,
+        emo_drop_rate: float = 0.05,
+        sample_size: int | None = None,
+    ):
+        super().__init__()
+        motion_kwargs = {**_DEFAULT_MOTION_KWARGS, **(motion_module_kwargs or {})}
+        motion_kwargs["attention_block_types"] = tuple(motion_kwargs["attention_block_types"])
+        time_dim = block_out_channels[0] * 4
+        net = NetSpec(
+            temb_channels=time_dim,
+            heads=attention_head_dim,  # diffusers' historical naming: this number is the head count
+            cross_attention_dim=cross_attention_dim,
+            audio_dim=audio_attention_dim,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            emo_drop_rate=emo_drop_rate,
+            motion_kwargs=motion_kwargs,
+            downsample_padding=downsample_padding,
+        )
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], time_dim)
+
+        levels = len(block_out_channels)
+        self.down_blocks = nn.ModuleList()
+        out_ch = block_out_channels[0]
+        for i, block_type in enumerate(down_block_types):
+            in_ch, out_ch = out_ch, block_out_channels[i]
+            spec = BlockSpec(
+                in_channels=in_ch,
+                out_channels=out_ch,
+                num_layers=layers_per_block,
+                with_attention=block_type.startswith("CrossAttn"),
+                with_motion=2**i in motion_module_resolutions,
+                resample=i < levels - 1,
+            )
+            self.down_blocks.append(DownBlock3D(net, spec))
+
+        self.mid_block = MidBlock3D(replace(net, output_scale_factor=mid_block_scale_factor), block_out_channels[-1])
+
+        reversed_channels = list(reversed(block_out_channels))
+        self.up_blocks = nn.ModuleList()
+        out_ch = reversed_channels[0]
+        for i, block_type in enumerate(up_block_types):
+            prev_ch, out_ch = out_ch, reversed_channels[i]
+            spec = BlockSpec(
+                in_channels=reversed_channels[min(i + 1, levels - 1)],
+                out_channels=out_ch,
+                num_layers=layers_per_block + 1,
+                with_attention=block_type.startswith("CrossAttn"),
+                with_motion=2 ** (levels - 1 - i) in motion_module_resolutions,
+                resample=i < levels - 1,
+                prev_channels=prev_ch,
+                is_final=i == levels - 1,
+            )
+            self.up_blocks.append(UpBlock3D(net, spec))
+
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, kernel_size=3, padding=1)
+
+        for name, module in self.named_modules():
+            if isinstance(module, MemoryLinearAttention):
+                module.memory_name = name
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        reference: ReferenceFeatures,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        emotion: torch.Tensor,
+        memory: TemporalMemory,
+        update_memory: bool,
+        drop_reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the velocity of a clip.
+
+        Args:
+            sample: (batch, C, frames, h, w) noisy latents; the batch holds the guidance halves.
+            timestep: the flow-matching timestep (0..1000), one for the whole batch.
+            reference: the reference net's features of (reference image + past frames) for each batch.
+            image_tokens: (batch, n, cross_attention_dim) face-identity tokens.
+            audio_tokens: (batch, frames, m, audio_attention_dim) audio tokens of each frame.
+            emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
+            memory: the temporal memory; read by every temporal layer.
+            update_memory: fold the reference's past frames into ``memory`` first (once per clip).
+            drop_reference: (batch,) bool; batches whose frames do not attend to the reference image.
+        """
+        batch, _, frames, h, w = sample.shape
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)[:1]
+        temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype)).expand(batch * frames, -1)
+        ctx = FrameContext(
+            batch=batch,
+            temb=temb,
+            image_tokens=image_tokens,
+            emotion=emotion.reshape(-1).to(device=sample.device, dtype=torch.long),
+            memory=memory,
+            update_memory=update_memory,
+            drop_reference=drop_reference,
+            audio=audio_tokens.flatten(0, 1),
+        )
+
+        x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
+        skips = [x]
+        for block, features in zip(self.down_blocks, reference.down):
+            x, block_skips = block(x, features, ctx)
+            skips.extend(block_skips)
+        x = self.mid_block(x, reference.mid, ctx)
+
+        levels = len(self.up_blocks)
+        for i, (block, features) in enumerate(zip(self.up_blocks, reference.up)):
+            block_skips = skips[-len(block.resnets) :]
+            del skips[-len(block.resnets) :]
+            upsample_size = tuple(skips[-1].shape[-2:]) if i < levels - 1 else None
+            x = block(x, features, block_skips, ctx, upsample_size)
+
+        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return x.unflatten(0, (batch, frames)).transpose(1, 2)

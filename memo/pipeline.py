@@ -1,0 +1,258 @@
+"""MemoPipeline: from a reference image, a face embedding, audio features and emotion labels to video frames.
+
+The video is generated clip by clip. Each clip conditions on the reference image and the last frames
+generated so far (the reference image itself for the first clip): they are VAE-encoded, run once through
+the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance. The
+temporal memory of past frames is carried from clip to clip; finished clips are decoded in batches and can
+be handed to a callback as they come, so that a long video never needs to be held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from memo.models.audio_module import NUM_EMOTIONS
+from memo.models.diffusion_net import DiffusionNet
+from memo.models.projections import AudioProjModel, ImageProjModel
+from memo.models.reference_net import ReferenceNet
+from memo.models.temporal_memory import TemporalMemory
+
+ClipCallback = Callable[["MemoPipeline", int, torch.Tensor], None]
+StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | None]
+
+
+@dataclass
+class MemoPipelineOutput(BaseOutput):
+    """``frames``: (3, num_frames, H, W) in [0, 1] (a tensor, or an array for ``output_type="np"``), or None
+    when the frames were only handed to ``callback_on_clip_end``."""
+
+    frames: torch.Tensor | np.ndarray | None
+
+
+def clip_emotion(labels: torch.Tensor) -> int:
+    """The emotion of a clip: the most frequent per-frame label, the smallest label on a tie."""
+    return int(torch.bincount(labels.reshape(-1).long(), minlength=NUM_EMOTIONS).argmax())
+
+
+class MemoPipeline(DiffusionPipeline):
+    """Generate a talking video with MEMO.
+
+    Components: ``vae`` (AutoencoderKL), ``reference_net``, ``diffusion_net``, ``image_proj``, ``audio_proj``
+    and a ``scheduler`` (FlowMatchEulerDiscreteScheduler).
+    """
+
+    model_cpu_offload_seq = "image_proj->audio_proj->reference_net->diffusion_net->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        reference_net: ReferenceNet,
+        diffusion_net: DiffusionNet,
+        image_proj: ImageProjModel,
+        audio_proj: AudioProjModel,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            reference_net=reference_net,
+            diffusion_net=diffusion_net,
+            image_proj=image_proj,
+            audio_proj=audio_proj,
+            scheduler=scheduler,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # -- pieces of the clip loop -------------------------------------------------------------------
+
+    def encode_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means, ``batch_size`` frames at a time."""
+        vae = self.vae
+        latents = [
+            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)
+        ]
+        return torch.cat(latents) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(N, 4, h, w) scaled latents -> (N, 3, H, W) frames in [0, 1], ``batch_size`` frames at a time."""
+        vae = self.vae
+        frames = [
+            vae.decode(chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+            for chunk in latents.split(batch_size)
+        ]
+        return (torch.cat(frames).float() / 2 + 0.5).clamp(0, 1)
+
+    def check_inputs(
+        self,
+        reference_image: torch.Tensor,
+        face_embedding: torch.Tensor,
+        audio_features: torch.Tensor,
+        emotion_labels: torch.Tensor,
+        frames_per_clip: int,
+        num_frames: int | None,
+        latents: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> None:
+        if reference_image.dim() != 4 or reference_image.shape[:2] != (1, 3):
+            raise ValueError(f"reference_image must be (1, 3, H, W) in [-1, 1], got {tuple(reference_image.shape)}.")
+        height, width = reference_image.shape[-2:]
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"The image size {width}x{height} must be a multiple of {self.vae_scale_factor}.")
+        if face_embedding.dim() != 2 or face_embedding.shape[0] != 1:
+            raise ValueError(f"face_embedding must be (1, dim), got {tuple(face_embedding.shape)}.")
+        total = audio_features.shape[0]
+        if total == 0 or total % frames_per_clip:
+            raise ValueError(f"audio_features has {total} frames; it must be a positive multiple of {frames_per_clip}.")
+        if emotion_labels.shape[0] < total:
+            raise ValueError(f"emotion_labels has {emotion_labels.shape[0]} frames, fewer than the {total} of the audio.")
+        if num_frames is not None and not 0 < num_frames <= total:
+            raise ValueError(f"num_frames must be in 1..{total}, got {num_frames}.")
+        if latents is not None and len(latents) != total // frames_per_clip:
+            raise ValueError(f"latents must hold the noise of {total // frames_per_clip} clips, got {len(latents)}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference_image: torch.Tensor,
+        face_embedding: torch.Tensor,
+        audio_features: torch.Tensor,
+        emotion_labels: torch.Tensor,
+        *,
+        num_frames: int | None = None,
+        frames_per_clip: int = 16,
+        past_frames: int = 16,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        memory: TemporalMemory | None = None,
+        vae_batch_size: int = 8,
+        output_type: str | None = "pt",
+        callback_on_clip_end: ClipCallback | None = None,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> MemoPipelineOutput:
+        """Generate the video.
+
+        Args:
+            reference_image: (1, 3, H, W) in [-1, 1], already at the output size.
+            face_embedding: (1, 512) face-recognition embedding of the reference face.
+            audio_features: (frames, 5, layers, dim) windowed wav2vec2 features, a whole number of clips.
+            emotion_labels: (frames,) per-frame emotion labels 0-8; each clip takes its most frequent one.
+            num_frames: length of the video (the audio's own length); defaults to all frames.
+            frames_per_clip: frames generated per clip.
+            past_frames: generated frames each clip conditions on.
+            num_inference_steps: Euler steps per clip.
+            guidance_scale: classifier-free guidance; 1 or less runs without guidance.
+            generator / seed: randomness of the initial noise (a seed makes a CPU generator).
+            latents: the initial noise of each clip, (clips, 4, frames_per_clip, H/8, W/8).
+            memory: the temporal memory to use; cleared first. Pass one to inspect it afterwards.
+            vae_batch_size: frames per VAE encode/decode call.
+            output_type: "pt" (tensor), "np" (array), or None to keep no frames (use callback_on_clip_end).
+            callback_on_clip_end: called as ``f(pipeline, clip_index, frames)`` with the clip's frames
+                (3, n, H, W) in [0, 1], cut to ``num_frames``.
+            callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
+                ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
+                ``{"latents": ...}`` to replace the latents.
+        """
+        # 1. Check inputs.
+        self.check_inputs(
+            reference_image, face_embedding, audio_features, emotion_labels, frames_per_clip, num_frames, latents
+        )
+        if output_type not in ("pt", "np", None):
+            raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
+        device = self._execution_device
+        dtype = self.diffusion_net.dtype
+        total = audio_features.shape[0]
+        num_clips = total // frames_per_clip
+        num_frames = num_frames or total
+        height, width = reference_image.shape[-2:]
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        guided = guidance_scale > 1.0
+        batch = 2 if guided else 1
+
+        # 2. Encode the conditions that hold for the whole video.
+        face_embedding = face_embedding.to(device, self.image_proj.dtype)
+        image_tokens = self.image_proj(face_embedding)
+        if guided:
+            image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
+        image_tokens = image_tokens.to(dtype)
+        drop_reference = torch.tensor([True, False], device=device) if guided else None
+        reference_image = reference_image.to(device, self.vae.dtype)
+        memory = memory if memory is not None else TemporalMemory()
+        memory.reset()
+
+        latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
+        latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        kept: list[torch.Tensor] = []
+        history = reference_image.repeat(past_frames, 1, 1, 1)
+        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **getattr(self, "_progress_bar_config", {}))
+        for clip in range(num_clips):
+            progress.set_description(f"clip {clip + 1}/{num_clips}")
+            window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
+
+            # 3. The clip's conditions: reference features, audio tokens, emotion.
+            pixels = torch.cat([reference_image, history[-past_frames:].to(reference_image.dtype)])
+            reference_latents = self.encode_frames(pixels, vae_batch_size).to(dtype)
+            context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
+            reference = self.reference_net(reference_latents.repeat(batch, 1, 1, 1), 0.0, context)
+            audio = audio_features[window][None].to(device, self.audio_proj.dtype)
+            audio_tokens = self.audio_proj(audio).to(dtype)
+            emotion = torch.tensor([clip_emotion(emotion_labels[window])], device=device)
+            if guided:
+                audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
+                emotion = torch.cat([torch.full_like(emotion, NUM_EMOTIONS), emotion])
+
+            # 4. Denoise the clip.
+            if latents is not None:
+                clip_latents = latents[clip].reshape(latent_shape).to(device, dtype)
+            else:
+                clip_latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            for step, t in enumerate(self.scheduler.timesteps):
+                noise_pred = self.diffusion_net(
+                    clip_latents.repeat(batch, 1, 1, 1, 1),
+                    t,
+                    reference,
+                    image_tokens,
+                    audio_tokens,
+                    emotion,
+                    memory,
+                    update_memory=step == 0,
+                    drop_reference=drop_reference,
+                )
+                guided_pred = noise_pred
+                if guided:
+                    uncond, cond = noise_pred.chunk(2)
+                    guided_pred = uncond + guidance_scale * (cond - uncond)
+                clip_latents = self.scheduler.step(guided_pred, t, clip_latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    tensors = {"latents": clip_latents, "noise_pred": noise_pred}
+                    replaced = callback_on_step_end(self, clip, step, t, tensors) or {}
+                    clip_latents = replaced.get("latents", clip_latents)
+                progress.update()
+
+            # 5. Decode, hand out, and keep the last frames as the next clip's past.
+            frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
+            history = frames * 2 - 1
+            visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
+            clip_video = visible.transpose(0, 1).cpu()
+            if callback_on_clip_end is not None:
+                callback_on_clip_end(self, clip, clip_video)
+            if output_type is not None:
+                kept.append(clip_video)
+        progress.close()
+        self.maybe_free_model_hooks()
+
+        if output_type is None:
+            return MemoPipelineOutput(frames=None)
+        video = torch.cat(kept, dim=1)
+        return MemoPipelineOutput(frames=video.numpy() if output_type == "np" else video)
