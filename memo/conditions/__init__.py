@@ -1,0 +1,1 @@
+"""Conditioning signals computed from the inputs: audio features and emotion labels."""

@@ -1,0 +1,125 @@
+"""Per-frame emotion labels for MEMO, from the speech (emotion2vec + MEMO's classifier) or forced by name.
+
+MEMO labels every second of audio with the emotion of a window around it (2 s at the ends, 3 s inside),
+then resamples the per-sample labels to the video's frame count. The windows are classified in batches of
+equal length, which gives the same labels as the original's one-window-at-a-time loop, much faster.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memo.models.emotion2vec import Emotion2VecEncoder
+from memo.models.emotion_classifier import EMOTION_NAMES, AudioEmotionClassifierModel
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class EmotionWindow:
+    """Audio samples [start, stop) are classified; the label goes to samples [label_start, label_stop)."""
+
+    start: int
+    stop: int
+    label_start: int
+    label_stop: int
+
+
+def emotion_windows(num_samples: int, sample_rate: int = SAMPLE_RATE) -> list[EmotionWindow]:
+    """MEMO's windows, in the order their labels are written (later ones overwrite earlier ones).
+
+    Bounds follow Python slicing of the original (``wav[:2*sr]``, ``wav[i-sr:i+2*sr]``, ``wav[-2*sr:]``,
+    ``lab[:sr]``, ``lab[i:i+sr]``, ``lab[-sr:]``), clamped to the audio, so short audio behaves the same.
+    """
+    sr = sample_rate
+    windows = [EmotionWindow(0, min(2 * sr, num_samples), 0, min(sr, num_samples))]
+    for i in range(sr, num_samples - sr, sr):
+        windows.append(EmotionWindow(i - sr, min(i + 2 * sr, num_samples), i, min(i + sr, num_samples)))
+    windows.append(EmotionWindow(max(num_samples - 2 * sr, 0), num_samples, max(num_samples - sr, 0), num_samples))
+    return windows
+
+
+@torch.inference_mode()
+def classify_windows(
+    wav: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
+    encoder: Emotion2VecEncoder,
+    classifier: AudioEmotionClassifierModel,
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> dict[tuple[int, int], int]:
+    """Emotion class id of each ``wav[start:stop]``, each window standardised on its own.
+
+    Windows of equal length are stacked into batches (the encoder has no padding mask, so lengths are
+    never mixed); only one batch is on the device at a time, which bounds memory for long audio.
+    """
+    unique = list(dict.fromkeys(spans))
+    by_length: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for span in unique:
+        by_length[span[1] - span[0]].append(span)
+    show = len(unique) > 4 * batch_size if progress is None else progress
+    classifier_param = next(classifier.parameters())
+    labels: dict[tuple[int, int], int] = {}
+    with tqdm(total=len(unique), desc="emotion labels", unit="window", disable=not show) as bar:
+        for group in by_length.values():
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                windows = torch.stack([wav[start:stop] for start, stop in batch])
+                features = encoder.mean_features(encoder.normalize_waveform(windows))
+                probabilities = classifier(features.to(device=classifier_param.device, dtype=classifier_param.dtype))
+                for span, label in zip(batch, probabilities.argmax(dim=-1).tolist()):
+                    labels[span] = label
+                bar.update(len(batch))
+    return labels
+
+
+def audio_emotion_labels(
+    wav: torch.Tensor | np.ndarray,
+    encoder: Emotion2VecEncoder,
+    classifier: AudioEmotionClassifierModel,
+    num_frames: int,
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Per-frame emotion class ids (``num_frames``, int64) of a mono 16 kHz waveform, as MEMO computes them.
+
+    ``num_frames`` is the video's frame count; per-sample labels are resampled to it with nearest
+    interpolation. ``progress`` None shows a progress bar only when there are many windows.
+    """
+    wav = torch.as_tensor(wav, dtype=torch.float32).detach().cpu()
+    if wav.dim() != 1:
+        raise ValueError(f"expected a mono waveform of shape (samples,), got {tuple(wav.shape)}; mix or pick a channel")
+    if wav.numel() == 0:
+        raise ValueError("cannot label the emotion of empty audio")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    windows = emotion_windows(wav.numel())
+    labels = classify_windows(
+        wav, [(w.start, w.stop) for w in windows], encoder, classifier, batch_size=batch_size, progress=progress
+    )
+    per_sample = torch.full((wav.numel(),), -1, dtype=torch.int32)
+    for window in windows:
+        per_sample[window.label_start : window.label_stop] = labels[(window.start, window.stop)]
+    return F.interpolate(per_sample[None, None].float(), size=num_frames, mode="nearest")[0, 0].long()
+
+
+def emotion_id(name: str) -> int:
+    """Class id of an emotion name (case-insensitive); ValueError listing the valid names otherwise."""
+    key = name.strip().lower()
+    if key not in EMOTION_NAMES:
+        raise ValueError(f"unknown emotion {name!r}; valid emotions: {', '.join(EMOTION_NAMES)}")
+    return EMOTION_NAMES.index(key)
+
+
+def forced_emotion_labels(name: str, num_frames: int) -> torch.Tensor:
+    """The same emotion for every frame: (``num_frames``,) int64 filled with the class id of ``name``."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    return torch.full((num_frames,), emotion_id(name), dtype=torch.long)
