@@ -9,7 +9,9 @@ be handed to a callback as they come, so that a long video never needs to be hel
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -19,11 +21,20 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from memo.io.hub import resolve_model_dir
 from memo.models.audio_module import NUM_EMOTIONS
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
+
+NETWORKS = {
+    "reference_net": ReferenceNet,
+    "diffusion_net": DiffusionNet,
+    "image_proj": ImageProjModel,
+    "audio_proj": AudioProjModel,
+}
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 ClipCallback = Callable[["MemoPipeline", int, torch.Tensor], None]
 StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | None]
@@ -70,6 +81,34 @@ class MemoPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model: str | os.PathLike = "memoavatar/memo",
+        vae: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **hub_kwargs,
+    ) -> "MemoPipeline":
+        """Load the networks from a MEMO checkpoint in the published layout (a directory or a hub repo id).
+
+        The VAE comes from ``vae``, else from the checkpoint's own ``vae/`` folder when it has one, else
+        from ``stabilityai/sd-vae-ft-mse``. Only the files needed are fetched.
+        """
+        patterns = [f"{name}/*" for name in NETWORKS] + ["vae/*"]
+        root = resolve_model_dir(model, patterns, **hub_kwargs)
+        if vae is None:
+            vae = root / "vae" if (root / "vae").is_dir() else DEFAULT_VAE
+        vae_dir = resolve_model_dir(vae, ["config.json", "diffusion_pytorch_model.safetensors"], **hub_kwargs)
+        networks = {
+            name: network.from_pretrained(Path(root) / name, torch_dtype=torch_dtype)
+            for name, network in NETWORKS.items()
+        }
+        return cls(
+            vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            **networks,
+        )
 
     # -- pieces of the clip loop -------------------------------------------------------------------
 

@@ -3,7 +3,10 @@
 Video tokens of each frame and that frame's audio tokens first attend within themselves, then jointly
 (one attention over both sequences, as in SD3's joint blocks), each followed by a feed-forward. Every norm
 before an attention is an adaptive layer norm whose shift and scale come from the clip's emotion label.
-The audio tokens leave the module updated and flow on to the next audio module of the network.
+The audio tokens leave the module updated and flow on to the next audio module of the network. Each module
+adds its input tokens to its output once more, so their magnitude doubles from module to module (about 2^16
+by the end of the published network): the audio stream is therefore carried in float32 whatever the
+network's dtype, or float16 would overflow.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.embeddings import LabelEmbedding
+from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 NUM_EMOTIONS = 9
@@ -66,21 +70,22 @@ class JointAudioBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         if not is_final:
             self.audio_ff = FeedForward(audio_dim, activation_fn="geglu")
-            self.audio_norm3 = nn.LayerNorm(audio_dim)
+            self.audio_norm3 = FP32LayerNorm(audio_dim)
 
     def forward(
         self, x: torch.Tensor, audio: torch.Tensor, emotion: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (batch*frames, tokens, dim); audio: (batch*frames, audio_tokens, audio_dim)."""
+        """x: (batch*frames, tokens, dim); audio: (batch*frames, audio_tokens, audio_dim) in float32."""
+        dtype = x.dtype
         x = self.attn1(self.norm1(x, emotion)) + x
-        audio = self.audio_attn1(self.audio_norm1(audio, emotion)) + audio
-        joint_x, joint_audio = self.attn2(self.norm2(x, emotion), self.audio_norm2(audio, emotion))
+        audio = self.audio_attn1(self.audio_norm1(audio, emotion).to(dtype)) + audio
+        joint_x, joint_audio = self.attn2(self.norm2(x, emotion), self.audio_norm2(audio, emotion).to(dtype))
         x = joint_x + x
         x = self.ff(self.norm3(x)) + x
         if self.is_final:
             return x, None
         audio = joint_audio + audio
-        return x, self.audio_ff(self.audio_norm3(audio)) + audio
+        return x, self.audio_ff(self.audio_norm3(audio).to(dtype)) + audio
 
 
 class AudioModule(nn.Module):
@@ -118,7 +123,9 @@ class AudioModule(nn.Module):
     def forward(
         self, x: torch.Tensor, audio: torch.Tensor, emotion: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (batch*frames, C, H, W); audio: (batch*frames, audio_tokens, audio_dim) -> (x, audio or None)."""
+        """x: (batch*frames, C, H, W); audio: (batch*frames, audio_tokens, audio_dim) -> (x, audio or None).
+
+        The audio tokens are taken and returned in float32."""
         n, _, h, w = x.shape
         tokens = self.proj_in(self.norm(x))
         inner = tokens.shape[1]

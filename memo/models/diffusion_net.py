@@ -17,6 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from memo.models.blocks import BlockSpec, DownBlock3D, FrameContext, MidBlock3D, NetSpec, UpBlock3D
+from memo.models.published_config import DIFFUSION_NET_FIXED_SETTINGS, strip_fixed_settings
 from memo.models.reference_net import ReferenceFeatures
 from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
 
@@ -34,6 +35,12 @@ class DiffusionNet(ModelMixin, ConfigMixin):
     """MEMO's diffusion net. ``forward`` predicts the flow-matching velocity of a clip's latents."""
 
     _supports_gradient_checkpointing = False
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Check and drop the published settings this class does not take (see ``published_config``)."""
+        config_dict = strip_fixed_settings(cls.__name__, config_dict, DIFFUSION_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads",))
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
     def __init__(
@@ -160,7 +167,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             memory=memory,
             update_memory=update_memory,
             drop_reference=drop_reference,
-            audio=audio_tokens.flatten(0, 1),
+            audio=audio_tokens.flatten(0, 1).float(),
         )
 
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))

@@ -20,6 +20,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block, get_up_block
 from torch import nn
 
+from memo.models.published_config import REFERENCE_NET_FIXED_SETTINGS, strip_fixed_settings
+
 
 @dataclass
 class ReferenceFeatures:
@@ -52,6 +54,12 @@ def _transformer_features(
 
 class ReferenceNet(ModelMixin, ConfigMixin):
     """The reference net of MEMO (published as ``reference_net/``, class name UNet2DConditionModel)."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Check and drop the published settings this class does not take (see ``published_config``)."""
+        config_dict = strip_fixed_settings(cls.__name__, config_dict, REFERENCE_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads", "out_channels"))
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
     def __init__(
