@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from memo.conditions.audio_features import AudioFeatures
 from memo.io.hub import resolve_model_dir
 from memo.models.audio_module import NUM_EMOTIONS
 from memo.models.diffusion_net import DiffusionNet
@@ -133,7 +134,7 @@ class MemoPipeline(DiffusionPipeline):
         self,
         reference_image: torch.Tensor,
         face_embedding: torch.Tensor,
-        audio_features: torch.Tensor,
+        audio_features: torch.Tensor | AudioFeatures,
         emotion_labels: torch.Tensor,
         frames_per_clip: int,
         num_frames: int | None,
@@ -146,7 +147,7 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"The image size {width}x{height} must be a multiple of {self.vae_scale_factor}.")
         if face_embedding.dim() != 2 or face_embedding.shape[0] != 1:
             raise ValueError(f"face_embedding must be (1, dim), got {tuple(face_embedding.shape)}.")
-        total = audio_features.shape[0]
+        total = len(audio_features)
         if total == 0 or total % frames_per_clip:
             raise ValueError(f"audio_features has {total} frames; it must be a positive multiple of {frames_per_clip}.")
         if emotion_labels.shape[0] < total:
@@ -161,7 +162,7 @@ class MemoPipeline(DiffusionPipeline):
         self,
         reference_image: torch.Tensor,
         face_embedding: torch.Tensor,
-        audio_features: torch.Tensor,
+        audio_features: torch.Tensor | AudioFeatures,
         emotion_labels: torch.Tensor,
         *,
         num_frames: int | None = None,
@@ -183,7 +184,8 @@ class MemoPipeline(DiffusionPipeline):
         Args:
             reference_image: (1, 3, H, W) in [-1, 1], already at the output size.
             face_embedding: (1, 512) face-recognition embedding of the reference face.
-            audio_features: (frames, 5, layers, dim) windowed wav2vec2 features, a whole number of clips.
+            audio_features: (frames, 5, layers, dim) windowed wav2vec2 features, or an AudioFeatures whose
+                slices give them; a whole number of clips.
             emotion_labels: (frames,) per-frame emotion labels 0-8; each clip takes its most frequent one.
             num_frames: length of the video (the audio's own length); defaults to all frames.
             frames_per_clip: frames generated per clip.
@@ -209,7 +211,7 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
         device = self._execution_device
         dtype = self.diffusion_net.dtype
-        total = audio_features.shape[0]
+        total = len(audio_features)
         num_clips = total // frames_per_clip
         num_frames = num_frames or total
         height, width = reference_image.shape[-2:]
