@@ -122,7 +122,7 @@ def test_check_output_path(tmp_path):
     assert check_output_path(existing, overwrite=True) == existing
     nested = tmp_path / "a" / "b" / "video.mp4"
     assert check_output_path(nested, overwrite=False) == nested and nested.parent.is_dir()
-    with pytest.raises(IsADirectoryError, match="directory"):
+    with pytest.raises(OutputExistsError, match="directory"):
         check_output_path(tmp_path, overwrite=True)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from memo.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,11 @@ RECOGNIZER_FILE = "glintr100.onnx"
 EMBEDDING_DIM = 512
 
 
-class FaceModelError(RuntimeError):
+class FaceModelError(UserError, RuntimeError):
     """The face-analysis models cannot be found or loaded."""
 
 
-class NoFaceError(ValueError):
+class NoFaceError(UserError, ValueError):
     """No face was detected in the user's portrait."""
 
     def __init__(self, image_name: str, missing_option: str = "allow_missing=True") -> None:

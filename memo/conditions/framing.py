@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from memo.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ MIN_IMAGE_SIDE = 64
 SIZE_MULTIPLE = 64
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """The user's image cannot be used: missing, unreadable, or too small."""
 
 

@@ -13,9 +13,10 @@ from typing import Sequence
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from memo.errors import UserError
 
 
-class MissingModelError(RuntimeError):
+class MissingModelError(UserError, RuntimeError):
     """A model's files are neither in a local directory nor obtainable from the hub."""
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 import torch
+from memo.errors import UserError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(UserError, FileExistsError):
     """The output file exists and overwriting it was not asked for."""
 
 
@@ -36,7 +37,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Check that ``path`` may be written, and create its directory; call before any expensive work."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise IsADirectoryError(
+        raise OutputExistsError(
             f"Output {str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}."
         )
     if path.exists() and not overwrite:
