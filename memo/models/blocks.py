@@ -16,7 +16,7 @@ from torch import nn
 
 from memo.models.audio_module import AudioModule
 from memo.models.spatial import SpatialTransformer
-from memo.models.temporal_memory import TemporalMemory, TemporalMemoryModule
+from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory, TemporalMemoryModule
 
 
 @dataclass
@@ -92,11 +92,23 @@ def _split_reference(feature: torch.Tensor, batch: int, hw: tuple[int, int]) -> 
 
 
 class LayerStack(nn.Module):
-    """Shared per-layer conditioning (spatial + audio + temporal) of a block's layers."""
+    """Shared per-layer conditioning (spatial + audio + temporal) of a block's layers.
+
+    With ``gradient_checkpointing`` on (``DiffusionNet.enable_gradient_checkpointing()``), each resnet, each
+    spatial + audio pair and each temporal module is recomputed in the backward pass instead of keeping its
+    activations.
+    """
 
     attentions: nn.ModuleList
     audio_modules: nn.ModuleList
     motion_modules: nn.ModuleList
+    gradient_checkpointing = False
+
+    def _run(self, fn, *args):
+        """``fn(*args)``, checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(fn, *args)
+        return fn(*args)
 
     def _build_conditioning(self, net: NetSpec, spec: BlockSpec, channels: int, audio_channels: list[int]) -> None:
         if spec.with_attention:
@@ -125,11 +137,31 @@ class LayerStack(nn.Module):
         """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``."""
         reference, past = _split_reference(feature, ctx.batch, x.shape[-2:])
         if hasattr(self, "attentions"):
-            x = self.attentions[i](x, reference, ctx.image_tokens, ctx.batch, ctx.drop_reference)
-            x, ctx.audio = self.audio_modules[i](x, ctx.audio, ctx.emotion)
+            x, ctx.audio = self._run(
+                self._spatial_audio, i, x, reference, ctx.image_tokens, ctx.audio, ctx.emotion, ctx.batch, ctx.drop_reference
+            )
         if hasattr(self, "motion_modules"):
-            x = self.motion_modules[i](x, ctx.batch, past if ctx.update_memory else None, ctx.memory)
+            past = past if ctx.update_memory else None
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # A recomputation must not fold the past frames into the caller's memory a second time, so the
+                # checkpointed call works on a copy of this layer's memory entries and hands back the new ones.
+                names = [m.memory_name for m in self.motion_modules[i].modules() if isinstance(m, MemoryLinearAttention)]
+                held = {name: ctx.memory.states[name] for name in names if name in ctx.memory.states}
+                x, states = self._run(self._temporal, i, x, past, ctx.batch, ctx.memory.decay, held)
+                ctx.memory.states.update(states)
+            else:
+                x = self.motion_modules[i](x, ctx.batch, past, ctx.memory)
         return x
+
+    def _spatial_audio(self, i, x, reference, image_tokens, audio, emotion, batch, drop_reference):
+        x = self.attentions[i](x, reference, image_tokens, batch, drop_reference)
+        return self.audio_modules[i](x, audio, emotion)
+
+    def _temporal(self, i, x, past, batch, decay, held):
+        memory = TemporalMemory(decay)
+        memory.states.update(held)
+        x = self.motion_modules[i](x, batch, past, memory)
+        return x, dict(memory.states)
 
 
 class DownBlock3D(LayerStack):
@@ -154,7 +186,7 @@ class DownBlock3D(LayerStack):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = self._condition(i, resnet(x, ctx.temb), features[i], ctx)
+            x = self._condition(i, self._run(resnet, x, ctx.temb), features[i], ctx)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -172,9 +204,9 @@ class MidBlock3D(LayerStack):
         self._build_conditioning(net, spec, channels, [channels] * num_layers)
 
     def forward(self, x: torch.Tensor, features: list[torch.Tensor], ctx: FrameContext) -> torch.Tensor:
-        x = self.resnets[0](x, ctx.temb)
+        x = self._run(self.resnets[0], x, ctx.temb)
         for i, resnet in enumerate(self.resnets[1:]):
-            x = resnet(self._condition(i, x, features[i], ctx), ctx.temb)
+            x = self._run(resnet, self._condition(i, x, features[i], ctx), ctx.temb)
         return x
 
 
@@ -206,7 +238,7 @@ class UpBlock3D(LayerStack):
         upsample_size: tuple[int, int] | None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), ctx.temb)
+            x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), ctx.temb)
             x = self._condition(i, x, features[i], ctx)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)

@@ -34,7 +34,7 @@ _DEFAULT_MOTION_KWARGS = {
 class DiffusionNet(ModelMixin, ConfigMixin):
     """MEMO's diffusion net. ``forward`` predicts the flow-matching velocity of a clip's latents."""
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True  # per layer, see ``blocks.LayerStack``
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):

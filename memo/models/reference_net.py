@@ -52,8 +52,19 @@ def _transformer_features(
     return transformer.proj_out(tokens) + x
 
 
+def _transformer_step(transformer: Transformer2DModel, x: torch.Tensor, context: torch.Tensor):
+    """:func:`_transformer_features` without side effects (so that it can be checkpointed): (output, features)."""
+    features: list[torch.Tensor] = []
+    return _transformer_features(transformer, x, context, features), features
+
+
 class ReferenceNet(ModelMixin, ConfigMixin):
-    """The reference net of MEMO (published as ``reference_net/``, class name UNet2DConditionModel)."""
+    """The reference net of MEMO (published as ``reference_net/``, class name UNet2DConditionModel).
+
+    ``enable_gradient_checkpointing()`` recomputes each resnet and transformer in the backward pass.
+    """
+
+    _supports_gradient_checkpointing = True
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -86,6 +97,7 @@ class ReferenceNet(ModelMixin, ConfigMixin):
         sample_size: int | None = None,
     ):
         super().__init__()
+        self.gradient_checkpointing = False
         heads = attention_head_dim  # diffusers' historical naming: this number is the head count
         time_dim = block_out_channels[0] * 4
         self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
@@ -158,6 +170,17 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             if getattr(block, name, None) is not None:
                 delattr(block, name)
 
+    def _run(self, fn, *args):
+        """``fn(*args)``, checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(fn, *args)
+        return fn(*args)
+
+    def _attend(self, attention: Transformer2DModel, x: torch.Tensor, context: torch.Tensor, features: list[torch.Tensor]):
+        x, new_features = self._run(_transformer_step, attention, x, context)
+        features.extend(new_features)
+        return x
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> ReferenceFeatures:
         """latents: (N, 4, h, w); context: (N, tokens, dim) image tokens, one set per latent."""
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
@@ -170,11 +193,11 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             features: list[torch.Tensor] = []
             attentions = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attention in zip(block.resnets, attentions):
-                x = resnet(x, temb)
+                x = self._run(resnet, x, temb)
                 if attention is None:
                     features.append(x)
                 else:
-                    x = _transformer_features(attention, x, context, features)
+                    x = self._attend(attention, x, context, features)
                 skips.append(x)
             for downsampler in block.downsamplers or []:
                 x = downsampler(x)
@@ -182,20 +205,20 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             down.append(features)
 
         mid: list[torch.Tensor] = []
-        x = self.mid_block.resnets[0](x, temb)
+        x = self._run(self.mid_block.resnets[0], x, temb)
         for attention, resnet in zip(self.mid_block.attentions, self.mid_block.resnets[1:]):
-            x = resnet(_transformer_features(attention, x, context, mid), temb)
+            x = self._run(resnet, self._attend(attention, x, context, mid), temb)
 
         up: list[list[torch.Tensor]] = []
         for i, block in enumerate(self.up_blocks):
             features = []
             attentions = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attention in zip(block.resnets, attentions):
-                x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+                x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), temb)
                 if attention is None:
                     features.append(x)
                 else:
-                    x = _transformer_features(attention, x, context, features)
+                    x = self._attend(attention, x, context, features)
             if block.upsamplers is not None:
                 size = skips[-1].shape[2:] if skips else None
                 for upsampler in block.upsamplers:
