@@ -168,6 +168,7 @@ class MemoPipeline(DiffusionPipeline):
         num_frames: int | None = None,
         frames_per_clip: int = 16,
         past_frames: int = 16,
+        initial_past_frames: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 3.5,
         generator: torch.Generator | None = None,
@@ -190,6 +191,8 @@ class MemoPipeline(DiffusionPipeline):
             num_frames: length of the video (the audio's own length); defaults to all frames.
             frames_per_clip: frames generated per clip.
             past_frames: generated frames each clip conditions on.
+            initial_past_frames: copies of the reference image the first clip conditions on as its past
+                (default ``past_frames``).
             num_inference_steps: Euler steps per clip.
             guidance_scale: classifier-free guidance; 1 or less runs without guidance.
             generator / seed: randomness of the initial noise (a seed makes a CPU generator).
@@ -234,7 +237,7 @@ class MemoPipeline(DiffusionPipeline):
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
         kept: list[torch.Tensor] = []
-        history = reference_image.repeat(past_frames, 1, 1, 1)
+        history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
         progress = tqdm(total=num_clips * num_inference_steps, unit="step", **getattr(self, "_progress_bar_config", {}))
         for clip in range(num_clips):
             progress.set_description(f"clip {clip + 1}/{num_clips}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import math
@@ -444,7 +445,8 @@ class VocalSeparator:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    outputs = separator.separate(str(source), custom_output_names={"Vocals": "vocals"})
+                    with contextlib.redirect_stderr(io.StringIO()):  # audio-separator's own progress bars
+                        outputs = separator.separate(str(source), custom_output_names={"Vocals": "vocals"})
             except Exception as e:
                 raise VocalSeparatorError(
                     f"Vocal separation with {self.model_path} failed: {type(e).__name__}: {e}. Check the model "

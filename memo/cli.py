@@ -1,0 +1,94 @@
+"""The command line of ``inference.py``: arguments, logging, and errors printed without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from memo.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
+EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
+DEFAULT_CONFIG = REPO / "configs" / "inference.yaml"
+
+logger = logging.getLogger("memo")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Concise logs: one ``memo:`` line per stage; other libraries only when something is wrong."""
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.WARNING, force=True)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("diffusers", "transformers", "huggingface_hub", "audio_separator", "insightface"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def output_name(image: Path, audio: Path) -> str:
+    """``<image stem>_<audio stem>.mp4``, as the original release names its outputs."""
+    return f"{image.stem}_{audio.stem}.mp4"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Generate a talking video from one portrait and one audio file with MEMO.",
+        epilog="Any setting of the config can be overridden as key=value, e.g. inference_steps=30 emotion=happy.",
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
+    parser.add_argument("--input_image", type=Path, help="portrait image (default: the bundled example)")
+    parser.add_argument("--input_audio", type=Path, help="speech or song, any format ffmpeg reads (default: the example)")
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs"), help="where the mp4 goes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        from memo.conditions.audio import load_audio
+        from memo.conditions.framing import load_image
+        from memo.config import load_config
+        from memo.io.video import check_output_path
+
+        config = load_config(args.config, args.overrides)
+        image = args.input_image or EXAMPLE_IMAGE
+        audio = args.input_audio or EXAMPLE_AUDIO
+        output = check_output_path(args.output_dir / output_name(image, audio), args.overwrite)
+        load_image(image)
+        load_audio(audio)
+
+        from memo.generator import MemoGenerator
+
+        generator = MemoGenerator(config)
+        generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
+        return 0
+    except UserError as error:
+        if args.verbose:
+            logger.exception("error")
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

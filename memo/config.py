@@ -1,0 +1,142 @@
+"""Inference settings: the YAML file, ``key=value`` overrides, and their validation.
+
+The settings, their types and defaults are the fields of :class:`InferenceConfig`; a YAML file (such as
+``configs/inference.yaml``) and command-line ``key=value`` overrides set them. An unknown key, a value of
+the wrong type or an invalid choice is a :class:`ConfigError` that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from memo.errors import UserError
+from memo.models.emotion_classifier import EMOTION_NAMES
+
+logger = logging.getLogger("memo")
+
+WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+FRAMINGS = ("crop", "stretch")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+LEGACY_KEYS = {
+    "enable_xformers_memory_efficient_attention": "attention always runs through PyTorch's scaled_dot_product_attention",
+}
+"""Keys of the original release's config that have no effect here: accepted with a warning."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class InferenceConfig:
+    """Every inference setting with its default."""
+
+    # Models: local directories or Hugging Face repo ids.
+    model_name_or_path: str = "memoavatar/memo"
+    vae: str = "stabilityai/sd-vae-ft-mse"
+    wav2vec: str = "facebook/wav2vec2-base-960h"
+    emotion2vec: str = "emotion2vec/emotion2vec_plus_large"
+    misc_model_dir: str | None = None  # holds misc/face_analysis and misc/vocal_separator; default: the model
+
+    # Video.
+    resolution: int = 512
+    width: int | None = None
+    height: int | None = None
+    fps: int = 30
+    num_generated_frames_per_clip: int = 16
+    num_init_past_frames: int = 16
+    num_past_frames: int = 16
+    inference_steps: int = 20
+    cfg_scale: float = 3.5
+    seed: int = 42
+
+    # Conditions.
+    framing: str = "crop"
+    allow_no_face: bool = False
+    vocal_separation: bool = True
+    emotion: str = "auto"
+
+    # Runtime.
+    device: str = "auto"
+    weight_dtype: str = "bf16"
+    vae_batch_size: int = 8
+    audio_chunk_seconds: float = 60.0
+    crf: int = 18
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the video."""
+        return self.width or self.resolution, self.height or self.resolution
+
+
+def validate(config: InferenceConfig) -> InferenceConfig:
+    """Check values that types alone do not: choices and ranges."""
+    problems = []
+    width, height = config.size
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % 64:
+            problems.append(f"{name} must be a positive multiple of 64, got {value}")
+    if config.weight_dtype not in WEIGHT_DTYPES:
+        problems.append(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {config.weight_dtype!r}")
+    if config.framing not in FRAMINGS:
+        problems.append(f"framing must be one of {', '.join(FRAMINGS)}, got {config.framing!r}")
+    if config.device not in DEVICES:
+        problems.append(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    if config.emotion != "auto" and config.emotion.lower() not in EMOTION_NAMES:
+        problems.append(f"emotion must be 'auto' or one of {', '.join(EMOTION_NAMES)}, got {config.emotion!r}")
+    positive = ("fps", "num_generated_frames_per_clip", "num_init_past_frames", "num_past_frames", "inference_steps")
+    positive += ("vae_batch_size",)
+    problems += [f"{name} must be positive, got {getattr(config, name)}" for name in positive if getattr(config, name) <= 0]
+    if config.num_generated_frames_per_clip > 32:
+        problems.append("num_generated_frames_per_clip must be at most 32 (the temporal position table)")
+    if not 0 <= config.crf <= 51:
+        problems.append(f"crf must be in 0..51, got {config.crf}")
+    if config.audio_chunk_seconds <= 0:
+        problems.append(f"audio_chunk_seconds must be positive, got {config.audio_chunk_seconds}")
+    if problems:
+        raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InferenceConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+    known = {f.name for f in fields(InferenceConfig)}
+    layers: list[DictConfig] = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as error:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {error}") from error
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of settings.")
+        layers.append(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like key=value.")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"Invalid override: {error}") from error
+    for layer, source in zip(layers, ([str(path)] if path is not None else []) + ["the command line"]):
+        for key in list(layer.keys()):
+            if key in LEGACY_KEYS:
+                logger.warning("Ignoring %s from %s: %s.", key, source, LEGACY_KEYS[key])
+                del layer[key]
+            elif key not in known:
+                raise ConfigError(
+                    f"Unknown setting {key!r} in {source}. Known settings: {', '.join(sorted(known))}."
+                )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(InferenceConfig), *layers)
+    except OmegaConfBaseException as error:
+        reason = str(error.msg).splitlines()[0]
+        raise ConfigError(f"Invalid setting {getattr(error, 'full_key', '')!r}: {reason}.") from error
+    return validate(OmegaConf.to_object(merged))

@@ -1,0 +1,300 @@
+"""MemoGenerator: the whole program as a Python object, built once and called on many image/audio pairs.
+
+Stages, each a module of its own: models (``io.hub``), image (``conditions.framing`` and
+``conditions.face``), audio (``conditions.audio`` and ``conditions.audio_features``), emotion
+(``conditions.emotion``), generation (``pipeline``) and output (``io.video``). Every stage logs one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from memo.conditions.audio import VocalSeparator, check_min_duration, is_silent, load_audio
+from memo.conditions.audio_features import AudioFeatures, Wav2VecAudioEncoder
+from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels
+from memo.conditions.face import Face, FaceAnalyzer, face_embedding
+from memo.conditions.framing import frame_portrait, load_image, to_model_tensor
+from memo.config import InferenceConfig
+from memo.errors import UserError
+from memo.io.hub import MissingModelError, resolve_model_dir
+from memo.io.video import VideoWriter, check_output_path, probe_video
+from memo.models.emotion2vec import Emotion2VecEncoder
+from memo.models.emotion_classifier import EMOTION_NAMES, AudioEmotionClassifierModel
+from memo.pipeline import NETWORKS, MemoPipeline
+
+logger = logging.getLogger("memo")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
+SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
+
+Progress = Callable[[float, str], None]
+"""Called with the fraction done (0..1) and what is being done."""
+
+
+class GpuMemoryError(UserError, RuntimeError):
+    """Generation ran out of accelerator memory."""
+
+
+@dataclass
+class PreparedImage:
+    """The model's view of the portrait: the framed reference image and the face embedding."""
+
+    reference: torch.Tensor
+    face_embedding: torch.Tensor
+    face: Face | None
+    framed: Image.Image
+
+
+@dataclass
+class PreparedAudio:
+    """The 16 kHz waveform, its wav2vec2 features and per-frame emotion labels."""
+
+    waveform: torch.Tensor
+    features: AudioFeatures
+    emotion_labels: torch.Tensor
+    emotion: str
+
+    @property
+    def seconds(self) -> float:
+        return self.waveform.shape[0] / 16000
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA, else Apple MPS, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class ModelFiles:
+    """Local directories of every model, found or fetched once at start-up."""
+
+    memo: Path
+    misc: Path
+    vae: str | Path
+    wav2vec: Path
+    emotion2vec: Path | None
+
+
+def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles:
+    """Find or fetch every model; when some cannot be had, one error lists all of them."""
+    separate = config.vocal_separation
+    misc_files = [f"misc/face_analysis/models/{name}" for name in FACE_MODELS]
+    misc_files += [f"misc/vocal_separator/{SEPARATOR_MODEL}"] if separate else []
+    memo_patterns = [f"{name}/*" for name in NETWORKS] + ["vae/*", "misc/audio_emotion_classifier/*"]
+    problems: list[str] = []
+    found: dict[str, Path | None] = {}
+
+    def attempt(key: str, name: str, patterns: list[str]) -> None:
+        try:
+            found[key] = resolve_model_dir(name, patterns)
+        except MissingModelError as error:
+            problems.append(str(error))
+            found[key] = None
+
+    attempt("memo", config.model_name_or_path, memo_patterns + ([] if config.misc_model_dir else misc_files))
+    if config.misc_model_dir:
+        attempt("misc", config.misc_model_dir, misc_files)
+    else:
+        found["misc"] = found["memo"]
+    memo_root = found["memo"]
+    vae: str | Path = config.vae
+    if memo_root is not None and (memo_root / "vae").is_dir() and config.vae == InferenceConfig.vae:
+        vae = memo_root / "vae"
+    else:
+        attempt("vae", str(config.vae), ["config.json", "diffusion_pytorch_model.safetensors"])
+        vae = found.get("vae") or vae
+    attempt("wav2vec", config.wav2vec, ["config.json", "preprocessor_config.json", "*.safetensors"])
+    if need_emotion2vec:
+        attempt("emotion2vec", config.emotion2vec, ["config.yaml", "model.pt"])
+    if found["misc"] is not None:
+        missing = [path for path in misc_files if not (found["misc"] / path).is_file()]
+        if missing:
+            problems.append(f"{found['misc']} lacks {', '.join(missing)} (from the memoavatar/memo repo).")
+    if problems:
+        raise MissingModelError("Some models are not available:\n  - " + "\n  - ".join(problems))
+    return ModelFiles(
+        memo=found["memo"], misc=found["misc"], vae=vae, wav2vec=found["wav2vec"], emotion2vec=found.get("emotion2vec")
+    )
+
+
+class MemoGenerator:
+    """Loads every model once; :meth:`generate` turns an image and an audio file into an mp4."""
+
+    def __init__(self, config: InferenceConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = DTYPES[config.weight_dtype]
+        start = time.perf_counter()
+        files = locate_models(config, need_emotion2vec=config.emotion == "auto")
+        self.files = files
+        self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype).to(self.device)
+        self.audio_encoder = Wav2VecAudioEncoder.from_pretrained(
+            files.wav2vec, chunk_seconds=config.audio_chunk_seconds
+        ).to(self.device)
+        self.face_analyzer = FaceAnalyzer.from_dir(files.misc / "misc" / "face_analysis" / "models", device=self.device.type)
+        self.separator = (
+            VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
+            if config.vocal_separation
+            else None
+        )
+        self.classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
+        self.classifier.to(self.device).eval()
+        self._emotion_encoder: Emotion2VecEncoder | None = None
+        logger.info("models: loaded on %s (%s) in %.1f s", self.device, config.weight_dtype, time.perf_counter() - start)
+
+    @property
+    def emotion_encoder(self) -> Emotion2VecEncoder:
+        """emotion2vec, loaded on first use (not needed when the emotion is forced)."""
+        if self._emotion_encoder is None:
+            source = self.files.emotion2vec or resolve_model_dir(self.config.emotion2vec, ["config.yaml", "model.pt"])
+            self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
+        return self._emotion_encoder
+
+    # -- stages --------------------------------------------------------------------------------------
+
+    def prepare_image(self, image_path: str | os.PathLike, allow_no_face: bool | None = None) -> PreparedImage:
+        """Load the portrait, find the largest face and its embedding, and frame it at the video size."""
+        config = self.config
+        allow = config.allow_no_face if allow_no_face is None else allow_no_face
+        image = load_image(image_path)
+        embedding, face = face_embedding(self.face_analyzer, image, str(image_path), allow_missing=allow)
+        width, height = config.size
+        framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
+        where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
+        logger.info("image: %s, %dx%d, %s, framed to %dx%d (%s)", Path(image_path).name, *image.size, where, width, height, config.framing)
+        return PreparedImage(
+            reference=to_model_tensor(framed),
+            face_embedding=torch.as_tensor(embedding, dtype=torch.float32).reshape(1, -1),
+            face=face,
+            framed=framed,
+        )
+
+    def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
+        """Decode the audio, separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
+        config = self.config
+        name = Path(audio_path).name
+        waveform = load_audio(audio_path)
+        check_min_duration(waveform, config.fps, audio_path)
+        if is_silent(waveform):
+            logger.warning("audio: %s is silent; the video will show no speech.", name)
+        vocals = self.separator(waveform) if self.separator is not None else waveform
+        features = self.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
+        emotion = (emotion or config.emotion).lower()
+        if emotion == "auto":
+            labels = audio_emotion_labels(waveform, self.emotion_encoder, self.classifier, len(features))
+            counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))
+            summary = f"auto, mostly {EMOTION_NAMES[int(counts.argmax())]}"
+        else:
+            labels = forced_emotion_labels(emotion, len(features))
+            summary = f"{emotion} (forced)"
+        logger.info(
+            "audio: %s, %.2f s, %s, %d frames at %d fps, emotion %s",
+            name,
+            waveform.shape[0] / 16000,
+            "vocals separated" if self.separator is not None else "no vocal separation",
+            features.num_frames,
+            config.fps,
+            summary,
+        )
+        return PreparedAudio(waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
+
+    def render(
+        self,
+        image: PreparedImage,
+        audio: PreparedAudio,
+        audio_path: str | os.PathLike,
+        output_path: Path,
+        seed: int,
+        overwrite: bool,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Generate the frames clip by clip and stream them into the mp4."""
+        config = self.config
+        width, height = config.size
+        clips = len(audio.features) // config.num_generated_frames_per_clip
+        logger.info(
+            "generate: %d clips x %d steps, %dx%d, seed %d, on %s", clips, config.inference_steps, width, height, seed, self.device
+        )
+        done = 0
+
+        def on_step(pipe, clip, step, t, tensors):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done / (clips * config.inference_steps), f"clip {clip + 1}/{clips}, step {step + 1}")
+
+        with VideoWriter(output_path, config.fps, width, height, audio_path=audio_path, overwrite=overwrite, crf=config.crf) as writer:
+            try:
+                self.pipeline(
+                    image.reference,
+                    image.face_embedding,
+                    audio.features,
+                    audio.emotion_labels,
+                    num_frames=audio.features.num_frames,
+                    frames_per_clip=config.num_generated_frames_per_clip,
+                    past_frames=config.num_past_frames,
+                    initial_past_frames=config.num_init_past_frames,
+                    num_inference_steps=config.inference_steps,
+                    guidance_scale=config.cfg_scale,
+                    seed=seed,
+                    vae_batch_size=config.vae_batch_size,
+                    output_type=None,
+                    callback_on_clip_end=lambda pipe, clip, frames: writer.write(frames),
+                    callback_on_step_end=on_step,
+                )
+            except torch.OutOfMemoryError as error:
+                raise GpuMemoryError(
+                    f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
+                    f"vae_batch_size={config.vae_batch_size}. Try weight_dtype=bf16, vae_batch_size=1, or a smaller "
+                    "resolution (e.g. resolution=384); close other programs using the GPU."
+                ) from error
+        return output_path
+
+    def generate(
+        self,
+        image_path: str | os.PathLike,
+        audio_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        seed: int | None = None,
+        emotion: str | None = None,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Render ``image_path`` speaking ``audio_path`` into ``output_path`` (an mp4); returns the path.
+
+        Nothing is written when an input is bad, and an existing output is kept unless ``overwrite``.
+        """
+        output_path = check_output_path(output_path, overwrite)
+        start = time.perf_counter()
+        image = self.prepare_image(image_path)
+        audio = self.prepare_audio(audio_path, emotion)
+        seed = self.config.seed if seed is None else seed
+        self.render(image, audio, audio_path, output_path, seed, overwrite, progress)
+        info = probe_video(output_path)
+        logger.info(
+            "output: %s, %d frames, %.2f s at %g fps, %dx%d, in %.1f s",
+            output_path,
+            info.num_frames,
+            info.num_frames / info.fps,
+            info.fps,
+            info.width,
+            info.height,
+            time.perf_counter() - start,
+        )
+        return output_path

@@ -1,0 +1,197 @@
+"""inference.py end to end on the tiny model pack: real image and speech in, a decoded mp4 out, and a clear
+message with no traceback and no output for every kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from conftest import REPO
+from memo.io.video import probe_video
+
+EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
+EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_pack")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> Path:
+    """2.5 s of real speech (the bundled example, cut) as 44.1 kHz stereo FLAC: any format, any rate."""
+    audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "speech_cut.flac"
+    clip = audio[: int(2.5 * rate)]
+    stereo = np.stack([clip, clip * 0.5], axis=1)
+    upsampled = np.stack([np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), ch) for ch in stereo.T], 1)
+    soundfile.write(path, upsampled.astype(np.float32), 44100)
+    return path
+
+
+def run(pack: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"), *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_renders_a_video_with_the_input_audio(pack, speech, tmp_path):
+    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / "portrait_speech_cut.mp4"
+    info = probe_video(output)
+    assert info.num_frames == 75  # ceil(2.5 s x 30 fps)
+    assert info.fps == 30 and (info.width, info.height) == (64, 64)
+    assert info.video_codec == "h264" and info.has_audio and info.audio_codec == "aac"
+    assert abs(info.audio_duration - 2.5) < 0.05
+    assert "MEMO" in info.metadata.get("comment", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]
+    import av
+
+    with av.open(str(output)) as container:
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 75 and frames[0].shape == (64, 64, 3)
+    assert np.std(np.stack(frames).astype(np.float32)) > 1.0  # generated pixels, not a blank video
+    assert "memo: output:" in result.stderr
+
+
+def test_without_inputs_renders_the_bundled_example(pack, tmp_path):
+    result = run(pack, "--output_dir", str(tmp_path), "fps=10", "vocal_separation=false", "emotion=happy")
+    assert result.returncode == 0, result.stderr
+    info = probe_video(tmp_path / "portrait_speech.mp4")
+    seconds = soundfile.info(EXAMPLE_AUDIO).duration
+    assert info.num_frames == int(np.ceil(seconds * 10)) and info.fps == 10
+
+
+def test_existing_output_is_kept_unless_overwrite(pack, speech, tmp_path):
+    output = tmp_path / "portrait_speech_cut.mp4"
+    output.write_bytes(b"precious")
+    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path))
+    assert_user_error(result, "already exists", "--overwrite")
+    assert output.read_bytes() == b"precious"
+    result = run(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path),
+        "--overwrite", "inference_steps=1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert probe_video(output).num_frames == 75
+
+
+def _bad_image(kind: str, directory: Path) -> Path:
+    path = directory / f"{kind}.png"
+    if kind == "corrupt":
+        path.write_bytes(np.random.default_rng(0).bytes(2000))
+    elif kind == "tiny":
+        Image.new("RGB", (32, 32), (128, 90, 70)).save(path)
+    elif kind == "faceless":
+        Image.new("RGB", (256, 256), (128, 128, 128)).save(path)
+    return path
+
+
+def _bad_audio(kind: str, directory: Path) -> Path:
+    path = directory / f"{kind}.wav"
+    if kind == "corrupt":
+        path.write_bytes(np.random.default_rng(1).bytes(5000))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "blip":
+        soundfile.write(path, np.zeros(100, dtype=np.float32), 16000)
+    return path
+
+
+@pytest.mark.parametrize(
+    "image_kind, fragments",
+    [
+        ("missing", ["missing.png", "does not exist"]),
+        ("corrupt", ["corrupt.png"]),
+        ("tiny", ["tiny.png", "32"]),
+        ("faceless", ["faceless.png", "face"]),
+    ],
+)
+def test_bad_image(pack, speech, tmp_path, image_kind, fragments):
+    image = _bad_image(image_kind, tmp_path)
+    out = tmp_path / "out"
+    result = run(pack, "--input_image", str(image), "--input_audio", str(speech), "--output_dir", str(out))
+    assert_user_error(result, *fragments)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    "audio_kind, fragments",
+    [
+        ("missing", ["missing.wav", "not found"]),
+        ("corrupt", ["corrupt.wav"]),
+        ("empty", ["empty.wav"]),
+        ("blip", ["blip.wav", "shorter than one video frame"]),
+    ],
+)
+def test_bad_audio(pack, tmp_path, audio_kind, fragments):
+    audio = _bad_audio(audio_kind, tmp_path)
+    out = tmp_path / "out"
+    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(out))
+    assert_user_error(result, *fragments)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_silent_audio_warns_and_still_renders(pack, tmp_path):
+    audio = tmp_path / "silence.wav"
+    soundfile.write(audio, np.zeros(16000, dtype=np.float32), 16000)
+    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "silent" in result.stderr
+    assert probe_video(tmp_path / "portrait_silence.mp4").num_frames == 30
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("colour_grading=warm", ["Unknown setting 'colour_grading'"]),
+        ("emotion=joyful", ["emotion", "joyful", "happy"]),
+        ("resolution=100", ["multiple of 64"]),
+    ],
+)
+def test_bad_settings(pack, speech, tmp_path, override, fragments):
+    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path), override)
+    assert_user_error(result, *fragments)
+    assert not any(tmp_path.iterdir())
+
+
+def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path):
+    from memo.config import load_config
+    from memo.generator import GpuMemoryError, MemoGenerator
+
+    generator = MemoGenerator(load_config(pack / "inference.yaml"))
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    generator.pipeline = exhausted
+    with pytest.raises(GpuMemoryError, match="vae_batch_size=1"):
+        generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "oom.mp4")
+    assert not any(tmp_path.iterdir())
+
+
+def test_python_api_renders_many_pairs_with_one_load(pack, speech, tmp_path):
+    from memo.config import load_config
+    from memo.generator import MemoGenerator
+
+    generator = MemoGenerator(load_config(pack / "inference.yaml", ["inference_steps=1"]))
+    first = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "a.mp4", emotion="sad")
+    second = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "b.mp4", seed=7, emotion="auto")
+    assert probe_video(first).num_frames == probe_video(second).num_frames == 75
