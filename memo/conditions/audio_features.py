@@ -105,7 +105,7 @@ class Wav2VecAudioEncoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.model.feature_extractor.conv_layers[0].conv.weight.device
 
     def normalise(self, waveform: torch.Tensor) -> torch.Tensor:
         """The feature extractor's whole-waveform normalisation, (samples,) -> (samples,) float32."""
