@@ -196,6 +196,11 @@ class Wav2VecAudioEncoder:
             layers.append(x[0].float())
         return torch.stack(layers, dim=1)
 
+    def for_frames(self, waveform: torch.Tensor, num_frames: int) -> AudioFeatures:
+        """Features of a 16 kHz waveform at exactly ``num_frames`` evenly spaced frames (no clip padding),
+        e.g. one per frame of an existing video."""
+        return AudioFeatures(hidden=self.hidden_states(self.normalise(waveform), num_frames), num_frames=num_frames)
+
     def __call__(self, waveform: torch.Tensor, fps: float, frames_per_clip: int) -> AudioFeatures:
         """Features of a 16 kHz mono waveform for a video at ``fps`` made of clips of ``frames_per_clip``."""
         normalised = self.normalise(waveform)
