@@ -7,6 +7,8 @@ Stages, each a module of its own: models (``io.hub``), image (``conditions.frami
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import time
@@ -22,7 +24,7 @@ from memo.conditions.audio_features import AudioFeatures, Wav2VecAudioEncoder
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels
 from memo.conditions.face import Face, FaceAnalyzer, face_embedding
 from memo.conditions.framing import frame_portrait, load_image, to_model_tensor
-from memo.config import InferenceConfig
+from memo.config import ConfigError, InferenceConfig, validate
 from memo.errors import UserError
 from memo.io.hub import MissingModelError, resolve_model_dir
 from memo.io.video import VideoWriter, check_output_path, probe_video
@@ -35,6 +37,12 @@ logger = logging.getLogger("memo")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
+
+LOAD_SETTINGS = frozenset(
+    ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir")
+    + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds")
+)
+"""Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
 Progress = Callable[[float, str], None]
 """Called with the fraction done (0..1) and what is being done."""
@@ -146,7 +154,7 @@ class MemoGenerator:
         self.audio_encoder = Wav2VecAudioEncoder.from_pretrained(
             files.wav2vec, chunk_seconds=config.audio_chunk_seconds
         ).to(self.device)
-        self.face_analyzer = FaceAnalyzer.from_dir(files.misc / "misc" / "face_analysis" / "models", device=self.device.type)
+        self.face_analyzer = FaceAnalyzer.from_dir(files.misc / "misc" / "face_analysis" / "models", device=str(self.device))
         self.separator = (
             VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
             if config.vocal_separation
@@ -154,16 +162,33 @@ class MemoGenerator:
         )
         self.classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
         self.classifier.to(self.device).eval()
-        self._emotion_encoder: Emotion2VecEncoder | None = None
+        self._lazy_models: dict[str, Emotion2VecEncoder] = {}  # shared with the copies made by with_settings
         logger.info("models: loaded on %s (%s) in %.1f s", self.device, config.weight_dtype, time.perf_counter() - start)
 
     @property
     def emotion_encoder(self) -> Emotion2VecEncoder:
         """emotion2vec, loaded on first use (not needed when the emotion is forced)."""
-        if self._emotion_encoder is None:
+        if "emotion2vec" not in self._lazy_models:
             source = self.files.emotion2vec or resolve_model_dir(self.config.emotion2vec, ["config.yaml", "model.pt"])
-            self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
-        return self._emotion_encoder
+            self._lazy_models["emotion2vec"] = Emotion2VecEncoder.from_pretrained(source, device=self.device)
+        return self._lazy_models["emotion2vec"]
+
+    def with_settings(self, **settings) -> MemoGenerator:
+        """A generator with some settings changed (resolution, steps, guidance, framing...) sharing these models.
+
+        For per-request settings in a long-running program (web app, batch jobs); the models stay loaded once.
+        Settings in ``LOAD_SETTINGS`` choose the models themselves and cannot change here.
+        """
+        known = {field.name for field in dataclasses.fields(InferenceConfig)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"Unknown setting {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}.")
+        fixed = sorted(set(settings) & LOAD_SETTINGS)
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change per call (it chooses the models); set it in the config.")
+        clone = copy.copy(self)
+        clone.config = validate(dataclasses.replace(self.config, **settings))
+        return clone
 
     # -- stages --------------------------------------------------------------------------------------
 
