@@ -1,0 +1,171 @@
+"""Training features of one talking video, computed by inference's own stages (``scripts/prepare_data.py``).
+
+Per video: the 16 kHz audio track (``conditions.audio.load_audio``), its vocals (``VocalSeparator``, when
+``vocal_separation`` is on), wav2vec2 features with one window per video frame
+(``Wav2VecAudioEncoder.for_frames``), the identity embedding of the one face in the first frame
+(``FaceAnalyzer``) and per-frame emotion labels (``audio_emotion_labels``). Models are found by
+``generator.locate_models``, as inference finds them; the diffusion networks are never loaded.
+
+As in the original release's ``prepare_data.py``, the face is taken from the first frame only, and a video
+whose first frame shows no face or several faces is rejected. Unlike it, a video whose frame rate is not
+the training ``fps`` is rejected (its features would be at the wrong rate), and the audio is cut or
+zero-padded to the video's exact length before the features are computed, so that frame ``i`` meets the
+audio at ``i / fps`` rather than a stretched copy of it; an audio track that differs from the video by more
+than :data:`MAX_AUDIO_MISMATCH_SECONDS` is rejected as incomplete or out of sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memo.conditions.audio import SAMPLE_RATE, VocalSeparator, load_audio
+from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.conditions.emotion import audio_emotion_labels
+from memo.conditions.face import FaceAnalyzer
+from memo.config import InferenceConfig
+from memo.generator import SEPARATOR_MODEL, locate_models, pick_device
+from memo.io.video import VideoInfo, probe_video
+from memo.models.emotion2vec import Emotion2VecEncoder
+from memo.models.emotion_classifier import AudioEmotionClassifierModel
+
+logger = logging.getLogger("memo")
+
+FPS_TOLERANCE = 0.01
+MAX_AUDIO_MISMATCH_SECONDS = 0.25
+FACE_DETECTION_SIZE = (512, 512)
+"""The detector input size the original ``prepare_data.py`` uses (inference uses 640x640)."""
+
+
+class VideoRejected(Exception):
+    """A video that cannot become training data; the message says why."""
+
+
+@dataclass
+class PreparedVideo:
+    """What training needs of one video, every tensor on the CPU."""
+
+    fps: float
+    num_frames: int
+    width: int
+    height: int
+    audio_emb: torch.Tensor  # (num_frames, 5, layers, dim) float32
+    face_emb: torch.Tensor  # (512,) float32
+    emotion: torch.Tensor  # (num_frames,) int64
+    vocals: torch.Tensor  # (samples,) float32 at 16 kHz, as long as the video
+
+    def files(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The tensors of each output file: {file kind: {tensor name: tensor}}."""
+        return {
+            "audio_emb": {"audio_emb": self.audio_emb},
+            "face_emb": {"face_emb": self.face_emb},
+            "audio_emotion": {"emotion": self.emotion},
+            "vocals": {"vocals": self.vocals},
+        }
+
+
+def check_video(path: str | os.PathLike, fps: float) -> VideoInfo:
+    """Frame count, rate and size of ``path`` from its container; rejects a video at another frame rate."""
+    info = probe_video(path)
+    if info.num_frames < 1:
+        raise VideoRejected("the video stream holds no frames")
+    if abs(info.fps - fps) > FPS_TOLERANCE:
+        raise VideoRejected(
+            f"the video runs at {info.fps:g} fps, not the training {fps:g} fps (tolerance {FPS_TOLERANCE}); "
+            f"convert it first, e.g. ffmpeg -i IN -r {fps:g} OUT"
+        )
+    return info
+
+
+def first_frame(path: str | os.PathLike) -> np.ndarray:
+    """The first decodable frame of the video as an RGB uint8 array (H, W, 3)."""
+    import av
+
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            return frame.to_ndarray(format="rgb24")
+    raise VideoRejected("no video frame could be decoded")
+
+
+def fit_to_frames(waveform: torch.Tensor, num_frames: int, fps: float) -> torch.Tensor:
+    """Cut or zero-pad a 16 kHz waveform to the duration of ``num_frames`` frames at ``fps``.
+
+    Rejects audio that differs from the video by more than :data:`MAX_AUDIO_MISMATCH_SECONDS`.
+    """
+    samples = round(num_frames * SAMPLE_RATE / fps)
+    mismatch = (waveform.shape[0] - samples) / SAMPLE_RATE
+    if abs(mismatch) > MAX_AUDIO_MISMATCH_SECONDS:
+        raise VideoRejected(
+            f"the audio lasts {waveform.shape[0] / SAMPLE_RATE:.2f} s but the video {samples / SAMPLE_RATE:.2f} s; "
+            "the audio track is incomplete or out of sync"
+        )
+    if waveform.shape[0] >= samples:
+        return waveform[:samples].contiguous()
+    return F.pad(waveform, (0, samples - waveform.shape[0]))
+
+
+class VideoPreparer:
+    """Loads the condition models once; calling it on a video returns its :class:`PreparedVideo`."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        start = time.perf_counter()
+        files = locate_models(config, need_emotion2vec=True)
+        self.audio_encoder = Wav2VecAudioEncoder.from_pretrained(
+            files.wav2vec, chunk_seconds=config.audio_chunk_seconds
+        ).to(self.device)
+        self.face_analyzer = FaceAnalyzer.from_dir(
+            files.misc / "misc" / "face_analysis" / "models", device=self.device.type, det_size=FACE_DETECTION_SIZE
+        )
+        self.separator = (
+            VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
+            if config.vocal_separation
+            else None
+        )
+        self.classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
+        self.classifier.to(self.device).eval()
+        self.emotion_encoder = Emotion2VecEncoder.from_pretrained(files.emotion2vec, device=self.device)
+        logger.info("models: loaded on %s in %.1f s", self.device, time.perf_counter() - start)
+
+    def face_embedding(self, path: str | os.PathLike) -> torch.Tensor:
+        """The (512,) embedding of the one face in the first frame; several faces or none reject the video."""
+        faces = self.face_analyzer.detect(first_frame(path))
+        if len(faces) != 1:
+            found = "no face" if not faces else f"{len(faces)} faces"
+            raise VideoRejected(f"{found} in the first frame; exactly one face is needed")
+        return torch.from_numpy(faces[0].embedding.astype(np.float32))
+
+    @torch.inference_mode()
+    def __call__(self, path: str | os.PathLike) -> PreparedVideo:
+        """Every training feature of the video at ``path``; raises :class:`VideoRejected` and others on failure."""
+        fps = float(self.config.fps)
+        info = check_video(path, fps)
+        face = self.face_embedding(path)
+        waveform = fit_to_frames(load_audio(path), info.num_frames, fps)
+        vocals = self.separator(waveform) if self.separator is not None else waveform
+        features = self.audio_encoder.for_frames(vocals, info.num_frames)
+        emotion = audio_emotion_labels(waveform, self.emotion_encoder, self.classifier, info.num_frames)
+        return PreparedVideo(
+            fps=info.fps,
+            num_frames=info.num_frames,
+            width=info.width,
+            height=info.height,
+            audio_emb=features.windows.float().contiguous(),
+            face_emb=face,
+            emotion=emotion.long().cpu().contiguous(),
+            vocals=vocals.float().cpu().contiguous(),
+        )
+
+
+def describe(prepared: PreparedVideo) -> str:
+    """One log line's worth: length, size and feature shape."""
+    seconds = prepared.num_frames / prepared.fps
+    shape = "x".join(map(str, prepared.audio_emb.shape))
+    return f"{prepared.num_frames} frames ({seconds:.1f} s) {prepared.width}x{prepared.height}, audio_emb {shape}"
