@@ -1,0 +1,267 @@
+"""scripts/calculate_durations.py and scripts/prepare_data.py on real mp4 files with real speech and the tiny
+model pack: every output file and field, the failures and their reasons, a killed run resumed without redoing
+finished videos, and two shards merged into what a single run gives."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from memo.data.store import KINDS, shard_of, video_ids
+from memo.io.video import VideoWriter
+
+SPEECH = REPO / "assets" / "examples" / "speech.wav"
+FACE_BOX = (slice(11, 41), slice(20, 44))
+"""Rows and columns of the tiny detector's large face in a 64x64 image: texture there alone is one face."""
+
+USABLE = {"talk_a": 48, "clips__talk_b": 60, "clips__talk_c": 45}
+"""id -> frames of the videos that become training data."""
+FAILING = {
+    "broken": "Invalid data",
+    "crowd": "2 faces in the first frame",
+    "faceless": "no face in the first frame",
+    "mute": "no audio stream",
+    "pal": "25 fps, not the training 30 fps",
+}
+"""id -> a fragment of the reason each other video is rejected with."""
+ENTRY_KEYS = {"id", "video", "fps", "num_frames", "width", "height", *KINDS}
+
+
+def frames(count: int, kind: str, seed: int) -> np.ndarray:
+    """64x64 frames: noise in the face box ("face"), everywhere ("crowd": both tiny faces) or flat grey."""
+    rng = np.random.default_rng(seed)
+    video = np.full((count, 64, 64, 3), 128, np.uint8)
+    if kind == "face":
+        rows, cols = FACE_BOX
+        video[:, rows, cols] = rng.integers(0, 256, (count, 30, 24, 3), dtype=np.uint8)
+    elif kind == "crowd":
+        video[:] = rng.integers(0, 256, video.shape, dtype=np.uint8)
+    return video
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_pack")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """H.264 + AAC mp4s cut from the bundled speech, three usable and five that each fail differently."""
+    base = tmp_path_factory.mktemp("dataset")
+    root = base / "video"
+    speech, rate = soundfile.read(SPEECH, dtype="float32")
+
+    def make(name: str, seconds: float, fps: int, kind: str, start: float, seed: int, sound: bool = True) -> None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        count = round(seconds * fps)
+        audio = None
+        if sound:
+            audio = base / f"{seed}.wav"
+            first = int(start * rate)
+            soundfile.write(audio, speech[first : first + round(count / fps * rate)], rate)
+        with VideoWriter(path, fps, 64, 64, audio_path=audio) as writer:
+            writer.write(frames(count, kind, seed))
+
+    make("talk_a.mp4", 1.6, 30, "face", 0.0, 1)
+    make("clips/talk_b.mp4", 2.0, 30, "face", 2.0, 2)
+    make("clips/talk_c.mp4", 1.5, 30, "face", 4.5, 3)
+    make("faceless.mp4", 1.0, 30, "grey", 6.0, 4)
+    make("crowd.mp4", 1.0, 30, "crowd", 7.0, 5)
+    make("pal.mp4", 1.2, 25, "face", 8.0, 6)
+    make("mute.mp4", 1.0, 30, "face", 0.0, 7, sound=False)
+    (root / "broken.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+def prepare_command(pack: Path, videos: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--input_dir", str(videos), "--output_dir", str(out),
+        "--config", str(pack / "inference.yaml"), "--misc_model_dir", str(pack), *extra,
+    ]  # fmt: skip
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def mtimes(out: Path, video_id: str) -> dict[str, int]:
+    return {kind: (out / kind / f"{video_id}.safetensors").stat().st_mtime_ns for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def single_run(pack, videos, tmp_path_factory) -> dict:
+    """A run killed right after its first video is done, then run again to the end (vocal separation off)."""
+    out = tmp_path_factory.mktemp("single")
+    log = out.parent / "killed.log"
+    with open(log, "w") as stderr:
+        command = prepare_command(pack, videos, out, "vocal_separation=false")
+        process = subprocess.Popen(command, cwd=REPO, stdout=stderr, stderr=stderr)
+        metadata = out / "metadata.jsonl"
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            if metadata.is_file() and metadata.read_text().count("\n") >= 1:
+                process.kill()
+                break
+            time.sleep(0.02)
+        process.wait()
+    killed = read_jsonl(metadata)
+    before = {entry["id"]: mtimes(out, entry["id"]) for entry in killed}
+    leftover = out / "audio_emb" / ".clips__talk_c.safetensors.partial-all"  # as a kill while writing leaves it
+    leftover.write_bytes(b"half a file")
+    rerun = run(prepare_command(pack, videos, out, "vocal_separation=false"))
+    return {"out": out, "returncode": process.returncode, "killed": killed, "before": before, "rerun": rerun}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(pack, videos, tmp_path_factory) -> dict:
+    """Two shards run at once (vocal separation on); the last to finish merges them."""
+    out = tmp_path_factory.mktemp("sharded")
+    commands = [prepare_command(pack, videos, out, "--shard", str(i), "--num_shards", "2") for i in (0, 1)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [subprocess.Popen(command, cwd=REPO, **pipes) for command in commands]
+    logs = [process.communicate(timeout=600)[1] for process in processes]
+    for process, stderr in zip(processes, logs):
+        assert process.returncode == 0, stderr
+    return {"out": out, "logs": logs}
+
+
+def test_ids_are_unique_filesystem_safe_and_stable(tmp_path):
+    names = ["a.mp4", "sub/a.mp4", "A.MOV", "x y#.mp4", ".hidden/b.mp4", "c" * 200 + ".mp4", "d.e.mkv"]
+    paths = [tmp_path / name for name in names]
+    ids = video_ids(paths, tmp_path)
+    assert [ids[tmp_path / name] for name in ("sub/a.mp4", "x y#.mp4", "d.e.mkv")] == ["sub__a", "x_y_", "d.e"]
+    assert ids[tmp_path / ".hidden/b.mp4"] == "_hidden__b"
+    assert ids[tmp_path / "a.mp4"].startswith("a-") and ids[tmp_path / "A.MOV"].startswith("A-")  # same but for case
+    assert len({value.casefold() for value in ids.values()}) == len(names)
+    assert all(len(value) <= 160 and not value.startswith(".") and "/" not in value for value in ids.values())
+    assert video_ids(reversed(paths), tmp_path) == ids
+
+
+def test_shards_split_the_videos_stably():
+    ids = [f"video_{i}" for i in range(200)]
+    shards = [shard_of(video_id, 3) for video_id in ids]
+    assert set(shards) == {0, 1, 2} and min(shards.count(i) for i in range(3)) > 40
+    assert shards == [shard_of(video_id, 3) for video_id in ids]
+
+
+def test_calculate_durations(videos, tmp_path):
+    report = tmp_path / "durations.json"
+    command = [sys.executable, str(REPO / "scripts" / "calculate_durations.py"), str(videos), "--json", str(report)]
+    result = run(command)
+    expected = {"talk_a.mp4": 1.6, "clips/talk_b.mp4": 2.0, "clips/talk_c.mp4": 1.5, "faceless.mp4": 1.0}
+    expected.update({"crowd.mp4": 1.0, "pal.mp4": 1.2, "mute.mp4": 1.0})
+    data = json.loads(report.read_text())
+    assert data["durations"].keys() == expected.keys()
+    for name, seconds in expected.items():
+        assert abs(data["durations"][name] - seconds) < 0.1, name
+    assert abs(data["total_seconds"] - sum(expected.values())) < 0.3
+    assert list(data["unreadable"]) == ["broken.mp4"]
+    assert "Found 8 video files" in result.stdout and "in 7 videos" in result.stdout
+    assert "median 1.20" in result.stdout and "max 2.00" in result.stdout
+    assert result.stdout.index("Unreadable (1)") < result.stdout.index("broken.mp4")
+
+
+def test_every_usable_video_is_prepared(single_run, videos):
+    out = single_run["out"]
+    entries = read_jsonl(out / "metadata.jsonl")
+    assert sorted(entry["id"] for entry in entries) == sorted(USABLE)
+    embeddings = []
+    for entry in entries:
+        video_id, count = entry["id"], USABLE[entry["id"]]
+        assert set(entry) == ENTRY_KEYS
+        relative = video_id.replace("__", "/") + ".mp4"
+        assert entry["video"] == str(videos / relative) and Path(entry["video"]).is_absolute()
+        assert (entry["fps"], entry["num_frames"], entry["width"], entry["height"]) == (30.0, count, 64, 64)
+        assert {kind: entry[kind] for kind in KINDS} == {kind: f"{kind}/{video_id}.safetensors" for kind in KINDS}
+
+        audio = load_file(out / entry["audio_emb"])
+        assert list(audio) == ["audio_emb"]
+        windows = audio["audio_emb"]
+        assert windows.dtype == torch.float32 and windows.shape == (count, 5, 2, 16)  # tiny wav2vec2: 2 layers x 16
+        assert torch.equal(windows[1:, 1], windows[:-1, 2]) and torch.equal(windows[0, 0], windows[0, 2])
+        face = load_file(out / entry["face_emb"])["face_emb"]
+        assert face.dtype == torch.float32 and face.shape == (512,) and face.abs().sum() > 0
+        embeddings.append(face)
+        emotion = load_file(out / entry["audio_emotion"])["emotion"]
+        assert emotion.dtype == torch.int64 and emotion.shape == (count,) and 0 <= emotion.min() <= emotion.max() < 9
+        vocals = load_file(out / entry["vocals"])["vocals"]
+        assert vocals.dtype == torch.float32 and vocals.shape == (count * 16000 // 30,) and vocals.abs().max() > 0
+    assert not torch.allclose(embeddings[0], embeddings[1])
+
+    failures = {entry["id"]: entry for entry in read_jsonl(out / "failures.jsonl")}
+    assert failures.keys() == FAILING.keys()
+    for video_id, fragment in FAILING.items():
+        assert fragment in failures[video_id]["reason"], failures[video_id]
+        assert failures[video_id]["video"] == str(videos / f"{video_id}.mp4")
+    assert not [path for path in out.rglob(".*") if path.name != ".merge.lock"]
+
+
+def test_a_killed_run_resumes_without_redoing_finished_videos(single_run):
+    assert single_run["returncode"] == -signal.SIGKILL
+    killed = single_run["killed"]
+    assert 1 <= len(killed) < len(USABLE)
+    stderr = single_run["rerun"].stderr
+    assert f"{len(killed)} skipped as already prepared" in stderr
+    assert f"done: {len(USABLE) - len(killed)} prepared, {len(killed)} skipped, {len(FAILING)} failed" in stderr
+    for video_id, before in single_run["before"].items():
+        assert mtimes(single_run["out"], video_id) == before
+        assert f"prepared {video_id}:" not in stderr
+
+
+def test_two_shards_merge_into_a_single_runs_videos(sharded_run, single_run, videos, pack):
+    out = sharded_run["out"]
+    shard_ids = [{entry["id"] for entry in read_jsonl(out / f"metadata.shard-{i}-of-2.jsonl")} for i in (0, 1)]
+    assert not shard_ids[0] & shard_ids[1]
+    assert all(shard_of(video_id, 2) == i for i in (0, 1) for video_id in shard_ids[i])
+    merged = read_jsonl(out / "metadata.jsonl")
+    assert [entry["id"] for entry in merged] == sorted(USABLE)
+    assert {entry["id"] for entry in read_jsonl(out / "failures.jsonl")} == FAILING.keys()
+    assert any("merged the 2 shards: 3 videos, 5 failures" in log for log in sharded_run["logs"])
+
+    again = run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--merge", "--output_dir", str(out)])
+    assert read_jsonl(out / "metadata.jsonl") == merged and "merged: 3 videos, 5 failures" in again.stderr
+
+    from memo.conditions.audio import load_audio
+    from memo.conditions.audio_features import Wav2VecAudioEncoder
+    from memo.data.prepare import fit_to_frames
+
+    encoder = Wav2VecAudioEncoder.from_pretrained(pack / "wav2vec2")
+    single = single_run["out"]
+    for entry in merged:
+        count, name = entry["num_frames"], f"{entry['id']}.safetensors"
+        audio = fit_to_frames(load_audio(entry["video"]), count, 30)
+        assert torch.equal(load_file(single / "vocals" / name)["vocals"], audio)  # vocal_separation=false: the audio
+        expected = encoder.for_frames(audio, count).windows  # inference's own features of the audio
+        torch.testing.assert_close(load_file(single / "audio_emb" / name)["audio_emb"], expected)
+        vocals = load_file(out / "vocals" / name)["vocals"]
+        assert vocals.shape == audio.shape and not torch.equal(vocals, audio)  # separated in the sharded run
+        for kind, key in (("face_emb", "face_emb"), ("audio_emotion", "emotion")):
+            assert torch.equal(load_file(out / kind / name)[key], load_file(single / kind / name)[key])
+
+
+def test_frame_counts_match_the_training_decoder(single_run):
+    decord = pytest.importorskip("decord")
+    for entry in read_jsonl(single_run["out"] / "metadata.jsonl"):
+        assert len(decord.VideoReader(entry["video"])) == entry["num_frames"]
