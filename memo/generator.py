@@ -77,14 +77,22 @@ class PreparedAudio:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, else Apple MPS, else CPU."""
+    """``auto``: CUDA, else Apple MPS, else CPU.
+
+    CUDA without an index means the current device (which a launcher's process sets), named explicitly so
+    that face analysis in onnxruntime runs on the same GPU as the rest.
+    """
     if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        device = torch.device(name)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @dataclass
