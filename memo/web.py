@@ -1,0 +1,222 @@
+"""The web app: a Gradio page over one :class:`MemoGenerator`, loaded once at start and shared by every request.
+
+Per-request settings (emotion, size, steps, guidance, seed, framing) go through ``MemoGenerator.with_settings``,
+which shares the loaded models. Renders run one at a time (later requests wait in Gradio's queue); errors from
+bad input show as their message in the page, anything else as a short message with the details in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from memo.cli import DEFAULT_CONFIG, EXAMPLE_AUDIO, EXAMPLE_IMAGE, setup_logging
+from memo.config import FRAMINGS, load_config
+from memo.errors import UserError
+from memo.generator import MemoGenerator
+from memo.models.emotion_classifier import EMOTION_NAMES
+
+logger = logging.getLogger("memo")
+
+SQUARE_SIZES = (256, 384, 512, 640, 768)
+CACHE_CLEANUP = (3600, 86400)
+"""Every hour, Gradio deletes uploads and results of its own cache older than a day."""
+
+
+@contextlib.contextmanager
+def shown_in_page(action: str) -> Iterator[None]:
+    """Turn errors into a message in the page: a UserError's own message, anything else a short note (and a log)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except UserError as error:
+        logger.warning("%s refused: %s", action, error)
+        raise gr.Error(str(error), duration=None, print_exception=False) from None
+    except Exception as error:
+        logger.exception("%s failed", action)
+        message = f"{action} failed unexpectedly ({type(error).__name__}: {error}); the server log has the details."
+        raise gr.Error(message, duration=None, print_exception=False) from None
+
+
+def size_choices(generator: MemoGenerator) -> list[str]:
+    """``WxH`` choices: the config's own size first, then common squares."""
+    width, height = generator.config.size
+    own = f"{width}x{height}"
+    return [own] + [f"{side}x{side}" for side in SQUARE_SIZES if f"{side}x{side}" != own]
+
+
+def parse_size(text: str) -> dict[str, int]:
+    """``"512x384"`` as the ``width`` and ``height`` settings."""
+    try:
+        width, height = (int(part) for part in str(text).lower().split("x"))
+    except ValueError:
+        raise gr.Error(f"Size must look like 512x512, got {text!r}.", duration=None, print_exception=False) from None
+    return {"width": width, "height": height}
+
+
+class EtaProgress:
+    """Feeds the generator's progress callback to ``gr.Progress``, with the time left from the rate so far."""
+
+    def __init__(self, progress: gr.Progress):
+        self.progress = progress
+        self.first: tuple[float, float] | None = None
+
+    def __call__(self, fraction: float, what: str) -> None:
+        now = time.perf_counter()
+        if self.first is None or fraction <= self.first[1]:
+            self.first = (now, fraction)
+            left = "estimating time left"
+        else:
+            seconds = (now - self.first[0]) / (fraction - self.first[1]) * (1 - fraction)
+            left = f"about {max(1, round(seconds))} s left" if seconds < 120 else f"about {seconds / 60:.1f} min left"
+        self.progress(fraction, desc=f"{what}, {left}")
+
+
+class WebApp:
+    """The page's event handlers over one loaded generator."""
+
+    def __init__(self, generator: MemoGenerator, output_dir: Path):
+        self.generator = generator
+        self.output_dir = output_dir
+
+    def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
+        """The face crop the model will see; a warning (not an error) when the image cannot be used."""
+        if not image:
+            return None
+        try:
+            with shown_in_page("Preview"):
+                generator = self.generator.with_settings(framing=framing, **parse_size(size))
+                return generator.prepare_image(image).framed
+        except gr.Error as error:
+            gr.Warning(error.message, duration=None)
+            return None
+
+    def generate(
+        self,
+        image: str | None,
+        audio: str | None,
+        emotion: str,
+        size: str,
+        steps: float,
+        guidance: float,
+        seed: float | None,
+        framing: str,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
+    ) -> str:
+        """Render the video and return its path."""
+        if not image:
+            raise gr.Error("Upload a portrait image first, or click 'Use the example'.", print_exception=False)
+        if not audio:
+            raise gr.Error("Upload or record the speech first, or click 'Use the example'.", print_exception=False)
+        with shown_in_page("Generation"):
+            settings = {"inference_steps": int(steps), "cfg_scale": float(guidance), "framing": framing}
+            settings |= {"emotion": emotion, **parse_size(size)} | ({} if seed is None else {"seed": int(seed)})
+            generator = self.generator.with_settings(**settings)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
+            progress(0, desc="Reading the image and the audio")
+            return str(generator.generate(image, audio, output, progress=EtaProgress(progress)))
+
+    def build(self) -> gr.Blocks:
+        """The page: inputs and the face-crop preview on the left, settings and the video on the right."""
+        config = self.generator.config
+        with gr.Blocks(title="MEMO", delete_cache=CACHE_CLEANUP) as demo:
+            gr.Markdown("# MEMO\nA talking video from one portrait and a speech or song recording.")
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(
+                        label="Portrait", type="filepath", sources=["upload", "webcam", "clipboard"], height=320
+                    )
+                    audio = gr.Audio(label="Speech", type="filepath", sources=["upload", "microphone"])
+                    example = gr.Button("Use the example", elem_id="use-example")
+                    preview = gr.Image(
+                        label="Face crop the model sees", interactive=False, height=256, elem_id="preview"
+                    )
+                with gr.Column():
+                    with gr.Row():
+                        emotion = gr.Dropdown(["auto", *EMOTION_NAMES], value=config.emotion, label="Emotion")
+                        size = gr.Dropdown(
+                            size_choices(self.generator),
+                            label="Size (width x height)",
+                            info="or type one, in multiples of 64",
+                            allow_custom_value=True,
+                        )
+                        framing = gr.Radio(list(FRAMINGS), value=config.framing, label="Framing")
+                    with gr.Row():
+                        steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
+                        guidance = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
+                        seed = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
+            example.click(
+                lambda: (str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)), outputs=[image, audio], api_visibility="private"
+            )
+            gr.on(
+                [image.change, size.change, framing.change],
+                self.preview,
+                inputs=[image, size, framing],
+                outputs=preview,
+                api_name="preview",
+                concurrency_limit=2,
+            )
+            run.click(
+                self.generate,
+                inputs=[image, audio, emotion, size, steps, guidance, seed, framing],
+                outputs=video,
+                api_name="generate",
+                concurrency_limit=1,
+                concurrency_id="render",
+            )
+        return demo
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="The MEMO web app: upload a portrait and speech, get a talking video in the browser.",
+        epilog="Any setting of the config can be overridden as key=value, e.g. inference_steps=30 weight_dtype=fp16.",
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("outputs") / "web", help="where videos are kept (default: %(default)s)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the models, then serve the page until interrupted; 2 for bad settings or missing models."""
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        generator = MemoGenerator(load_config(args.config, args.overrides))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    demo = WebApp(generator, args.output_dir).build()
+    try:
+        demo.queue().launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            allowed_paths=[str(EXAMPLE_IMAGE.parent), str(args.output_dir.resolve())],
+            show_error=True,
+        )
+    except OSError as error:
+        print(f"error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,169 @@
+"""The web app as a user meets it: ``python app.py`` on the tiny model pack, driven through gradio_client and a
+real headless Chromium; bad input comes back as our message, and a second request waits for the first.
+
+The browser test keeps a screenshot of the page with its video at ``test-artifacts/app.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import soundfile
+from conftest import REPO
+from PIL import Image
+
+from memo.io.video import probe_video
+
+gradio_client = pytest.importorskip("gradio_client")
+
+EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
+EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
+CHROMIUM = Path(os.environ.get("MEMO_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+SCREENSHOT = REPO / "test-artifacts" / "app.png"
+CLIP_SECONDS = 1.5
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_pack")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """The bundled speech cut to 1.5 s."""
+    audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "speech_short.wav"
+    soundfile.write(path, audio[: int(CLIP_SECONDS * rate)], rate)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(pack, tmp_path_factory):
+    """``python app.py`` on a free port; one step without guidance by default, so the full example renders fast."""
+    port = free_port()
+    root = tmp_path_factory.mktemp("app")
+    log = (root / "app.log").open("w")
+    command = [
+        sys.executable, str(REPO / "app.py"), "--config", str(pack / "inference.yaml"), "--port", str(port),
+        "--output_dir", str(root / "outputs"), "inference_steps=1", "cfg_scale=1",
+    ]  # fmt: skip
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(root / "gradio")}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, (root / "app.log").read_text()
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the app did not start:\n" + (root / "app.log").read_text()
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        print((root / "app.log").read_text())
+
+
+def generate_args(image: Path, audio: Path, *, steps: int = 2, guidance: float = 3.5) -> tuple:
+    """The /generate endpoint's inputs: image, audio, emotion, size, steps, guidance, seed, framing."""
+    handle_file = gradio_client.handle_file
+    return handle_file(str(image)), handle_file(str(audio)), "auto", "64x64", steps, guidance, 7, "crop"
+
+
+def test_renders_uploads_with_progress_and_queues_the_next_request(app_url, speech, tmp_path):
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import Status
+
+    client = gradio_client.Client(app_url, verbose=False, download_files=str(tmp_path))
+    faceless = tmp_path / "flat_grey.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
+
+    good = client.submit(*generate_args(EXAMPLE_IMAGE, speech), api_name="/generate")
+    while good.status().code not in (Status.PROCESSING, Status.PROGRESS, Status.FINISHED):
+        time.sleep(0.05)
+    bad = client.submit(*generate_args(faceless, speech), api_name="/generate")
+    progress: list[tuple[float, str]] = []
+    bad_states: set[Status] = set()
+    deadline = time.monotonic() + 300
+    while not bad.done() and time.monotonic() < deadline:
+        progress += [(update.progress or 0.0, update.desc or "") for update in good.status().progress_data or []]
+        bad_states.add(bad.status().code)
+        time.sleep(0.05)
+    good_when_bad_ended = good.done() or progress[-1][0]
+
+    video = good.result()
+    info = probe_video(video["video"] if isinstance(video, dict) else video)
+    assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
+    assert any("left" in desc for _, desc in progress), progress  # step progress with the time left
+    with pytest.raises(AppError, match="No face was found in .*flat_grey.png"):
+        bad.result()
+    assert Status.IN_QUEUE in bad_states, bad_states
+    assert good_when_bad_ended == 1, "the second request ran alongside the first instead of waiting for it"
+
+
+def test_preview_shows_the_face_crop(app_url, tmp_path):
+    client = gradio_client.Client(app_url, verbose=False, download_files=str(tmp_path))
+    path = client.predict(gradio_client.handle_file(str(EXAMPLE_IMAGE)), "128x64", "crop", api_name="/preview")
+    assert Image.open(path).size == (128, 64)
+
+
+def test_the_page_in_a_browser_renders_the_example(app_url):
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MEMO_TEST_CHROMIUM)")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no browser download needed)"
+    )
+    with playwright.sync_playwright() as driver, tempfile.TemporaryDirectory() as profile:
+        browser = driver.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}
+        )
+        try:
+            page = browser.new_page()
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.locator("#use-example").click()
+            page.locator("#preview img").wait_for(timeout=60_000)
+            page.locator("#generate").click()
+            video = page.locator("#video video")
+            video.wait_for(timeout=300_000)
+            assert video.get_attribute("src")
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            print(f"screenshot: {SCREENSHOT}")
+        finally:
+            browser.close()
+
+
+def test_bad_settings_stop_the_app_with_a_message(pack):
+    command = [sys.executable, str(REPO / "app.py"), "--config", str(pack / "inference.yaml"), "resolution=100"]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "error: Invalid settings: width must be a positive multiple of 64" in result.stderr
+    assert "Traceback" not in result.stderr
