@@ -1,0 +1,256 @@
+"""Batch inference: a manifest of image/audio jobs, each process loading the models once and rendering its share.
+
+A manifest is a CSV file with a header or a JSONL file, one job a row: ``image``, ``audio``, optionally ``output``
+(a name under the output folder; default ``<image stem>_<audio stem>.mp4``) and any per-call setting as a column
+(``emotion``, ``seed``, ``inference_steps``...; an empty cell keeps the config's value). Relative paths are read
+from the manifest's folder. The whole manifest is checked before any work: unknown columns, invalid settings and
+two rows writing the same output make it a bad manifest. Under ``accelerate launch`` or ``torchrun`` each process
+takes every N-th job on its own device; finished outputs are skipped, a failing job is reported and the rest go
+on, and the first process writes the summary of all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+
+from memo.cli import DEFAULT_CONFIG, output_name, setup_logging
+from memo.config import ConfigError, InferenceConfig, load_config
+from memo.errors import UserError
+from memo.generator import LOAD_SETTINGS, MemoGenerator
+
+logger = logging.getLogger("memo")
+
+FILE_COLUMNS = ("image", "audio", "output")
+SUMMARY_NAME = "batch_summary.json"
+GATHER_TIMEOUT = timedelta(days=2)
+"""How long a process that finished its share waits for the others before the summary is gathered."""
+
+
+class ManifestError(UserError, ValueError):
+    """The manifest cannot be run as it is: nothing has been rendered."""
+
+
+@dataclass
+class Job:
+    """One row of the manifest: where it is, its files, and the settings it changes."""
+
+    line: int
+    image: Path
+    audio: Path
+    output: Path
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def read_rows(manifest: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line, cells)`` of each job row of a CSV or JSONL manifest; empty cells and nulls are left out."""
+    if not manifest.is_file():
+        raise ManifestError(f"Manifest {str(manifest)!r} does not exist.")
+    suffix = manifest.suffix.lower()
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with manifest.open(newline="", encoding="utf-8-sig") as file:
+        if suffix == ".csv":
+            reader = csv.DictReader(file, skipinitialspace=True)
+            for cells in reader:
+                if None in cells:
+                    raise ManifestError(f"{manifest}, line {reader.line_num}: more cells than the header has columns.")
+                rows.append((reader.line_num, {key.strip(): value.strip() for key, value in cells.items() if value}))
+        elif suffix == ".jsonl":
+            for line, text in enumerate(file, 1):
+                if not text.strip():
+                    continue
+                try:
+                    cells = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise ManifestError(f"{manifest}, line {line}: not valid JSON ({error}).") from None
+                if not isinstance(cells, dict):
+                    raise ManifestError(f"{manifest}, line {line}: a job must be a JSON object.")
+                rows.append((line, {key: value for key, value in cells.items() if value not in (None, "")}))
+        else:
+            raise ManifestError(f"Manifest {str(manifest)!r} must be a .csv (with a header) or .jsonl file.")
+    rows = [(line, cells) for line, cells in rows if cells]
+    if not rows:
+        raise ManifestError(f"Manifest {str(manifest)!r} holds no jobs.")
+    return rows
+
+
+def as_override(key: str, value: Any) -> str:
+    """A manifest cell as a ``key=value`` override, the way the command line gives settings."""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{key} must be a single value, got {json.dumps(value)}")
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def load_jobs(
+    manifest: Path, output_dir: Path, config_path: Path | None, overrides: list[str]
+) -> tuple[InferenceConfig, list[Job]]:
+    """The base settings and every job of the manifest, all checked; a ManifestError lists every problem."""
+    base = load_config(config_path, overrides)
+    settings_names = {f.name for f in dataclasses.fields(InferenceConfig)} - LOAD_SETTINGS
+    problems: list[str] = []
+    jobs: list[Job] = []
+    for line, cells in read_rows(manifest):
+        where = f"line {line}"
+        unknown = sorted(set(cells) - set(FILE_COLUMNS) - settings_names)
+        for key in unknown:
+            why = (
+                "chooses the models; set it in the config"
+                if key in LOAD_SETTINGS
+                else "is neither a file column nor a setting"
+            )
+            problems.append(f"{where}: column {key!r} {why}")
+        missing = [key for key in ("image", "audio") if not isinstance(cells.get(key), str)]
+        if missing:
+            problems.append(f"{where}: no {' or '.join(missing)} path")
+        if unknown or missing:
+            continue
+        try:
+            config = load_config(
+                config_path, [*overrides, *(as_override(k, v) for k, v in cells.items() if k in settings_names)]
+            )
+        except ConfigError as error:
+            problems.append(f"{where}: {error}")
+            continue
+        image, audio = (manifest.parent / Path(cells[key]).expanduser() for key in ("image", "audio"))
+        name = Path(str(cells.get("output") or output_name(image, audio)))
+        name = name if name.suffix.lower() == ".mp4" else name.with_name(name.name + ".mp4")
+        changed = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(base, f.name)
+        }
+        jobs.append(Job(line, image, audio, (output_dir / name).resolve(), changed))
+    writers: dict[Path, list[int]] = {}
+    for job in jobs:
+        writers.setdefault(job.output, []).append(job.line)
+    problems += [
+        f"lines {', '.join(map(str, lines))} write the same output {output}"
+        for output, lines in writers.items()
+        if len(lines) > 1
+    ]
+    if problems:
+        raise ManifestError(f"Manifest {str(manifest)!r} cannot be run:\n  - " + "\n  - ".join(problems))
+    return base, jobs
+
+
+def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int) -> list[dict[str, Any]]:
+    """Render each job, skipping finished outputs; a failure is recorded with its reason and the next job goes on."""
+    results = []
+    for number, job in enumerate(jobs, 1):
+        record = {"line": job.line, "image": str(job.image), "audio": str(job.audio), "output": str(job.output)}
+        record["process"] = process
+        if job.output.exists():
+            logger.info("job %d/%d (line %d): %s exists, skipped", number, len(jobs), job.line, job.output)
+            results.append({**record, "status": "skipped"})
+            continue
+        logger.info("job %d/%d (line %d): %s", number, len(jobs), job.line, job.output)
+        start = time.perf_counter()
+        try:
+            generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
+        except UserError as error:
+            reason = str(error)
+        except Exception as error:
+            logger.exception("job (line %d) failed", job.line)
+            reason = f"{type(error).__name__}: {error}"
+        else:
+            results.append({**record, "status": "done", "seconds": round(time.perf_counter() - start, 1)})
+            continue
+        logger.error("job %d/%d (line %d) failed: %s", number, len(jobs), job.line, reason)
+        results.append({**record, "status": "failed", "reason": reason})
+    return results
+
+
+def summarize(results: list[dict[str, Any]], manifest: Path, output_dir: Path, processes: int) -> dict[str, Any]:
+    """Every job's outcome, grouped as done, skipped and failed, in manifest order."""
+    results = sorted(results, key=lambda result: result["line"])
+    summary: dict[str, Any] = {"manifest": str(manifest), "output_dir": str(output_dir), "processes": processes}
+    for status in ("done", "skipped", "failed"):
+        summary[status] = [{k: v for k, v in r.items() if k != "status"} for r in results if r["status"] == status]
+    return summary
+
+
+def report(summary: dict[str, Any], path: Path) -> str:
+    """A few lines for the terminal: the counts, where the summary is, and why each failed job failed."""
+    counts = ", ".join(f"{len(summary[status])} {status}" for status in ("done", "skipped", "failed"))
+    lines = [f"batch: {counts} ({summary['processes']} processes); summary in {path}"]
+    lines += [f"  failed: line {job['line']} ({job['output']}): {job['reason']}" for job in summary["failed"]]
+    return "\n".join(lines)
+
+
+def wants_cpu(config: InferenceConfig) -> bool:
+    """Run on the CPU when asked to (``device=cpu``, ``accelerate launch --cpu``) or when there is no GPU."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return (
+        config.device == "cpu"
+        or parse_flag_from_env("ACCELERATE_USE_CPU")
+        or (several and not torch.cuda.is_available())
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Render a manifest of MEMO jobs; data-parallel under `accelerate launch` or `torchrun`.",
+        epilog="Settings for every job can be overridden as key=value; a manifest column overrides them per job.",
+    )
+    parser.add_argument("--manifest", type=Path, required=True, help="jobs as .csv (with a header) or .jsonl")
+    parser.add_argument("--output_dir", type=Path, required=True, help=f"where the videos and {SUMMARY_NAME} go")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides for every job")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when no job failed, 1 when some did, 2 for a bad manifest, bad settings or missing models."""
+    start = time.perf_counter()
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    first = int(os.environ.get("RANK", "0")) == 0
+    try:
+        base, jobs = load_jobs(args.manifest, args.output_dir, args.config, args.overrides)
+    except UserError as error:
+        if first:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    state = PartialState(cpu=wants_cpu(base), timeout=GATHER_TIMEOUT)
+    several = state.num_processes > 1
+    if several:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"[process {state.process_index}] %(name)s: %(message)s"))
+    mine = jobs[state.process_index :: state.num_processes]
+    try:
+        config = dataclasses.replace(base, device="cpu") if state.device.type == "cpu" else base
+        generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if several:
+        generator.pipeline.set_progress_bar_config(disable=True)
+    results = run_jobs(generator, mine, state.process_index)
+    results = gather_object(results) if several else results
+    summary = summarize(results, args.manifest, args.output_dir, state.num_processes)
+    if state.is_main_process:
+        path = args.output_dir / SUMMARY_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(summary, indent=2) + "\n")
+        temporary.replace(path)
+        print(report(summary, path) + f"\n  in {time.perf_counter() - start:.1f} s")
+    if several:
+        state.destroy_process_group()
+    return 1 if summary["failed"] else 0

@@ -1,0 +1,138 @@
+"""scripts/batch_inference.py on the tiny model pack: two CPU processes under ``accelerate launch`` share a
+manifest, a bad job is reported while the others render, a rerun skips finished outputs, and a bad manifest is
+refused before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile
+from conftest import REPO
+from PIL import Image
+
+from memo.io.video import probe_video
+
+SCRIPT = REPO / "scripts" / "batch_inference.py"
+CLIP_SECONDS = 1.5
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_pack")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
+    return root
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    """A folder with the example portrait, 1.5 s of the example speech and a faceless grey image."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    shutil.copy(REPO / "assets" / "examples" / "portrait.jpg", folder / "portrait.jpg")
+    audio, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
+    soundfile.write(folder / "speech.wav", audio[: int(CLIP_SECONDS * rate)], rate)
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(folder / "grey.png")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 1) -> subprocess.CompletedProcess:
+    arguments = [str(SCRIPT), "--manifest", str(manifest), "--output_dir", str(output_dir)]
+    arguments += ["--config", str(pack / "inference.yaml"), "inference_steps=1"]
+    launcher = []
+    if processes > 1:
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+        launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher += ["--main_process_port", str(free_port())]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, *launcher, *arguments]
+    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+
+
+def test_two_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inputs, tmp_path):
+    manifest = inputs / "jobs.csv"
+    manifest.write_text(
+        "image,audio,output,emotion,seed,cfg_scale\n"
+        "portrait.jpg,speech.wav,happy,happy,1,\n"
+        "portrait.jpg,speech.wav,talks/auto.mp4,,2,1\n"
+        "grey.png,speech.wav,grey,,,\n"
+    )
+    out = tmp_path / "out"
+    result = batch(pack, manifest, out, processes=2)
+    assert result.returncode == 1, result.stderr  # one job failed
+    assert "Traceback" not in result.stdout
+    outputs = [out / "happy.mp4", out / "talks" / "auto.mp4"]
+    for output in outputs:
+        info = probe_video(output)
+        assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
+    assert not (out / "grey.mp4").exists()
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert summary["processes"] == 2
+    assert [job["line"] for job in summary["done"]] == [2, 3]
+    assert {job["process"] for job in summary["done"]} == {0, 1}  # line 2 on process 0, line 3 on process 1
+    [failed] = summary["failed"]
+    assert failed["line"] == 4 and "No face was found" in failed["reason"] and "grey.png" in failed["reason"]
+    assert "1 failed" in result.stdout and "No face was found" in result.stdout
+
+    written = {output: output.stat().st_mtime_ns for output in outputs}
+    rerun = batch(pack, manifest, out)
+    assert rerun.returncode == 1, rerun.stderr
+    summary = json.loads((out / "batch_summary.json").read_text())
+    assert [job["line"] for job in summary["skipped"]] == [2, 3] and not summary["done"]
+    assert [job["line"] for job in summary["failed"]] == [4]
+    assert {output: output.stat().st_mtime_ns for output in outputs} == written
+
+
+def test_a_bad_manifest_is_refused_before_any_work(pack, inputs, tmp_path):
+    manifest = inputs / "jobs.jsonl"
+    jobs = [
+        {"image": "portrait.jpg", "audio": "speech.wav", "output": "same.mp4"},
+        {"image": "portrait.jpg", "audio": "speech.wav", "output": "same", "seed": 3},
+        {"image": "portrait.jpg", "audio": "speech.wav", "emotion": "joyful"},
+        {"image": "portrait.jpg", "audio": "speech.wav", "colour": "warm"},
+        {"image": "portrait.jpg", "audio": "speech.wav", "device": "cuda"},
+        {"audio": "speech.wav"},
+    ]
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    out = tmp_path / "out"
+    result = batch(pack, manifest, out)
+    assert result.returncode == 2, result.stderr
+    for fragment in (
+        "lines 1, 2 write the same output",
+        "line 3: Invalid settings: emotion must be 'auto' or one of",
+        "line 4: column 'colour' is neither a file column nor a setting",
+        "line 5: column 'device' chooses the models",
+        "line 6: no image path",
+    ):
+        assert fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_per_job_settings_share_the_loaded_models(pack):
+    from memo.config import ConfigError, load_config
+    from memo.generator import MemoGenerator
+
+    generator = MemoGenerator(load_config(pack / "inference.yaml"))
+    job = generator.with_settings(resolution=128, emotion="sad", inference_steps=1)
+    assert job.pipeline is generator.pipeline and job.face_analyzer is generator.face_analyzer
+    assert job.config.size == (128, 128) and job.config.emotion == "sad"
+    assert generator.config.size == (64, 64) and generator.config.emotion == "auto"
+    assert job.emotion_encoder is generator.emotion_encoder  # loaded on first use, once for all copies
+    with pytest.raises(ConfigError, match="weight_dtype cannot change per call"):
+        generator.with_settings(weight_dtype="fp16")
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        generator.with_settings(resolution=100)
