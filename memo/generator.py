@@ -205,7 +205,9 @@ class MemoGenerator:
         config = self.config
         allow = config.allow_no_face if allow_no_face is None else allow_no_face
         image = load_image(image_path)
-        embedding, face = face_embedding(self.face_analyzer, image, str(image_path), allow_missing=allow)
+        embedding, face = face_embedding(
+            self.face_analyzer, image, str(image_path), allow_missing=allow, missing_option="allow_no_face=true"
+        )
         width, height = config.size
         framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
