@@ -1,0 +1,75 @@
+"""Conditioning dropout for classifier-free guidance: which samples of a batch train without which condition.
+
+Each sample independently loses, with its own probability:
+
+* the image: in ``zero_reference`` mode (the original's training) the latents of its reference image and
+  past frames are replaced by zeros before the reference net, the face tokens being kept; in
+  ``drop_reference`` mode (what the pipeline's unconditional branch sees) its frames do not attend to the
+  reference image and its face tokens are those of a zero face embedding;
+* the audio: in ``zero_features`` mode (the original's training) the audio projection sees zero wav2vec2
+  features; in ``zero_tokens`` mode (the pipeline's unconditional branch) the audio tokens are zeros;
+* the emotion: its label becomes 9, the unconditional label. The original trains no such per-sample drop
+  (probability 0 by default); it relies on the diffusion net's own label dropout (``emo_drop_rate`` in its
+  config, 5% per adaptive norm), which is active in training mode either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memo.models.audio_module import NUM_EMOTIONS
+
+
+@dataclass
+class DroppedConditions:
+    """(batch,) bool masks: the samples trained without image, audio or emotion conditioning."""
+
+    image: torch.Tensor
+    audio: torch.Tensor
+    emotion: torch.Tensor
+
+
+@dataclass
+class ConditionDropout:
+    """Probabilities and modes of the three condition dropouts (see the module docstring)."""
+
+    image_ratio: float = 0.05
+    audio_ratio: float = 0.05
+    emotion_ratio: float = 0.0
+    image_mode: str = "zero_reference"
+    audio_mode: str = "zero_features"
+
+    def __post_init__(self):
+        if self.image_mode not in ("zero_reference", "drop_reference"):
+            raise ValueError(
+                f"image dropout mode must be 'zero_reference' or 'drop_reference', got {self.image_mode!r}."
+            )
+        if self.audio_mode not in ("zero_features", "zero_tokens"):
+            raise ValueError(f"audio dropout mode must be 'zero_features' or 'zero_tokens', got {self.audio_mode!r}.")
+
+    def sample(self, batch: int, device: torch.device | str = "cpu") -> DroppedConditions:
+        """Draw which samples lose which condition (from torch's global generator)."""
+        draws = torch.rand(3, batch)
+        masks = draws < torch.tensor([self.image_ratio, self.audio_ratio, self.emotion_ratio])[:, None]
+        masks = masks.to(device)
+        return DroppedConditions(image=masks[0], audio=masks[1], emotion=masks[2])
+
+
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a (batch,) mask over the trailing dimensions of ``like`` (whose first dimension is batch*k)."""
+    rows = like.shape[0] // mask.shape[0]
+    return mask.repeat_interleave(rows).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def zero_where(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` with the rows of masked samples set to zero; rows are grouped per sample."""
+    if not bool(mask.any()):
+        return values
+    return torch.where(_per_row(mask, values), torch.zeros_like(values), values)
+
+
+def drop_emotion(mask: torch.Tensor, emotion: torch.Tensor) -> torch.Tensor:
+    """The emotion labels with the masked samples' set to the unconditional label."""
+    return torch.where(mask, torch.full_like(emotion, NUM_EMOTIONS), emotion)
