@@ -37,6 +37,7 @@ logger = logging.getLogger("memo")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
+PUBLISHED_REPO = "memoavatar/memo"
 
 LOAD_SETTINGS = frozenset(
     ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir")
@@ -123,11 +124,15 @@ def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles
             found[key] = None
 
     attempt("memo", config.model_name_or_path, memo_patterns + ([] if config.misc_model_dir else misc_files))
+    memo_root = found["memo"]
     if config.misc_model_dir:
         attempt("misc", config.misc_model_dir, misc_files)
+    elif memo_root is not None and not all((memo_root / path).is_file() for path in misc_files):
+        # A finetuned checkpoint holds only the networks: face analysis and vocal separation come from the
+        # published repo, as when no checkpoint is given.
+        attempt("misc", PUBLISHED_REPO, misc_files)
     else:
-        found["misc"] = found["memo"]
-    memo_root = found["memo"]
+        found["misc"] = memo_root
     vae: str | Path = config.vae
     if memo_root is not None and (memo_root / "vae").is_dir() and config.vae == InferenceConfig.vae:
         vae = memo_root / "vae"

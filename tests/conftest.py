@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,11 @@ def tiny_pipeline(tiny_checkpoint):
     pipe = MemoPipeline.from_checkpoint(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def pack(tmp_path_factory) -> Path:
+    """The tiny random model pack written by scripts/make_tiny_checkpoint.py, with its inference.yaml."""
+    root = tmp_path_factory.mktemp("tiny_pack")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
+    return root

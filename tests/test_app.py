@@ -37,13 +37,6 @@ CLIP_SECONDS = 1.5
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_pack")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
-    return root
-
-
-@pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """The bundled speech cut to 1.5 s."""
     audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")

@@ -24,13 +24,6 @@ SCRIPT = REPO / "scripts" / "batch_inference.py"
 CLIP_SECONDS = 1.5
 
 
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_pack")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
-    return root
-
-
 @pytest.fixture
 def inputs(tmp_path) -> Path:
     """A folder with the example portrait, 1.5 s of the example speech and a faceless grey image."""

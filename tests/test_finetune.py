@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import soundfile
 import torch
 from conftest import REPO, TINY_CHECKPOINT
 from safetensors.torch import load_file, save_file
@@ -437,7 +438,7 @@ def test_each_dropped_condition_changes_only_its_sample(tiny_checkpoint):
 
 
 @needs_decord
-def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoint):
+def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoint, pack):
     config = tiny_config(
         tmp_path,
         data_dir,
@@ -498,6 +499,20 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
         seed=0,
     ).frames
     assert frames.shape == (3, 4, 64, 64) and torch.isfinite(frames).all()
+
+    # inference.py renders from the checkpoint as its model (face analysis and vocal separator from the pack).
+    from memo.io.video import probe_video
+
+    render = tmp_path / "render"
+    command = [
+        sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"),
+        "--output_dir", str(render), f"model_name_or_path={checkpoint}", f"misc_model_dir={pack}",
+        "emotion=happy", "fps=10", "inference_steps=1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    seconds = len(soundfile.read(REPO / "assets" / "examples" / "speech.wav")[0]) / 16000
+    assert probe_video(render / "portrait_speech.mp4").num_frames == math.ceil(seconds * 10)
 
     # Resume from checkpoint-2: continues at step 3 with the saved optimizer state.
     saved = torch.load(run_dir / "checkpoint-2" / "optimizer.bin", weights_only=False)

@@ -21,13 +21,6 @@ EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
 
 
 @pytest.fixture(scope="session")
-def pack(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_pack")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
-    return root
-
-
-@pytest.fixture(scope="session")
 def speech(tmp_path_factory) -> Path:
     """2.5 s of real speech (the bundled example, cut) as 44.1 kHz stereo FLAC: any format, any rate."""
     audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")

@@ -51,13 +51,6 @@ def frames(count: int, kind: str, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def pack(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_pack")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), str(root)], check=True)
-    return root
-
-
-@pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
     """H.264 + AAC mp4s cut from the bundled speech, three usable and five that each fail differently."""
     base = tmp_path_factory.mktemp("dataset")
