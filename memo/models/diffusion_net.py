@@ -147,8 +147,10 @@ class DiffusionNet(ModelMixin, ConfigMixin):
 
         Args:
             sample: (batch, C, frames, h, w) noisy latents; the batch holds the guidance halves.
-            timestep: the flow-matching timestep (0..1000), one for the whole batch.
-            reference: the reference net's features of (reference image + past frames) for each batch.
+            timestep: the flow-matching timestep (0..1000): one for the whole batch, or one per batch item.
+            reference: the reference net's features of (reference image + past frames) for each batch item.
+                As published, the reference frame's features are tiled over the frame rows (row i meets batch
+                item i mod batch), which is what guidance needs; to denoise unrelated items, call once per item.
             image_tokens: (batch, n, cross_attention_dim) face-identity tokens.
             audio_tokens: (batch, frames, m, audio_attention_dim) audio tokens of each frame.
             emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
@@ -157,8 +159,11 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             drop_reference: (batch,) bool; batches whose frames do not attend to the reference image.
         """
         batch, _, frames, h, w = sample.shape
-        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)[:1]
-        temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype)).expand(batch * frames, -1)
+        timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        if timesteps.numel() not in (1, batch):
+            raise ValueError(f"timestep must be one value or one per batch item ({batch}), got {timesteps.numel()}.")
+        temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
+        temb = temb.expand(batch, -1).repeat_interleave(frames, dim=0)
         ctx = FrameContext(
             batch=batch,
             temb=temb,
