@@ -188,3 +188,19 @@ def test_python_api_renders_many_pairs_with_one_load(pack, speech, tmp_path):
     first = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "a.mp4", emotion="sad")
     second = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "b.mp4", seed=7, emotion="auto")
     assert probe_video(first).num_frames == probe_video(second).num_frames == 75
+
+
+def test_offline_without_the_models_lists_what_is_missing(pack, speech, tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
+    command = [
+        sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"),
+        "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path / "out"),
+        "model_name_or_path=memoavatar/memo", "wav2vec=facebook/wav2vec2-base-960h", "emotion=auto",
+        "emotion2vec=emotion2vec/emotion2vec_plus_large",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert_user_error(result, "Some models are not available", "memoavatar/memo", "facebook/wav2vec2-base-960h")
+    assert "emotion2vec/emotion2vec_plus_large" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
