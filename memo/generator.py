@@ -19,25 +19,19 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from memo.conditions.audio import VocalSeparator, check_min_duration, is_silent, load_audio
-from memo.conditions.audio_features import AudioFeatures, Wav2VecAudioEncoder
+from memo.conditions.audio import check_min_duration, is_silent, load_audio
+from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels
-from memo.conditions.face import Face, FaceAnalyzer, face_embedding
+from memo.conditions.face import Face, face_embedding
 from memo.conditions.framing import frame_portrait, load_image, to_model_tensor
 from memo.config import ConfigError, InferenceConfig, validate
 from memo.errors import UserError
-from memo.io.hub import MissingModelError, resolve_model_dir
 from memo.io.video import VideoWriter, check_output_path, probe_video
-from memo.models.emotion2vec import Emotion2VecEncoder
-from memo.models.emotion_classifier import EMOTION_NAMES, AudioEmotionClassifierModel
-from memo.pipeline import NETWORKS, MemoPipeline
+from memo.loading import DTYPES, ConditionModels, locate_models, pick_device
+from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.pipeline import MemoPipeline
 
 logger = logging.getLogger("memo")
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
-SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
-PUBLISHED_REPO = "memoavatar/memo"
 
 LOAD_SETTINGS = frozenset(
     ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir")
@@ -77,82 +71,6 @@ class PreparedAudio:
         return self.waveform.shape[0] / 16000
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, else Apple MPS, else CPU.
-
-    CUDA without an index means the current device (which a launcher's process sets), named explicitly so
-    that face analysis in onnxruntime runs on the same GPU as the rest.
-    """
-    if name != "auto":
-        device = torch.device(name)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-@dataclass
-class ModelFiles:
-    """Local directories of every model, found or fetched once at start-up."""
-
-    memo: Path
-    misc: Path
-    vae: str | Path
-    wav2vec: Path
-    emotion2vec: Path | None
-
-
-def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles:
-    """Find or fetch every model; when some cannot be had, one error lists all of them."""
-    separate = config.vocal_separation
-    misc_files = [f"misc/face_analysis/models/{name}" for name in FACE_MODELS]
-    misc_files += [f"misc/vocal_separator/{SEPARATOR_MODEL}"] if separate else []
-    memo_patterns = [f"{name}/*" for name in NETWORKS] + ["vae/*", "misc/audio_emotion_classifier/*"]
-    problems: list[str] = []
-    found: dict[str, Path | None] = {}
-
-    def attempt(key: str, name: str, patterns: list[str]) -> None:
-        try:
-            found[key] = resolve_model_dir(name, patterns)
-        except MissingModelError as error:
-            problems.append(str(error))
-            found[key] = None
-
-    attempt("memo", config.model_name_or_path, memo_patterns + ([] if config.misc_model_dir else misc_files))
-    memo_root = found["memo"]
-    if config.misc_model_dir:
-        attempt("misc", config.misc_model_dir, misc_files)
-    elif memo_root is not None and not all((memo_root / path).is_file() for path in misc_files):
-        # A finetuned checkpoint holds only the networks: face analysis and vocal separation come from the
-        # published repo, as when no checkpoint is given.
-        attempt("misc", PUBLISHED_REPO, misc_files)
-    else:
-        found["misc"] = memo_root
-    vae: str | Path = config.vae
-    if memo_root is not None and (memo_root / "vae").is_dir() and config.vae == InferenceConfig.vae:
-        vae = memo_root / "vae"
-    else:
-        attempt("vae", str(config.vae), ["config.json", "diffusion_pytorch_model.safetensors"])
-        vae = found.get("vae") or vae
-    attempt("wav2vec", config.wav2vec, ["config.json", "preprocessor_config.json", "*.safetensors"])
-    if need_emotion2vec:
-        attempt("emotion2vec", config.emotion2vec, ["config.yaml", "model.pt"])
-    if found["misc"] is not None:
-        missing = [path for path in misc_files if not (found["misc"] / path).is_file()]
-        if missing:
-            problems.append(f"{found['misc']} lacks {', '.join(missing)} (from the memoavatar/memo repo).")
-    if problems:
-        raise MissingModelError("Some models are not available:\n  - " + "\n  - ".join(problems))
-    return ModelFiles(
-        memo=found["memo"], misc=found["misc"], vae=vae, wav2vec=found["wav2vec"], emotion2vec=found.get("emotion2vec")
-    )
-
-
 class MemoGenerator:
     """Loads every model once; :meth:`generate` turns an image and an audio file into an mp4."""
 
@@ -164,27 +82,8 @@ class MemoGenerator:
         files = locate_models(config, need_emotion2vec=config.emotion == "auto")
         self.files = files
         self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype).to(self.device)
-        self.audio_encoder = Wav2VecAudioEncoder.from_pretrained(
-            files.wav2vec, chunk_seconds=config.audio_chunk_seconds
-        ).to(self.device)
-        self.face_analyzer = FaceAnalyzer.from_dir(files.misc / "misc" / "face_analysis" / "models", device=str(self.device))
-        self.separator = (
-            VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
-            if config.vocal_separation
-            else None
-        )
-        self.classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
-        self.classifier.to(self.device).eval()
-        self._lazy_models: dict[str, Emotion2VecEncoder] = {}  # shared with the copies made by with_settings
+        self.conditions = ConditionModels.load(files, config, self.device)
         logger.info("models: loaded on %s (%s) in %.1f s", self.device, config.weight_dtype, time.perf_counter() - start)
-
-    @property
-    def emotion_encoder(self) -> Emotion2VecEncoder:
-        """emotion2vec, loaded on first use (not needed when the emotion is forced)."""
-        if "emotion2vec" not in self._lazy_models:
-            source = self.files.emotion2vec or resolve_model_dir(self.config.emotion2vec, ["config.yaml", "model.pt"])
-            self._lazy_models["emotion2vec"] = Emotion2VecEncoder.from_pretrained(source, device=self.device)
-        return self._lazy_models["emotion2vec"]
 
     def with_settings(self, **settings) -> MemoGenerator:
         """A generator with some settings changed (resolution, steps, guidance, framing...) sharing these models.
@@ -211,7 +110,7 @@ class MemoGenerator:
         allow = config.allow_no_face if allow_no_face is None else allow_no_face
         image = load_image(image_path)
         embedding, face = face_embedding(
-            self.face_analyzer, image, str(image_path), allow_missing=allow, missing_option="allow_no_face=true"
+            self.conditions.face_analyzer, image, str(image_path), allow_missing=allow, missing_option="allow_no_face=true"
         )
         width, height = config.size
         framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
@@ -232,11 +131,13 @@ class MemoGenerator:
         check_min_duration(waveform, config.fps, audio_path)
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
-        vocals = self.separator(waveform) if self.separator is not None else waveform
-        features = self.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
+        separator = self.conditions.separator
+        vocals = separator(waveform) if separator is not None else waveform
+        features = self.conditions.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
         emotion = (emotion or config.emotion).lower()
         if emotion == "auto":
-            labels = audio_emotion_labels(waveform, self.emotion_encoder, self.classifier, len(features))
+            conditions = self.conditions
+            labels = audio_emotion_labels(waveform, conditions.emotion_encoder, conditions.classifier, len(features))
             counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))
             summary = f"auto, mostly {EMOTION_NAMES[int(counts.argmax())]}"
         else:
@@ -246,7 +147,7 @@ class MemoGenerator:
             "audio: %s, %.2f s, %s, %d frames at %d fps, emotion %s",
             name,
             waveform.shape[0] / 16000,
-            "vocals separated" if self.separator is not None else "no vocal separation",
+            "vocals separated" if separator is not None else "no vocal separation",
             features.num_frames,
             config.fps,
             summary,

@@ -121,10 +121,10 @@ def test_per_job_settings_share_the_loaded_models(pack):
 
     generator = MemoGenerator(load_config(pack / "inference.yaml"))
     job = generator.with_settings(resolution=128, emotion="sad", inference_steps=1)
-    assert job.pipeline is generator.pipeline and job.face_analyzer is generator.face_analyzer
+    assert job.pipeline is generator.pipeline and job.conditions is generator.conditions
     assert job.config.size == (128, 128) and job.config.emotion == "sad"
     assert generator.config.size == (64, 64) and generator.config.emotion == "auto"
-    assert job.emotion_encoder is generator.emotion_encoder  # loaded on first use, once for all copies
+    assert job.conditions.emotion_encoder is generator.conditions.emotion_encoder  # loaded once for all copies
     with pytest.raises(ConfigError, match="weight_dtype cannot change per call"):
         generator.with_settings(weight_dtype="fp16")
     with pytest.raises(ConfigError, match="multiple of 64"):

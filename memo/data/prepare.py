@@ -25,15 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memo.conditions.audio import SAMPLE_RATE, VocalSeparator, load_audio
-from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.conditions.audio import SAMPLE_RATE, load_audio
 from memo.conditions.emotion import audio_emotion_labels
-from memo.conditions.face import FaceAnalyzer
 from memo.config import InferenceConfig
-from memo.generator import SEPARATOR_MODEL, locate_models, pick_device
 from memo.io.video import VideoInfo, probe_video
-from memo.models.emotion2vec import Emotion2VecEncoder
-from memo.models.emotion_classifier import AudioEmotionClassifierModel
+from memo.loading import ConditionModels, locate_models, pick_device
 
 logger = logging.getLogger("memo")
 
@@ -118,25 +114,12 @@ class VideoPreparer:
         self.device = pick_device(config.device)
         start = time.perf_counter()
         files = locate_models(config, need_emotion2vec=True)
-        self.audio_encoder = Wav2VecAudioEncoder.from_pretrained(
-            files.wav2vec, chunk_seconds=config.audio_chunk_seconds
-        ).to(self.device)
-        self.face_analyzer = FaceAnalyzer.from_dir(
-            files.misc / "misc" / "face_analysis" / "models", device=self.device.type, det_size=FACE_DETECTION_SIZE
-        )
-        self.separator = (
-            VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
-            if config.vocal_separation
-            else None
-        )
-        self.classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
-        self.classifier.to(self.device).eval()
-        self.emotion_encoder = Emotion2VecEncoder.from_pretrained(files.emotion2vec, device=self.device)
+        self.conditions = ConditionModels.load(files, config, self.device, face_det_size=FACE_DETECTION_SIZE)
         logger.info("models: loaded on %s in %.1f s", self.device, time.perf_counter() - start)
 
     def face_embedding(self, path: str | os.PathLike) -> torch.Tensor:
         """The (512,) embedding of the one face in the first frame; several faces or none reject the video."""
-        faces = self.face_analyzer.detect(first_frame(path))
+        faces = self.conditions.face_analyzer.detect(first_frame(path))
         if len(faces) != 1:
             found = "no face" if not faces else f"{len(faces)} faces"
             raise VideoRejected(f"{found} in the first frame; exactly one face is needed")
@@ -149,9 +132,12 @@ class VideoPreparer:
         info = check_video(path, fps)
         face = self.face_embedding(path)
         waveform = fit_to_frames(load_audio(path), info.num_frames, fps)
-        vocals = self.separator(waveform) if self.separator is not None else waveform
-        features = self.audio_encoder.for_frames(vocals, info.num_frames)
-        emotion = audio_emotion_labels(waveform, self.emotion_encoder, self.classifier, info.num_frames)
+        separator = self.conditions.separator
+        vocals = separator(waveform) if separator is not None else waveform
+        features = self.conditions.audio_encoder.for_frames(vocals, info.num_frames)
+        emotion = audio_emotion_labels(
+            waveform, self.conditions.emotion_encoder, self.conditions.classifier, info.num_frames
+        )
         return PreparedVideo(
             fps=info.fps,
             num_frames=info.num_frames,
