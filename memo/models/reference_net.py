@@ -181,6 +181,14 @@ class ReferenceNet(ModelMixin, ConfigMixin):
         features.extend(new_features)
         return x
 
+    def _layer(self, resnet, attention, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, features: list):
+        """A resnet and its attention (if any), recording the feature the diffusion net reads from the layer."""
+        x = self._run(resnet, x, temb)
+        if attention is None:
+            features.append(x)
+            return x
+        return self._attend(attention, x, context, features)
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> ReferenceFeatures:
         """latents: (N, 4, h, w); context: (N, tokens, dim) image tokens, one set per latent."""
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
@@ -193,11 +201,7 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             features: list[torch.Tensor] = []
             attentions = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attention in zip(block.resnets, attentions):
-                x = self._run(resnet, x, temb)
-                if attention is None:
-                    features.append(x)
-                else:
-                    x = self._attend(attention, x, context, features)
+                x = self._layer(resnet, attention, x, temb, context, features)
                 skips.append(x)
             for downsampler in block.downsamplers or []:
                 x = downsampler(x)
@@ -214,11 +218,7 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             features = []
             attentions = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attention in zip(block.resnets, attentions):
-                x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), temb)
-                if attention is None:
-                    features.append(x)
-                else:
-                    x = self._attend(attention, x, context, features)
+                x = self._layer(resnet, attention, torch.cat([x, skips.pop()], dim=1), temb, context, features)
             if block.upsamplers is not None:
                 size = skips[-1].shape[2:] if skips else None
                 for upsampler in block.upsamplers:
