@@ -75,20 +75,18 @@ def _resnet(net: NetSpec, in_channels: int, out_channels: int) -> ResnetBlock2D:
     )
 
 
-def _split_reference(feature: torch.Tensor, batch: int, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reference-net feature of (batch*(1+past), ...) -> (reference frame tokens (batch, H*W, C) or None,
-    past frames (batch*past, C, H, W))."""
-    h, w = hw
+def _reference_frame(feature: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """The reference image's tokens (batch, H*W, C) in a reference-net feature of (batch*(1+past), ...); None
+    for layers without attention, whose features only feed the memory."""
+    return feature.unflatten(0, (batch, -1))[:, 0] if feature.dim() == 3 else None
+
+
+def _past_frames(feature: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+    """The past frames of a reference-net feature as maps (batch*past, C, H, W)."""
     if feature.dim() == 3:
         n, _, c = feature.shape
-        maps = feature.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    else:
-        maps = feature
-    per_batch = maps.unflatten(0, (batch, -1))
-    past = per_batch[:, 1:].flatten(0, 1)
-    if feature.dim() == 3:
-        return feature.unflatten(0, (batch, -1))[:, 0], past
-    return None, past
+        feature = feature.reshape(n, *hw, c).permute(0, 3, 1, 2)
+    return feature.unflatten(0, (batch, -1))[:, 1:].flatten(0, 1)
 
 
 class LayerStack(nn.Module):
@@ -135,13 +133,13 @@ class LayerStack(nn.Module):
 
     def _condition(self, i: int, x: torch.Tensor, feature: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``."""
-        reference, past = _split_reference(feature, ctx.batch, x.shape[-2:])
+        reference = _reference_frame(feature, ctx.batch)
         if hasattr(self, "attentions"):
             x, ctx.audio = self._run(
                 self._spatial_audio, i, x, reference, ctx.image_tokens, ctx.audio, ctx.emotion, ctx.batch, ctx.drop_reference
             )
         if hasattr(self, "motion_modules"):
-            past = past if ctx.update_memory else None
+            past = _past_frames(feature, ctx.batch, x.shape[-2:]) if ctx.update_memory else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # A recomputation must not fold the past frames into the caller's memory a second time, so the
                 # checkpointed call works on a copy of this layer's memory entries and hands back the new ones.

@@ -52,14 +52,23 @@ class TemporalMemory:
             kv, z = old_kv * carried + kv, old_z * carried + z
         self.states[name] = (kv, z)
 
-    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The memory of layer ``name``, decayed by one frame as the current clip sees it."""
+    def _entry(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.states:
             raise RuntimeError(
                 f"Temporal memory has no entry for {name!r}: the first denoising step of a video must update the memory."
             )
-        kv, z = self.states[name]
+        return self.states[name]
+
+    def read(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory of layer ``name``, decayed by one frame as the current clip sees it."""
+        kv, z = self._entry(name)
         return kv * self.decay, z * self.decay
+
+    def add_to(self, name: str, kv: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``kv`` and ``z`` of the current frames with layer ``name``'s memory (as :meth:`read` gives it) added
+        in place, without copying the memory."""
+        memory_kv, memory_z = self._entry(name)
+        return kv.add_(memory_kv, alpha=self.decay), z.add_(memory_z, alpha=self.decay)
 
 
 class PositionalEncoding(nn.Module):
@@ -117,9 +126,7 @@ class MemoryLinearAttention(nn.Module):
         q = self._heads(self.to_q(x)).softmax(dim=-1) * self.scale
         k = self._heads(self.to_k(x)).softmax(dim=-2)
         v = self._heads(self.to_v(x))
-        memory_kv, memory_z = memory.read(self.memory_name)
-        kv = memory_kv + torch.einsum("phfd,phfe->phde", k, v)
-        z = memory_z + k.sum(dim=-2)
+        kv, z = memory.add_to(self.memory_name, torch.einsum("phfd,phfe->phde", k, v), k.sum(dim=-2))
         numerator = torch.einsum("phfd,phde->phfe", q, kv)
         denominator = torch.einsum("phfd,phd->phf", q, z).unsqueeze(-1)
         out = (numerator / denominator.clamp(min=1e-10)).transpose(1, 2).flatten(2)
