@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,7 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from memo.cli import DEFAULT_CONFIG, output_name, setup_logging
+from memo.cli import add_settings_arguments, output_name, report_error, setup_logging
 from memo.config import ConfigError, InferenceConfig, load_config
 from memo.errors import UserError
 from memo.generator import LOAD_SETTINGS, MemoGenerator
@@ -208,9 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--manifest", type=Path, required=True, help="jobs as .csv (with a header) or .jsonl")
     parser.add_argument("--output_dir", type=Path, required=True, help=f"where the videos and {SUMMARY_NAME} go")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
-    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides for every job")
+    add_settings_arguments(parser, overrides_help="setting overrides for every job")
     return parser.parse_args(argv)
 
 
@@ -223,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base, jobs = load_jobs(args.manifest, args.output_dir, args.config, args.overrides)
     except UserError as error:
-        if first:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error) if first else 2
 
     state = PartialState(cpu=wants_cpu(base), timeout=GATHER_TIMEOUT)
     several = state.num_processes > 1
@@ -237,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         config = dataclasses.replace(base, device="cpu") if state.device.type == "cpu" else base
         generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     if several:
         generator.pipeline.set_progress_bar_config(disable=True)
     results = run_jobs(generator, mine, state.process_index)

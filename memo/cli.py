@@ -36,6 +36,23 @@ def setup_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=UserWarning)
 
 
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    overrides_help: str = "setting overrides",
+    config_help: str = "YAML settings (default: %(default)s)",
+) -> None:
+    """``--config``, ``--verbose`` and ``key=value`` overrides, as every program of the project takes them."""
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+
+def report_error(error: UserError) -> int:
+    """Print a user error as one ``error:`` line on stderr; returns its exit status, 2."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def output_name(image: Path, audio: Path) -> str:
     """``<image stem>_<audio stem>.mp4``, as the original release names its outputs."""
     return f"{image.stem}_{audio.stem}.mp4"
@@ -46,14 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Generate a talking video from one portrait and one audio file with MEMO.",
         epilog="Any setting of the config can be overridden as key=value, e.g. inference_steps=30 emotion=happy.",
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
+    add_settings_arguments(parser)
     parser.add_argument("--input_image", type=Path, help="portrait image (default: the bundled example)")
     parser.add_argument("--input_audio", type=Path, help="speech or song, any format ffmpeg reads (default: the example)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs"), help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     return parser.parse_args(argv)
 
 
@@ -62,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
-        from memo.conditions.audio import load_audio
+        from memo.conditions.audio import check_audio
         from memo.conditions.framing import load_image
         from memo.config import load_config
         from memo.io.video import check_output_path
@@ -72,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         audio = args.input_audio or EXAMPLE_AUDIO
         output = check_output_path(args.output_dir / output_name(image, audio), args.overwrite)
         load_image(image)
-        load_audio(audio)
+        check_audio(audio)
 
         from memo.generator import MemoGenerator
 
@@ -82,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if args.verbose:
             logger.exception("error")
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     except KeyboardInterrupt:
         print("interrupted; no output was written.", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.cli import DEFAULT_CONFIG, EXAMPLE_AUDIO, EXAMPLE_IMAGE, setup_logging
+from memo.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
 from memo.config import FRAMINGS, load_config
 from memo.errors import UserError
 from memo.generator import MemoGenerator
@@ -185,15 +185,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="The MEMO web app: upload a portrait and speech, get a talking video in the browser.",
         epilog="Any setting of the config can be overridden as key=value, e.g. inference_steps=30 weight_dtype=fp16.",
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML settings (default: %(default)s)")
+    add_settings_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument(
         "--output_dir", type=Path, default=Path("outputs") / "web", help="where videos are kept (default: %(default)s)"
     )
-    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     return parser.parse_args(argv)
 
 
@@ -204,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generator = MemoGenerator(load_config(args.config, args.overrides))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     demo = WebApp(generator, args.output_dir).build()
     try:

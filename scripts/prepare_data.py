@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memo.cli import DEFAULT_CONFIG, setup_logging
+from memo.cli import add_settings_arguments, report_error, setup_logging
 from memo.errors import UserError
 
 if TYPE_CHECKING:  # imported where used, so that --help and --merge start without torch
@@ -34,13 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_dir", type=Path, help="folder of videos (searched recursively)")
     parser.add_argument("--output_dir", type=Path, required=True, help="where the prepared data goes")
     parser.add_argument("--misc_model_dir", help="folder holding misc/face_analysis and misc/vocal_separator")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="inference settings (default: %(default)s)")
     parser.add_argument("--shard", type=int, help="this process's shard, 0 .. num_shards-1")
     parser.add_argument("--num_shards", type=int, help="how many shards the videos are split into")
     parser.add_argument("--limit", type=int, help="stop after preparing or failing this many videos")
     parser.add_argument("--merge", action="store_true", help="only merge the shards' metadata into metadata.jsonl")
-    parser.add_argument("--verbose", action="store_true", help="show other libraries' logs")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="inference setting overrides")
+    add_settings_arguments(
+        parser, overrides_help="inference setting overrides", config_help="inference settings (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if (args.shard is None) != (args.num_shards is None):
         parser.error("--shard and --num_shards go together")
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return prepare(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report_error(error)
     except KeyboardInterrupt:
         print("interrupted; finished videos are kept, run again to go on.", file=sys.stderr)
         return 130

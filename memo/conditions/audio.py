@@ -51,34 +51,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     warning, as the ``ffmpeg`` command does. Raises :class:`AudioError` when the file is missing, cannot be
     decoded, has no audio stream or decodes to no samples. Nothing is written anywhere.
     """
-    import av
-
     if int(sample_rate) != sample_rate or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
     path = Path(path)
-    if not path.exists():
-        raise AudioError(f"Audio file not found: {path}. Check the path and file name.")
-    if path.is_dir():
-        raise AudioError(f"The audio path {path} is a folder; pass the audio file itself.")
-    if path.stat().st_size == 0:
-        raise AudioError(f"The audio file {path} is empty (0 bytes); it may not have finished copying.")
-
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise AudioError(
-            f"Cannot read {path} as audio ({_reason(e)}). The file may be damaged or not an audio/video file; "
-            "convert it to WAV, MP3 or M4A and try again."
-        ) from e
-
+    container, stream = _open_audio(path)
     with container:
-        if not container.streams.audio:
-            kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
-            raise AudioError(
-                f"{path} has no audio stream (it contains {kinds}). Pass a file with a sound track, "
-                "for example a WAV, MP3 or M4A file, or a video with sound."
-            )
-        stream = container.streams.audio[0]
         chunks, skipped, first_error = _decode_stream(container, stream, sample_rate)
 
     if not chunks:
@@ -96,6 +73,42 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
         raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
     np.clip(mono, -1.0, 1.0, out=mono)
     return torch.from_numpy(mono)
+
+
+def _open_audio(path: Path):
+    """Open ``path`` and its first audio stream, or raise :class:`AudioError` saying what is wrong with it."""
+    import av
+
+    if not path.exists():
+        raise AudioError(f"Audio file not found: {path}. Check the path and file name.")
+    if path.is_dir():
+        raise AudioError(f"The audio path {path} is a folder; pass the audio file itself.")
+    if path.stat().st_size == 0:
+        raise AudioError(f"The audio file {path} is empty (0 bytes); it may not have finished copying.")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise AudioError(
+            f"Cannot read {path} as audio ({_reason(e)}). The file may be damaged or not an audio/video file; "
+            "convert it to WAV, MP3 or M4A and try again."
+        ) from e
+    if not container.streams.audio:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+        container.close()
+        raise AudioError(
+            f"{path} has no audio stream (it contains {kinds}). Pass a file with a sound track, "
+            "for example a WAV, MP3 or M4A file, or a video with sound."
+        )
+    return container, container.streams.audio[0]
+
+
+def check_audio(path: str | os.PathLike) -> Path:
+    """Fail early, cheaply, on audio that :func:`load_audio` would refuse: a missing, empty or unreadable file,
+    or one without an audio stream (only the container's header is read). Returns the path."""
+    path = Path(path)
+    container, _ = _open_audio(path)
+    container.close()
+    return path
 
 
 def _decode_stream(container, stream, sample_rate: int) -> tuple[list[np.ndarray], int, Exception | None]:
