@@ -8,9 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from memo.conditions.audio import SAMPLE_RATE, AudioError, load_audio, resample_waveform
-
 from conftest import REPO
+from memo.conditions.audio import SAMPLE_RATE, AudioError, load_audio, resample_waveform
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 

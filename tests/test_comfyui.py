@@ -14,7 +14,6 @@ import inspect
 import json
 import sys
 import types
-from fractions import Fraction
 from pathlib import Path
 
 import av
