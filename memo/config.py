@@ -69,6 +69,9 @@ class InferenceConfig:
     audio_chunk_seconds: float = 60.0
     crf: int = 18
 
+    # Model downloads.
+    model_cache_dir: str | None = None  # where hub models are downloaded; default: the Hugging Face cache
+
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""

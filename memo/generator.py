@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from memo.conditions.audio import check_min_duration, is_silent, load_audio
+from memo.conditions.audio import AudioError, check_min_duration, is_silent, load_audio
 from memo.conditions.audio_features import AudioFeatures
-from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels
+from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
 from memo.conditions.face import Face, face_embedding
 from memo.conditions.framing import frame_portrait, load_image, to_model_tensor
 from memo.config import ConfigError, InferenceConfig, validate
@@ -34,7 +34,7 @@ from memo.pipeline import MemoPipeline
 logger = logging.getLogger("memo")
 
 LOAD_SETTINGS = frozenset(
-    ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir")
+    ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
     + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds")
 )
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
@@ -102,20 +102,33 @@ class MemoGenerator:
         clone.config = validate(dataclasses.replace(self.config, **settings))
         return clone
 
+    def to(self, device: torch.device | str) -> MemoGenerator:
+        """Move the torch models to ``device``, e.g. off a GPU that a host program shares between models.
+
+        Face analysis and vocal separation stay on the ONNX Runtime device chosen at load.
+        """
+        self.device = torch.device(device)
+        self.pipeline.to(self.device)
+        self.conditions.to(self.device)
+        return self
+
     # -- stages --------------------------------------------------------------------------------------
 
     def prepare_image(self, image_path: str | os.PathLike, allow_no_face: bool | None = None) -> PreparedImage:
         """Load the portrait, find the largest face and its embedding, and frame it at the video size."""
+        return self.prepare_portrait(load_image(image_path), str(image_path), allow_no_face)
+
+    def prepare_portrait(self, image: Image.Image, name: str, allow_no_face: bool | None = None) -> PreparedImage:
+        """:meth:`prepare_image` for a portrait already in memory; ``name`` stands for it in messages."""
         config = self.config
         allow = config.allow_no_face if allow_no_face is None else allow_no_face
-        image = load_image(image_path)
         embedding, face = face_embedding(
-            self.conditions.face_analyzer, image, str(image_path), allow_missing=allow, missing_option="allow_no_face=true"
+            self.conditions.face_analyzer, image, name, allow_missing=allow, missing_option="allow_no_face=true"
         )
         width, height = config.size
         framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
-        logger.info("image: %s, %dx%d, %s, framed to %dx%d (%s)", Path(image_path).name, *image.size, where, width, height, config.framing)
+        logger.info("image: %s, %dx%d, %s, framed to %dx%d (%s)", Path(name).name, *image.size, where, width, height, config.framing)
         return PreparedImage(
             reference=to_model_tensor(framed),
             face_embedding=torch.as_tensor(embedding, dtype=torch.float32).reshape(1, -1),
@@ -125,17 +138,36 @@ class MemoGenerator:
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
         """Decode the audio, separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
+        return self.prepare_waveform(load_audio(audio_path), str(audio_path), emotion)
+
+    def prepare_waveform(
+        self, waveform: torch.Tensor, name: str, emotion: str | None = None, emotion_labels: torch.Tensor | None = None
+    ) -> PreparedAudio:
+        """:meth:`prepare_audio` for a (samples,) 16 kHz mono waveform already in memory (see
+        ``conditions.audio.resample_waveform``); ``name`` stands for it in messages.
+
+        ``emotion_labels``, one class id per sample (``conditions.emotion.sample_emotion_labels``, perhaps
+        edited), replace the emotion setting; :class:`AudioError` if they do not cover this waveform.
+        """
         config = self.config
-        name = Path(audio_path).name
-        waveform = load_audio(audio_path)
-        check_min_duration(waveform, config.fps, audio_path)
+        check_min_duration(waveform, config.fps, name)
+        name = Path(name).name
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
         separator = self.conditions.separator
         vocals = separator(waveform) if separator is not None else waveform
         features = self.conditions.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
         emotion = (emotion or config.emotion).lower()
-        if emotion == "auto":
+        if emotion_labels is not None:
+            if emotion_labels.shape != waveform.shape:
+                raise AudioError(
+                    f"The emotion labels cover {emotion_labels.shape[-1] / 16000:.2f} s but the audio {name} lasts "
+                    f"{waveform.shape[0] / 16000:.2f} s; label the same audio you generate from."
+                )
+            labels = frame_emotion_labels(emotion_labels, len(features))
+            counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))
+            summary = f"given, mostly {EMOTION_NAMES[int(counts.argmax())]}"
+        elif emotion == "auto":
             conditions = self.conditions
             labels = audio_emotion_labels(waveform, conditions.emotion_encoder, conditions.classifier, len(features))
             counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))
@@ -165,6 +197,22 @@ class MemoGenerator:
         progress: Progress | None = None,
     ) -> Path:
         """Generate the frames clip by clip and stream them into the mp4."""
+        width, height = self.config.size
+        with VideoWriter(output_path, self.config.fps, width, height, audio_path=audio_path, overwrite=overwrite, crf=self.config.crf) as writer:
+            self.render_clips(image, audio, seed, writer.write, progress)
+        return output_path
+
+    def render_clips(
+        self,
+        image: PreparedImage,
+        audio: PreparedAudio,
+        seed: int,
+        on_clip: Callable[[torch.Tensor], None],
+        progress: Progress | None = None,
+    ) -> None:
+        """Generate the frames clip by clip, handing each clip's frames (3, n, H, W) in [0, 1], on the CPU, to
+        ``on_clip``; the clips together last exactly as long as the audio. An exception raised by ``progress``
+        (called after every step) stops generation."""
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
@@ -179,32 +227,30 @@ class MemoGenerator:
             if progress is not None:
                 progress(done / (clips * config.inference_steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
-        with VideoWriter(output_path, config.fps, width, height, audio_path=audio_path, overwrite=overwrite, crf=config.crf) as writer:
-            try:
-                self.pipeline(
-                    image.reference,
-                    image.face_embedding,
-                    audio.features,
-                    audio.emotion_labels,
-                    num_frames=audio.features.num_frames,
-                    frames_per_clip=config.num_generated_frames_per_clip,
-                    past_frames=config.num_past_frames,
-                    initial_past_frames=config.num_init_past_frames,
-                    num_inference_steps=config.inference_steps,
-                    guidance_scale=config.cfg_scale,
-                    seed=seed,
-                    vae_batch_size=config.vae_batch_size,
-                    output_type=None,
-                    callback_on_clip_end=lambda pipe, clip, frames: writer.write(frames),
-                    callback_on_step_end=on_step,
-                )
-            except torch.OutOfMemoryError as error:
-                raise GpuMemoryError(
-                    f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
-                    f"vae_batch_size={config.vae_batch_size}. Try weight_dtype=bf16, vae_batch_size=1, or a smaller "
-                    "resolution (e.g. resolution=384); close other programs using the GPU."
-                ) from error
-        return output_path
+        try:
+            self.pipeline(
+                image.reference,
+                image.face_embedding,
+                audio.features,
+                audio.emotion_labels,
+                num_frames=audio.features.num_frames,
+                frames_per_clip=config.num_generated_frames_per_clip,
+                past_frames=config.num_past_frames,
+                initial_past_frames=config.num_init_past_frames,
+                num_inference_steps=config.inference_steps,
+                guidance_scale=config.cfg_scale,
+                seed=seed,
+                vae_batch_size=config.vae_batch_size,
+                output_type=None,
+                callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
+                callback_on_step_end=on_step,
+            )
+        except torch.OutOfMemoryError as error:
+            raise GpuMemoryError(
+                f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
+                f"vae_batch_size={config.vae_batch_size}. Try weight_dtype=bf16, vae_batch_size=1, or a smaller "
+                "resolution (e.g. resolution=384); close other programs using the GPU."
+            ) from error
 
     def generate(
         self,

@@ -69,7 +69,7 @@ def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles
 
     def attempt(key: str, name: str, patterns: list[str]) -> None:
         try:
-            found[key] = resolve_model_dir(name, patterns)
+            found[key] = resolve_model_dir(name, patterns, cache_dir=config.model_cache_dir)
         except MissingModelError as error:
             problems.append(str(error))
             found[key] = None
@@ -116,6 +116,7 @@ class ConditionModels:
     classifier: AudioEmotionClassifierModel
     emotion2vec_source: str | Path
     device: torch.device
+    cache_dir: str | None = None
     _emotion_encoder: Emotion2VecEncoder | None = field(default=None, repr=False)
 
     @classmethod
@@ -139,12 +140,23 @@ class ConditionModels:
             classifier=classifier.to(device).eval(),
             emotion2vec_source=files.emotion2vec or config.emotion2vec,
             device=device,
+            cache_dir=config.model_cache_dir,
         )
+
+    def to(self, device: torch.device) -> ConditionModels:
+        """Move the torch models (wav2vec2, the emotion models) to ``device``; face analysis and vocal separation
+        stay on the ONNX Runtime device chosen at load."""
+        self.audio_encoder.to(device)
+        self.classifier.to(device)
+        if self._emotion_encoder is not None:
+            self._emotion_encoder.to(device)
+        self.device = device
+        return self
 
     @property
     def emotion_encoder(self) -> Emotion2VecEncoder:
         """emotion2vec, loaded on first use (not needed when the emotion is forced)."""
         if self._emotion_encoder is None:
-            source = resolve_model_dir(self.emotion2vec_source, ["config.yaml", "model.pt"])
+            source = resolve_model_dir(self.emotion2vec_source, ["config.yaml", "model.pt"], cache_dir=self.cache_dir)
             self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
         return self._emotion_encoder

@@ -131,3 +131,26 @@ def test_forced_emotion() -> None:
         forced_emotion_labels("ecstatic", 10)
     assert "ecstatic" in str(error.value)
     assert all(name in str(error.value) for name in EMOTION_NAMES)
+
+
+def test_labels_as_text_spans_and_edited_back():
+    from memo.conditions.emotion import EmotionOverrideError, apply_emotion_overrides, emotion_spans, format_emotion_spans
+
+    labels = torch.tensor([4] * SAMPLE_RATE + [3] * (SAMPLE_RATE // 2))  # 1 s neutral, then 0.5 s happy
+    text = format_emotion_spans(emotion_spans(labels))
+    assert text == "0.00-1.00 s: neutral\n1.00-1.50 s: happy"
+    assert torch.equal(apply_emotion_overrides(torch.zeros_like(labels), text), labels)
+
+    edited = apply_emotion_overrides(labels, "0.25-0.5: Sad\n\n1.2-end s: angry")
+    assert format_emotion_spans(emotion_spans(edited)) == (
+        "0.00-0.25 s: neutral\n0.25-0.50 s: sad\n0.50-1.00 s: neutral\n1.00-1.20 s: happy\n1.20-1.50 s: angry"
+    )
+    assert torch.equal(labels, torch.tensor([4] * SAMPLE_RATE + [3] * (SAMPLE_RATE // 2)))  # a copy was edited
+    for line, message in [
+        ("one: happy", "line 1 .* must look like"),
+        ("0-1: glad", "line 1: unknown emotion 'glad'"),
+        ("2-3: happy", "inside the audio"),
+        ("1-0.5: happy", "inside the audio"),
+    ]:
+        with pytest.raises(EmotionOverrideError, match=message):
+            apply_emotion_overrides(labels, line)

@@ -75,6 +75,33 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch
     return torch.from_numpy(mono)
 
 
+def resample_waveform(waveform: torch.Tensor | np.ndarray, sample_rate: int, name: str = "The audio") -> torch.Tensor:
+    """In-memory audio (channels, samples) or (samples,) at ``sample_rate`` as :func:`load_audio` gives a file:
+    a (samples,) float32 mono tensor at 16 kHz, clipped to [-1, 1].
+
+    The channels are averaged, then FFmpeg's resampler (the one decoding files uses) converts the rate.
+    Raises :class:`AudioError` naming ``name`` when there are no samples or some are NaN or infinite.
+    """
+    import av
+
+    samples = torch.as_tensor(waveform).detach().to("cpu", torch.float32)
+    if samples.dim() == 1:
+        samples = samples[None]
+    if samples.dim() != 2:
+        raise ValueError(f"Expected audio of shape (channels, samples) or (samples,), got {tuple(samples.shape)}.")
+    if samples.shape[-1] == 0:
+        raise AudioError(f"{name} holds no audio samples. Pass audio with sound in it.")
+    if not torch.isfinite(samples).all():
+        raise AudioError(f"{name} contains NaN or infinite samples; check what produced it.")
+    mono = samples.mean(dim=0).numpy()
+    if sample_rate != SAMPLE_RATE:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono[None]), format="fltp", layout="mono")
+        frame.sample_rate = int(sample_rate)
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
+        mono = np.concatenate([out.to_ndarray()[0] for out in [*resampler.resample(frame), *resampler.resample(None)]])
+    return torch.from_numpy(np.clip(mono, -1.0, 1.0).astype(np.float32))
+
+
 def _open_audio(path: Path):
     """Open ``path`` and its first audio stream, or raise :class:`AudioError` saying what is wrong with it."""
     import av

@@ -1,0 +1,211 @@
+"""The MEMO nodes: load the models, read the emotion of a voice, preview the face crop, and render a portrait
+speaking an audio clip. Every node is a thin layer over ``memo.generator.MemoGenerator``.
+
+Node classes follow ComfyUI's node definition: ``INPUT_TYPES``, ``RETURN_TYPES``, ``RETURN_NAMES``,
+``FUNCTION`` and ``CATEGORY``. Values between MEMO nodes: ``MEMO_MODEL`` (a :class:`runtime.MemoModel`) and
+``MEMO_EMOTION`` (one emotion class id per sample of the audio at 16 kHz, a (samples,) int64 tensor).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from memo.conditions.emotion import (
+    apply_emotion_overrides,
+    emotion_id,
+    emotion_spans,
+    format_emotion_spans,
+    sample_emotion_labels,
+)
+from memo.config import FRAMINGS, WEIGHT_DTYPES
+from memo.models.emotion_classifier import EMOTION_NAMES
+
+from .runtime import (
+    MemoModel,
+    audio_to_waveform,
+    frames_to_image,
+    image_to_pil,
+    load_memo,
+    on_device,
+    pil_to_image,
+    progress_bar,
+    shown_in_comfyui,
+)
+
+logger = logging.getLogger("memo")
+
+CATEGORY = "MEMO"
+EMOTIONS = ["auto", *EMOTION_NAMES]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+SIZE = {"default": 512, "min": 64, "max": 2048, "step": 64}
+OVERRIDES_TOOLTIP = (
+    "Lines 'START-STOP: emotion' in seconds (STOP may be 'end'), written over the labels; later lines win. "
+    "The labels output uses the same form."
+)
+
+
+class LoadMemo:
+    """Load MEMO's models once (ComfyUI keeps the result while the inputs are unchanged)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("STRING", {"default": "memoavatar/memo", "tooltip": "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16"}),
+                "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+            },
+            "optional": {
+                "settings": ("STRING", {"default": "", "multiline": True, "tooltip": "More settings of configs/inference.yaml, one key=value per line (e.g. vocal_separation=false)."}),
+            },
+        }
+
+    RETURN_TYPES = ("MEMO_MODEL",)
+    RETURN_NAMES = ("memo",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads the MEMO networks, face analysis, vocal separation and the audio and emotion encoders."
+
+    def load(self, model: str, weight_dtype: str, device: str, settings: str = "") -> tuple[MemoModel]:
+        with shown_in_comfyui():
+            return (load_memo(model, weight_dtype, device, settings),)
+
+
+class MemoEmotion:
+    """The emotion of every second of a voice, as MEMO reads it, to inspect, edit and feed into MEMO Generate."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "memo": ("MEMO_MODEL",),
+                "audio": ("AUDIO",),
+                "emotion": (EMOTIONS, {"default": "auto", "tooltip": "auto: read from the voice; else that emotion throughout."}),
+                "overrides": ("STRING", {"default": "", "multiline": True, "tooltip": OVERRIDES_TOOLTIP}),
+            }
+        }
+
+    RETURN_TYPES = ("MEMO_EMOTION", "STRING")
+    RETURN_NAMES = ("emotion", "labels")
+    FUNCTION = "label"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Reads the emotion of each second of the voice (emotion2vec and MEMO's classifier)."
+
+    def label(self, memo: MemoModel, audio: dict, emotion: str, overrides: str) -> tuple[torch.Tensor, str]:
+        waveform = audio_to_waveform(audio)
+        with shown_in_comfyui():
+            if emotion == "auto":
+                with on_device(memo, 0, 0) as generator:
+                    conditions = generator.conditions
+                    labels = sample_emotion_labels(waveform, conditions.emotion_encoder, conditions.classifier)
+            else:
+                labels = torch.full(waveform.shape, emotion_id(emotion), dtype=torch.long)
+            labels = apply_emotion_overrides(labels, overrides)
+        return labels, format_emotion_spans(emotion_spans(labels))
+
+
+class MemoFaceCrop:
+    """The reference frame MEMO will animate: the portrait framed around its face at the video size."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "memo": ("MEMO_MODEL",),
+                "image": ("IMAGE",),
+                "width": ("INT", SIZE),
+                "height": ("INT", SIZE),
+                "framing": (list(FRAMINGS), {"default": "crop"}),
+                "allow_no_face": ("BOOLEAN", {"default": False}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("reference",)
+    FUNCTION = "crop"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Shows the face-centred crop (or the stretched picture) that MEMO Generate starts from."
+
+    def crop(self, memo: MemoModel, image: torch.Tensor, width: int, height: int, framing: str, allow_no_face: bool):
+        with shown_in_comfyui():
+            generator = memo.generator.with_settings(width=width, height=height, framing=framing)
+            portrait = generator.prepare_portrait(image_to_pil(image), "the IMAGE input", allow_no_face)
+        return (pil_to_image(portrait.framed),)
+
+
+class MemoGenerate:
+    """A video of the portrait speaking the audio: its frames, the audio, and the frame rate, for Create Video."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "memo": ("MEMO_MODEL",),
+                "image": ("IMAGE", {"tooltip": "The portrait (the first picture of the batch)."}),
+                "audio": ("AUDIO",),
+                "emotion": (EMOTIONS, {"default": "auto", "tooltip": "Ignored when emotion labels are connected."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "Classifier-free guidance; 1 turns it off (twice as fast)."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED}),
+                "width": ("INT", SIZE),
+                "height": ("INT", SIZE),
+                "framing": (list(FRAMINGS), {"default": "crop"}),
+                "allow_no_face": ("BOOLEAN", {"default": False}),
+            },
+            "optional": {
+                "emotion_labels": ("MEMO_EMOTION",),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "AUDIO", "FLOAT")
+    RETURN_NAMES = ("frames", "audio", "fps")
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Renders the portrait speaking the audio, exactly as long as the audio."
+
+    def generate(
+        self,
+        memo: MemoModel,
+        image: torch.Tensor,
+        audio: dict,
+        emotion: str,
+        steps: int,
+        guidance: float,
+        seed: int,
+        width: int,
+        height: int,
+        framing: str,
+        allow_no_face: bool,
+        emotion_labels: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict, float]:
+        if image.shape[0] > 1:
+            logger.warning("MEMO Generate: the IMAGE holds %d pictures; the first is the portrait.", image.shape[0])
+        portrait = image_to_pil(image)
+        waveform = audio_to_waveform(audio)
+        with shown_in_comfyui():
+            settings = dict(inference_steps=steps, cfg_scale=guidance, width=width, height=height, framing=framing)
+            with on_device(memo, width, height) as loaded:
+                generator = loaded.with_settings(**settings)
+                reference = generator.prepare_portrait(portrait, "the IMAGE input", allow_no_face)
+                prepared = generator.prepare_waveform(waveform, "the AUDIO input", emotion, emotion_labels)
+                clips: list[torch.Tensor] = []
+                total = len(prepared.features) // generator.config.num_generated_frames_per_clip * steps
+                generator.render_clips(reference, prepared, seed, clips.append, progress_bar(total))
+        return frames_to_image(clips), audio, float(generator.config.fps)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoadMemo": LoadMemo,
+    "MemoEmotion": MemoEmotion,
+    "MemoFaceCrop": MemoFaceCrop,
+    "MemoGenerate": MemoGenerate,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoadMemo": "Load MEMO",
+    "MemoEmotion": "MEMO Emotion From Audio",
+    "MemoFaceCrop": "MEMO Face Crop",
+    "MemoGenerate": "MEMO Generate",
+}

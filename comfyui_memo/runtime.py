@@ -1,0 +1,164 @@
+"""What the MEMO nodes take from ComfyUI: its model folder, its devices and memory, its progress bar and its
+stop button; and the conversions between ComfyUI's IMAGE and AUDIO values and what MEMO takes.
+
+The contract was read from ComfyUI's sources (files and commits in the README's ComfyUI section):
+
+- IMAGE: a float32 tensor (batch, height, width, channels) in [0, 1] (``LoadImage``).
+- AUDIO: ``{"waveform": (batch, channels, samples) float tensor, "sample_rate": int}`` (``LoadAudio``).
+- ``comfy.model_management.free_memory(bytes, device)`` unloads ComfyUI's own models until that much is
+  free; models outside ComfyUI's model patcher are moved to the device for the work and back to
+  ``unet_offload_device()`` afterwards, as ComfyUI's upscale-model node does.
+- ``comfy.model_management.throw_exception_if_processing_interrupted()`` raises when the user presses stop.
+- ``comfy.utils.ProgressBar(total).update_absolute(value)`` drives the bar under the running node.
+- ``folder_paths.models_dir``, ``add_model_folder_path`` and ``get_folder_paths`` list model folders
+  (``models/memo`` and any ``memo:`` entry of ``extra_model_paths.yaml``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from PIL import Image
+
+from memo.conditions.audio import resample_waveform
+from memo.config import load_config
+from memo.errors import UserError
+from memo.generator import MemoGenerator, Progress
+
+MODEL_FOLDER = "memo"
+"""ComfyUI model folder type of MEMO's models: ``ComfyUI/models/memo`` unless configured otherwise."""
+
+PEAK_BYTES_512 = int(17.6 * 2**30)
+"""Peak accelerator memory of a 512x512 bf16 render with guidance (README, Speed and memory); scaled by pixel
+count, plus the weights, it is what ComfyUI is asked to free before a render (an over-estimate)."""
+
+folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+
+
+class MemoNodeError(Exception):
+    """A MEMO node's input is unusable; ComfyUI shows the message (one of the project's user-error messages)."""
+
+
+@contextlib.contextmanager
+def shown_in_comfyui() -> Iterator[None]:
+    """Re-raise the project's user errors as :class:`MemoNodeError` with their message and no chained
+    traceback, so ComfyUI shows what to fix; anything else passes unchanged."""
+    try:
+        yield
+    except UserError as error:
+        raise MemoNodeError(str(error)) from None
+
+
+@dataclass
+class MemoModel:
+    """The MEMO_MODEL value: a loaded generator, kept on ``offload_device`` between renders, and the device
+    renders run on."""
+
+    generator: MemoGenerator
+    device: torch.device
+    offload_device: torch.device
+
+    def weight_bytes(self) -> int:
+        modules = [getattr(self.generator.pipeline, name) for name in self.generator.pipeline.components]
+        modules += [self.generator.conditions.audio_encoder.model, self.generator.conditions.classifier]
+        tensors = [t for m in modules if isinstance(m, torch.nn.Module) for t in [*m.parameters(), *m.buffers()]]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def model_folders() -> list[Path]:
+    """ComfyUI's folders for MEMO models, the first being where hub downloads go."""
+    return [Path(folder) for folder in folder_paths.get_folder_paths(MODEL_FOLDER)]
+
+
+def resolve_model(name: str) -> str:
+    """A folder name inside one of :func:`model_folders` becomes its path; a path or hub id is kept."""
+    name = name.strip()
+    if not Path(name).expanduser().is_dir():
+        for folder in model_folders():
+            if (folder / name).is_dir():
+                return str(folder / name)
+    return name
+
+
+def load_memo(model: str, weight_dtype: str, device: str, settings: str) -> MemoModel:
+    """Build the generator from the node's inputs, on the offload device; hub downloads go to the first of
+    :func:`model_folders`. ``settings`` holds ``key=value`` lines of ``configs/inference.yaml`` settings."""
+    lines = [line.strip() for line in settings.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    run_device = comfy.model_management.get_torch_device() if device == "auto" else torch.device(device)
+    offload_device = run_device if run_device.type == "cpu" else comfy.model_management.unet_offload_device()
+    overrides = [
+        f"model_name_or_path={resolve_model(model)}",
+        f"weight_dtype={weight_dtype}",
+        f"device={offload_device.type}",
+        f"model_cache_dir={model_folders()[0]}",
+        *lines,
+    ]
+    generator = MemoGenerator(load_config(None, overrides))
+    generator.pipeline.set_progress_bar_config(disable=True)
+    return MemoModel(generator, run_device, offload_device)
+
+
+@contextlib.contextmanager
+def on_device(model: MemoModel, width: int, height: int) -> Iterator[MemoGenerator]:
+    """The generator with its models on the render device for the duration, after ComfyUI has freed room for
+    them; back on the offload device afterwards, whatever happens."""
+    required = model.weight_bytes() + PEAK_BYTES_512 * width * height // (512 * 512)
+    if model.device.type != "cpu":
+        comfy.model_management.free_memory(required, model.device)
+    try:
+        yield model.generator.to(model.device)
+    finally:
+        model.generator.to(model.offload_device)
+        comfy.model_management.soft_empty_cache()
+
+
+def progress_bar(total: int) -> Progress:
+    """A MemoGenerator progress callback driving ComfyUI's bar over ``total`` steps, and stopping the render
+    when the user interrupts."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def update(fraction: float, _what: str) -> None:
+        bar.update_absolute(round(fraction * total), total)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return update
+
+
+def image_to_pil(image: torch.Tensor) -> Image.Image:
+    """The first picture of an IMAGE (batch, height, width, channels) in [0, 1] as an RGB PIL image."""
+    if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        raise MemoNodeError(f"Expected an IMAGE of shape (batch, height, width, channels), got {tuple(image.shape)}.")
+    pixels = image[0, ..., :3].expand(*image.shape[1:3], 3) if image.shape[-1] == 1 else image[0, ..., :3]
+    array = (pixels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+def pil_to_image(picture: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as an IMAGE of one picture, (1, height, width, 3) float32 in [0, 1]."""
+    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def frames_to_image(clips: list[torch.Tensor]) -> torch.Tensor:
+    """Generated clips, each (3, frames, height, width) in [0, 1], as one IMAGE batch (frames, height, width, 3)."""
+    return torch.cat(clips, dim=1).permute(1, 2, 3, 0).float().contiguous()
+
+
+def audio_to_waveform(audio: dict) -> torch.Tensor:
+    """The AUDIO value as MEMO's (samples,) 16 kHz mono waveform; one clip only."""
+    waveform = audio["waveform"]
+    if waveform.dim() != 3 or waveform.shape[0] != 1:
+        raise MemoNodeError(
+            f"Expected one AUDIO clip, waveform (1, channels, samples); got shape {tuple(waveform.shape)}. "
+            "Pass a single clip."
+        )
+    with shown_in_comfyui():
+        return resample_waveform(waveform[0], int(audio["sample_rate"]), "The AUDIO input")

@@ -1,0 +1,354 @@
+"""The ComfyUI node pack (comfyui_memo/) imported the way ComfyUI imports a custom node, its node definitions
+checked against ComfyUI's node schema, and every node run on the tiny model pack with inputs in ComfyUI's own
+layouts (IMAGE as LoadImage makes it, AUDIO as LoadAudio makes it).
+
+ComfyUI itself cannot be installed here, so the few calls the pack makes into it (``comfy.model_management``,
+``comfy.utils.ProgressBar``, ``folder_paths``) are answered by small stand-ins that behave as ComfyUI's do
+(read from the sources named in the README's ComfyUI section); nothing else of ComfyUI is imitated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import sys
+import types
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile
+import torch
+from omegaconf import OmegaConf
+from PIL import Image, ImageOps
+
+from conftest import REPO
+from memo.io.video import VideoWriter, probe_video
+
+PACK_DIR = REPO / "comfyui_memo"
+EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
+EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
+SECONDS = 1.1
+FRAMES = 33  # ceil(1.1 s x 30 fps): two whole clips of 16 frames and one cut short
+
+
+# -- the stand-ins for ComfyUI's modules ----------------------------------------------------------------
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+class ProgressBar:
+    """comfy.utils.ProgressBar: a total, absolute updates (recorded here)."""
+
+    made: list[ProgressBar] = []
+
+    def __init__(self, total):
+        self.total = total
+        self.values: list[float] = []
+        ProgressBar.made.append(self)
+
+    def update_absolute(self, value, total=None, preview=None):
+        if total is not None:
+            self.total = total
+        self.values.append(min(value, self.total))
+
+
+def comfy_modules(models_dir: Path) -> dict[str, types.ModuleType]:
+    comfy = types.ModuleType("comfy")
+    management = types.ModuleType("comfy.model_management")
+    management.calls = []
+    management.interrupt = False
+    management.InterruptProcessingException = InterruptProcessingException
+    management.get_torch_device = lambda: torch.device("cpu")
+    management.unet_offload_device = lambda: torch.device("cpu")
+    management.free_memory = lambda memory_required, device, keep_loaded=[]: management.calls.append(("free_memory", memory_required, device))
+    management.soft_empty_cache = lambda force=False: management.calls.append(("soft_empty_cache",))
+
+    def throw_exception_if_processing_interrupted():
+        if management.interrupt:
+            management.interrupt = False
+            raise InterruptProcessingException()
+
+    management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    comfy.model_management, comfy.utils = management, utils
+
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.models_dir = str(models_dir)
+    folder_paths.folder_names_and_paths = {}
+
+    def add_model_folder_path(folder_name, full_folder_path, is_default=False):
+        paths = folder_paths.folder_names_and_paths.setdefault(folder_name, ([], set()))[0]
+        if full_folder_path not in paths:
+            paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
+
+    folder_paths.add_model_folder_path = add_model_folder_path
+    folder_paths.get_folder_paths = lambda folder_name: folder_paths.folder_names_and_paths[folder_name][0][:]
+    return {"comfy": comfy, "comfy.model_management": management, "comfy.utils": utils, "folder_paths": folder_paths}
+
+
+def load_custom_node(module_path: Path) -> types.ModuleType:
+    """What ComfyUI's nodes.load_custom_node does with a folder: import its __init__.py as a package under a
+    name made from the path, registered in sys.modules first."""
+    name = str(module_path).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, module_path / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("ComfyUI") / "models"
+    stand_ins = comfy_modules(models_dir)
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield types.SimpleNamespace(models_dir=models_dir, management=stand_ins["comfy.model_management"], pack=load_custom_node(PACK_DIR))
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+# -- ComfyUI's layouts ------------------------------------------------------------------------------------
+
+
+def load_image_node(path: Path) -> torch.Tensor:
+    """LoadImage's IMAGE: upright RGB, float32 in [0, 1], (1, height, width, 3)."""
+    picture = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    return torch.from_numpy(np.array(picture).astype(np.float32) / 255.0)[None]
+
+
+def load_audio_node(path: Path) -> dict:
+    """LoadAudio's AUDIO: the decoded channels as float32 (1, channels, samples) and the file's sample rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        chunks = [frame.to_ndarray().reshape(stream.channels, -1) for frame in container.decode(stream)]
+        rate = stream.codec_context.sample_rate
+    return {"waveform": torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32))[None], "sample_rate": rate}
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Path:
+    """1.1 s of the bundled speech as 44.1 kHz stereo FLAC."""
+    audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
+    clip = audio[: int(SECONDS * rate)]
+    times = np.arange(0, len(clip), rate / 44100)
+    left = np.interp(times, np.arange(len(clip)), clip)
+    path = tmp_path_factory.mktemp("audio") / "speech.flac"
+    soundfile.write(path, np.stack([left, left * 0.5], axis=1).astype(np.float32), 44100)
+    return path
+
+
+def run(comfy, name: str, **inputs):
+    """Run a node as ComfyUI's executor does: a fresh instance, its FUNCTION, under torch.inference_mode()."""
+    node = comfy.pack.NODE_CLASS_MAPPINGS[name]()
+    with torch.inference_mode():
+        return getattr(node, node.FUNCTION)(**inputs)
+
+
+@pytest.fixture(scope="module")
+def memo(comfy, pack):
+    """Load MEMO with the pack installed in ComfyUI's model folder and named by its folder name there."""
+    (comfy.models_dir / "memo").mkdir(parents=True, exist_ok=True)
+    (comfy.models_dir / "memo" / "tiny").symlink_to(pack, target_is_directory=True)
+    config = OmegaConf.load(pack / "inference.yaml")
+    settings = "\n".join(f"{key}={config[key]}" for key in ("vae", "wav2vec", "emotion2vec", "inference_steps"))
+    return run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings)[0]
+
+
+GENERATE = dict(emotion="auto", steps=2, guidance=3.5, seed=7, width=64, height=64, framing="crop", allow_no_face=False)
+
+
+# -- import and schema ------------------------------------------------------------------------------------
+
+
+def test_pack_imports_as_a_custom_node_and_registers_its_model_folder(comfy):
+    mappings, names = comfy.pack.NODE_CLASS_MAPPINGS, comfy.pack.NODE_DISPLAY_NAME_MAPPINGS
+    assert set(mappings) == {"LoadMemo", "MemoEmotion", "MemoFaceCrop", "MemoGenerate"}
+    assert set(names) == set(mappings) and all(isinstance(v, str) and v for v in names.values())
+    assert comfy.pack.__name__ in sys.modules
+    folders = sys.modules["folder_paths"].get_folder_paths("memo")
+    assert folders == [str(comfy.models_dir / "memo")]
+
+
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+
+
+def check_input(node: str, name: str, spec) -> None:
+    """One input as nodes.py declares them: (TYPE, options) or ([choices], options)."""
+    assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (node, name)
+    kind, options = spec[0], (spec[1] if len(spec) == 2 else {})
+    assert isinstance(options, dict), (node, name)
+    if isinstance(kind, list):
+        assert kind and all(isinstance(choice, str) for choice in kind), (node, name)
+        assert options.get("default", kind[0]) in kind, (node, name)
+        return
+    assert isinstance(kind, str) and kind == kind.upper(), (node, name)
+    if kind in ("INT", "FLOAT"):
+        number = int if kind == "INT" else (int, float)
+        low, high, default = options["min"], options["max"], options["default"]
+        assert all(isinstance(v, number) and not isinstance(v, bool) for v in (low, high, default)), (node, name)
+        assert low <= default <= high, (node, name)
+    elif kind == "STRING":
+        assert isinstance(options.get("default", ""), str), (node, name)
+    elif kind == "BOOLEAN":
+        assert isinstance(options.get("default", False), bool), (node, name)
+
+
+def test_every_node_definition_is_valid_for_comfyui(comfy):
+    produced = {t for cls in comfy.pack.NODE_CLASS_MAPPINGS.values() for t in cls.RETURN_TYPES}
+    for name, cls in comfy.pack.NODE_CLASS_MAPPINGS.items():
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional", "hidden"} and "required" in inputs, name
+        for section in ("required", "optional"):
+            for input_name, spec in inputs.get(section, {}).items():
+                check_input(name, input_name, spec)
+                kind = spec[0]
+                if isinstance(kind, str) and kind.startswith("MEMO_"):
+                    assert kind in produced, f"{name}.{input_name}: no node makes {kind}"
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES), name
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), name
+        assert isinstance(cls.CATEGORY, str) and cls.CATEGORY, name
+        function = getattr(cls, cls.FUNCTION)
+        parameters = inspect.signature(function).parameters
+        declared = {**inputs["required"], **inputs.get("optional", {})}
+        assert set(parameters) - {"self"} == set(declared), name
+        assert all(parameters[n].default is not inspect.Parameter.empty for n in inputs.get("optional", {})), name
+
+
+# -- the nodes on the tiny pack ---------------------------------------------------------------------------
+
+
+def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, speech, tmp_path):
+    image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
+    assert audio["waveform"].shape[:2] == (1, 2) and audio["sample_rate"] == 44100
+    ProgressBar.made.clear()
+    frames, audio_out, fps = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE)
+
+    assert frames.shape == (FRAMES, 64, 64, 3) and frames.dtype == torch.float32
+    assert 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0
+    assert audio_out is audio and fps == 30.0
+    bar = ProgressBar.made[-1]
+    assert bar.total == 3 * 2 and bar.values[-1] == bar.total  # 3 clips of 16 frames, 2 steps each
+
+    # What Create Video + Save Video make of the outputs: an mp4 of that many frames, as long as the audio.
+    output = tmp_path / "out.mp4"
+    with VideoWriter(output, int(fps), 64, 64, audio_path=speech) as writer:
+        writer.write(frames.permute(3, 0, 1, 2))
+    info = probe_video(output)
+    assert info.num_frames == FRAMES and abs(info.audio_duration - SECONDS) < 0.05
+    with av.open(str(output)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == FRAMES
+
+
+def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, speech):
+    image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
+    labels, text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="")
+    assert labels.shape == (int(SECONDS * 16000),) and labels.dtype == torch.long
+    lines = text.splitlines()
+    assert lines[0].startswith("0.00-") and lines[-1].split(":")[0].endswith(f"-{SECONDS:.2f} s")
+
+    edited, edited_text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="0.5-end: happy")
+    assert edited_text.splitlines()[-1].endswith(f"-{SECONDS:.2f} s: happy")
+    assert torch.equal(edited[:8000], labels[:8000]) and (edited[8000:] == 3).all()
+    # The labels text, given back as overrides, reproduces the labels it describes.
+    again, _ = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="neutral", overrides=edited_text)
+    assert torch.equal(again, edited)
+
+    # Labels fed in decide the emotion: all-sad labels give exactly the frames of emotion=sad.
+    sad, sad_text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="sad", overrides="")
+    assert sad_text == f"0.00-{SECONDS:.2f} s: sad"
+    quick = {**GENERATE, "steps": 1}
+    given = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **quick, emotion_labels=sad)[0]
+    forced = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **{**quick, "emotion": "sad"})[0]
+    happy = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **{**quick, "emotion": "happy"})[0]
+    assert torch.equal(given, forced) and not torch.equal(given, happy)
+
+
+def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo):
+    image = load_image_node(EXAMPLE_IMAGE)
+    (reference,) = run(comfy, "MemoFaceCrop", memo=memo, image=image, width=64, height=128, framing="crop", allow_no_face=False)
+    assert reference.shape == (1, 128, 64, 3) and reference.dtype == torch.float32
+    assert 0 <= reference.min() and reference.max() <= 1 and reference.std() > 0.05
+
+
+def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
+    error = comfy.pack.runtime.MemoNodeError
+    image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
+    blank = torch.full((1, 256, 256, 3), 0.5)
+    with pytest.raises(error, match="No face was found in the IMAGE input") as caught:
+        run(comfy, "MemoGenerate", memo=memo, image=blank, audio=audio, **GENERATE)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(error, match="must span seconds inside the audio"):
+        run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="2-3: happy")
+    other = torch.zeros(16000, dtype=torch.long)
+    with pytest.raises(error, match="label the same audio"):
+        run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE, emotion_labels=other)
+    with pytest.raises(error, match="Unknown setting 'resolutoin'"):
+        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="resolutoin=128")
+    with pytest.raises(error, match="Model directory"):
+        run(comfy, "LoadMemo", model="/nowhere/memo", weight_dtype="fp32", device="cpu", settings="")
+    silent_nan = {"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000}
+    with pytest.raises(error, match="NaN"):
+        run(comfy, "MemoGenerate", memo=memo, image=image, audio=silent_nan, **GENERATE)
+
+
+def test_stop_button_interrupts_between_steps_and_models_go_back(comfy, memo, speech):
+    image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
+    comfy.management.calls.clear()
+    comfy.management.interrupt = True
+    with pytest.raises(InterruptProcessingException):
+        run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE)
+    assert ProgressBar.made[-1].values == [1]  # stopped after the first step
+    assert comfy.management.calls[-1] == ("soft_empty_cache",)
+
+
+def test_example_workflow_uses_core_nodes_and_these(comfy):
+    """The API-format example passes the checks of ComfyUI's execution.validate_inputs: required inputs given,
+    each link joins an output to an input of the same type, widget values within min/max or among the
+    choices. Core nodes are taken as their definitions read in ComfyUI (LoadImage, LoadAudio, CreateVideo,
+    SaveVideo)."""
+    core = {
+        "LoadImage": ({"image": "COMBO"}, ("IMAGE", "MASK")),
+        "LoadAudio": ({"audio": "COMBO"}, ("AUDIO",)),
+        "CreateVideo": ({"images": "IMAGE", "fps": "FLOAT", "audio": "AUDIO"}, ("VIDEO",)),
+        "SaveVideo": ({"video": "VIDEO", "filename_prefix": "STRING", "format": "COMBO", "codec": "COMBO"}, ()),
+    }
+    specs = {
+        name: {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
+        for name, cls in comfy.pack.NODE_CLASS_MAPPINGS.items()
+    }
+    ours = {
+        name: ({k: v[0] if isinstance(v[0], str) else "COMBO" for k, v in spec.items()}, comfy.pack.NODE_CLASS_MAPPINGS[name].RETURN_TYPES)
+        for name, spec in specs.items()
+    }
+    definitions = {**core, **ours}
+    workflow = json.loads((PACK_DIR / "workflows" / "portrait_to_video_api.json").read_text())
+    kinds = {node["class_type"] for node in workflow.values()}
+    assert kinds == {"LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", "LoadMemo", "MemoEmotion", "MemoGenerate"}
+    for node_id, node in workflow.items():
+        inputs, _ = definitions[node["class_type"]]
+        assert set(node["inputs"]) <= set(inputs), node_id
+        if node["class_type"] in specs:
+            assert set(comfy.pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"])
+        for name, value in node["inputs"].items():
+            if isinstance(value, list):
+                source, index = value
+                assert definitions[workflow[source]["class_type"]][1][index] == inputs[name], (node_id, name)
+            elif node["class_type"] in specs:
+                spec = specs[node["class_type"]][name]
+                kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+                if isinstance(kind, list):
+                    assert value in kind, (node_id, name)
+                else:
+                    assert options.get("min", value) <= value <= options.get("max", value), (node_id, name)
