@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from memo.conditions.audio import check_min_duration, is_silent, load_audio
+from memo.conditions.audio import DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels
 from memo.conditions.face import Face, face_embedding
@@ -59,8 +59,10 @@ class PreparedImage:
 
 @dataclass
 class PreparedAudio:
-    """The 16 kHz waveform, its wav2vec2 features and per-frame emotion labels."""
+    """The decoded audio (the source of the video's sound track), its 16 kHz mono copy, the wav2vec2 features
+    and per-frame emotion labels."""
 
+    source: DecodedAudio
     waveform: torch.Tensor
     features: AudioFeatures
     emotion_labels: torch.Tensor
@@ -124,10 +126,11 @@ class MemoGenerator:
         )
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
-        """Decode the audio, separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
+        """Decode the audio (once), separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
         config = self.config
         name = Path(audio_path).name
-        waveform = load_audio(audio_path)
+        source = decode_audio(audio_path)
+        waveform = source.mono()
         check_min_duration(waveform, config.fps, audio_path)
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
@@ -152,19 +155,18 @@ class MemoGenerator:
             config.fps,
             summary,
         )
-        return PreparedAudio(waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
+        return PreparedAudio(source=source, waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
 
     def render(
         self,
         image: PreparedImage,
         audio: PreparedAudio,
-        audio_path: str | os.PathLike,
         output_path: Path,
         seed: int,
         overwrite: bool,
         progress: Progress | None = None,
     ) -> Path:
-        """Generate the frames clip by clip and stream them into the mp4."""
+        """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound."""
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
@@ -179,7 +181,7 @@ class MemoGenerator:
             if progress is not None:
                 progress(done / (clips * config.inference_steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
-        with VideoWriter(output_path, config.fps, width, height, audio_path=audio_path, overwrite=overwrite, crf=config.crf) as writer:
+        with VideoWriter(output_path, config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=config.crf) as writer:
             try:
                 self.pipeline(
                     image.reference,
@@ -226,7 +228,7 @@ class MemoGenerator:
         image = self.prepare_image(image_path)
         audio = self.prepare_audio(audio_path, emotion)
         seed = self.config.seed if seed is None else seed
-        self.render(image, audio, audio_path, output_path, seed, overwrite, progress)
+        self.render(image, audio, output_path, seed, overwrite, progress)
         info = probe_video(output_path)
         logger.info(
             "output: %s, %d frames, %.2f s at %g fps, %dx%d, in %.1f s",

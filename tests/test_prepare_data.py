@@ -18,12 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from memo.conditions.audio import decode_audio
 from memo.data.store import KINDS, shard_of, video_ids
 from memo.io.video import VideoWriter
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 FACE_BOX = (slice(11, 41), slice(20, 44))
 """Rows and columns of the tiny detector's large face in a 64x64 image: texture there alone is one face."""
+SECOND_FACE_BOX = (slice(44, 60), slice(42, 54))
+"""... and of its small face, found only where flat ground surrounds it."""
 
 USABLE = {"talk_a": 48, "clips__talk_b": 60, "clips__talk_c": 45}
 """id -> frames of the videos that become training data."""
@@ -39,14 +42,16 @@ ENTRY_KEYS = {"id", "video", "fps", "num_frames", "width", "height", *KINDS}
 
 
 def frames(count: int, kind: str, seed: int) -> np.ndarray:
-    """64x64 frames: noise in the face box ("face"), everywhere ("crowd": both tiny faces) or flat grey."""
+    """64x64 frames: noise in the face box ("face"), also in the small face's box on flat grey ("crowd": both
+    tiny faces) or flat grey."""
     rng = np.random.default_rng(seed)
     video = np.full((count, 64, 64, 3), 128, np.uint8)
-    if kind == "face":
+    if kind in ("face", "crowd"):
         rows, cols = FACE_BOX
         video[:, rows, cols] = rng.integers(0, 256, (count, 30, 24, 3), dtype=np.uint8)
-    elif kind == "crowd":
-        video[:] = rng.integers(0, 256, video.shape, dtype=np.uint8)
+    if kind == "crowd":
+        rows, cols = SECOND_FACE_BOX
+        video[:, rows, cols] = rng.integers(0, 256, (count, 16, 12, 3), dtype=np.uint8)
     return video
 
 
@@ -63,10 +68,10 @@ def videos(tmp_path_factory) -> Path:
         count = round(seconds * fps)
         audio = None
         if sound:
-            audio = base / f"{seed}.wav"
             first = int(start * rate)
-            soundfile.write(audio, speech[first : first + round(count / fps * rate)], rate)
-        with VideoWriter(path, fps, 64, 64, audio_path=audio) as writer:
+            soundfile.write(base / f"{seed}.wav", speech[first : first + round(count / fps * rate)], rate)
+            audio = decode_audio(base / f"{seed}.wav")
+        with VideoWriter(path, fps, 64, 64, audio=audio) as writer:
             writer.write(frames(count, kind, seed))
 
     make("talk_a.mp4", 1.6, 30, "face", 0.0, 1)
