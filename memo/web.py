@@ -24,8 +24,8 @@ from memo.config import FRAMINGS, load_config
 from memo.errors import UserError, as_path, failure_message
 from memo.generator import MemoGenerator
 from memo.io.video import check_output_folder
-from memo.runtimes import check_runtimes
 from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.runtimes import check_runtimes
 
 logger = logging.getLogger("memo")
 

@@ -119,9 +119,9 @@ def _decode(path: Path) -> Image.Image:
         except (OSError, SyntaxError, ValueError) as error:
             raise _damaged(path, error) from None
         image = _upright(opened, path)
-    if reduce_by > 1:
-        image = image.reduce(reduce_by)
     colour, alpha = _eight_bit(image, path, rawmode)
+    if reduce_by > 1:  # (on the 8-bit bands: Pillow cannot reduce 16-bit ones)
+        colour, alpha = colour.reduce(reduce_by), None if alpha is None else alpha.reduce(reduce_by)
     colour = _to_srgb(colour, icc, path)
     if alpha is None:
         return colour
