@@ -54,7 +54,7 @@ class DecodedAudio:
     """The user's audio, decoded once at its own sample rate: the one source of every use of the sound.
 
     ``samples`` is a float32 array (channels, frames) in [-1, 1] at ``rate`` Hz with FFmpeg channel layout
-    ``layout``; ``lost_seconds`` is how much of the file was skipped as damaged (0 for a sound file).
+    ``layout``; ``lost_seconds`` is how much of the file was skipped as damaged (0 for an undamaged file).
     :meth:`mono` gives the 16 kHz copy the audio models take; the mp4 writer encodes its sound track from
     ``samples`` (``memo.io.video.VideoWriter``), so the file is never read again.
     """

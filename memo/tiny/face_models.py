@@ -11,7 +11,8 @@ model by its input shape and number of outputs, never by file name):
   image is textured inside its box: the score is a sigmoid of the mean of ``min(|dx|, |dy|)`` there, which
   is high for a photo or noise and close to zero for a flat image, a smooth gradient, or the straight edge
   where a non-square image meets insightface's black padding. The small one is "detected" only when its box
-  is textured and each side of a ring around it is flat: a separate small textured patch, as a second face in a crowd
+  is textured and each side of a ring around it (leaving out the other face's box) is flat: a separate
+  small textured patch, as a second face in a crowd
   shot stands apart from its surroundings, and not the shoulders or background of an ordinary portrait.
   So, like the real detector, a blank image yields no face and a portrait photo or talking-head video frame
   exactly one; an image textured in the large box and in the small box alone yields two (the large one is
@@ -22,6 +23,7 @@ model by its input shape and number of outputs, never by file name):
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,9 @@ class TinySCRFD(nn.Module):
             top, bottom, left, right = max(y1 - _RING, 0), y2 + _RING, max(x1 - _RING, 0), x2 + _RING
             sides[i, 0, top:y1, left:right] = sides[i, 1, y2:bottom, left:right] = 1.0
             sides[i, 2, y1:y2, left:x1] = sides[i, 3, y1:y2, x2:right] = 1.0
+        for i, j in itertools.permutations(range(len(TINY_FACES)), 2):  # another face is not the surroundings
+            x1, y1, x2, y2 = TINY_FACES[j].box
+            sides[i, :, max(y1 - 1, 0) : y2 + 1, max(x1 - 1, 0) : x2 + 1] = 0.0
         self.register_buffer("region_weights", masks / masks.sum(dim=(1, 2), keepdim=True))
         self.register_buffer("side_weights", sides / sides.sum(dim=(2, 3), keepdim=True).clamp(min=1.0))
         # A face that need not be isolated gets a ring logit so high that it never decides the score.
