@@ -151,7 +151,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 
 
 class VideoWriter:
-    """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically."""
+    """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically.
+
+    ``audio`` is the user's audio as decoded for the conditions (:func:`memo.conditions.audio.decode_audio`);
+    its samples become the AAC track, cut to the video's length. The output's folder is created with the
+    file (and removed again if writing fails and it is left empty); :func:`check_output_path` is checked first.
+    """
 
     def __init__(
         self,
