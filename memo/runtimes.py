@@ -30,8 +30,9 @@ class MissingRuntimeError(UserError, ImportError):
 
 
 def _missing(name: str, reason: str) -> MissingRuntimeError:
-    install, used_for = INSTALL[name.split(".")[0]]
-    return MissingRuntimeError(f"{name} is not installed ({used_for}; {reason}): run `{install}`.")
+    runtime = name.split(".")[0]
+    install, used_for = INSTALL[runtime]
+    return MissingRuntimeError(f"{runtime} is not installed ({used_for}; {reason}): run `{install}`.")
 
 
 def import_runtime(name: str) -> ModuleType:
