@@ -24,7 +24,7 @@ from memo.models.emotion_classifier import EMOTION_NAMES
 
 from .runtime import (
     MemoModel,
-    audio_to_waveform,
+    audio_to_decoded,
     frames_to_image,
     image_to_pil,
     load_memo,
@@ -94,7 +94,7 @@ class MemoEmotion:
     DESCRIPTION = "Reads the emotion of each second of the voice (emotion2vec and MEMO's classifier)."
 
     def label(self, memo: MemoModel, audio: dict, emotion: str, overrides: str) -> tuple[torch.Tensor, str]:
-        waveform = audio_to_waveform(audio)
+        waveform = audio_to_decoded(audio).mono()
         with shown_in_comfyui():
             if emotion == "auto":
                 with on_device(memo, 0, 0) as generator:
@@ -183,13 +183,13 @@ class MemoGenerate:
         if image.shape[0] > 1:
             logger.warning("MEMO Generate: the IMAGE holds %d pictures; the first is the portrait.", image.shape[0])
         portrait = image_to_pil(image)
-        waveform = audio_to_waveform(audio)
+        source = audio_to_decoded(audio)
         with shown_in_comfyui():
             settings = dict(inference_steps=steps, cfg_scale=guidance, width=width, height=height, framing=framing)
             with on_device(memo, width, height) as loaded:
                 generator = loaded.with_settings(**settings)
                 reference = generator.prepare_portrait(portrait, "the IMAGE input", allow_no_face)
-                prepared = generator.prepare_waveform(waveform, "the AUDIO input", emotion, emotion_labels)
+                prepared = generator.prepare_decoded(source, emotion, emotion_labels)
                 clips: list[torch.Tensor] = []
                 total = len(prepared.features) // generator.config.num_generated_frames_per_clip * steps
                 generator.render_clips(reference, prepared, seed, clips.append, progress_bar(total))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from memo.conditions.audio import resample_waveform
+from memo.conditions.audio import DecodedAudio, audio_from_samples
 from memo.config import load_config
 from memo.errors import UserError
 from memo.generator import MemoGenerator, Progress
@@ -152,8 +152,8 @@ def frames_to_image(clips: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(clips, dim=1).permute(1, 2, 3, 0).float().contiguous()
 
 
-def audio_to_waveform(audio: dict) -> torch.Tensor:
-    """The AUDIO value as MEMO's (samples,) 16 kHz mono waveform; one clip only."""
+def audio_to_decoded(audio: dict) -> DecodedAudio:
+    """The AUDIO value as the decoded audio MEMO takes from a file (its 16 kHz copy via ``.mono()``); one clip only."""
     waveform = audio["waveform"]
     if waveform.dim() != 3 or waveform.shape[0] != 1:
         raise MemoNodeError(
@@ -161,4 +161,4 @@ def audio_to_waveform(audio: dict) -> torch.Tensor:
             "Pass a single clip."
         )
     with shown_in_comfyui():
-        return resample_waveform(waveform[0], int(audio["sample_rate"]), "The AUDIO input")
+        return audio_from_samples(waveform[0], int(audio["sample_rate"]), "The AUDIO input")

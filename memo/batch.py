@@ -29,8 +29,10 @@ from accelerate.utils import gather_object, parse_flag_from_env
 
 from memo.cli import add_settings_arguments, output_name, report_error, setup_logging
 from memo.config import ConfigError, InferenceConfig, load_config
-from memo.errors import UserError
+from memo.errors import UserError, as_path, failure_message
 from memo.generator import LOAD_SETTINGS, MemoGenerator
+from memo.io.video import check_output_folder
+from memo.runtimes import check_runtimes
 
 logger = logging.getLogger("memo")
 
@@ -160,11 +162,10 @@ def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int) -> list[di
         start = time.perf_counter()
         try:
             generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
-        except UserError as error:
-            reason = str(error)
         except Exception as error:
-            logger.exception("job (line %d) failed", job.line)
-            reason = f"{type(error).__name__}: {error}"
+            if not isinstance(error, UserError):
+                logger.exception("job (line %d) failed", job.line)
+            reason = failure_message(error)
         else:
             results.append({**record, "status": "done", "seconds": round(time.perf_counter() - start, 1)})
             continue
@@ -205,8 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Render a manifest of MEMO jobs; data-parallel under `accelerate launch` or `torchrun`.",
         epilog="Settings for every job can be overridden as key=value; a manifest column overrides them per job.",
     )
-    parser.add_argument("--manifest", type=Path, required=True, help="jobs as .csv (with a header) or .jsonl")
-    parser.add_argument("--output_dir", type=Path, required=True, help=f"where the videos and {SUMMARY_NAME} go")
+    parser.add_argument("--manifest", required=True, help="jobs as .csv (with a header) or .jsonl")
+    parser.add_argument("--output_dir", required=True, help=f"where the videos and {SUMMARY_NAME} go")
     add_settings_arguments(parser, overrides_help="setting overrides for every job")
     return parser.parse_args(argv)
 
@@ -218,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     first = int(os.environ.get("RANK", "0")) == 0
     try:
+        args.manifest, args.output_dir = as_path(args.manifest, "--manifest"), as_path(args.output_dir, "--output_dir")
         base, jobs = load_jobs(args.manifest, args.output_dir, args.config, args.overrides)
+        check_runtimes(base.vocal_separation)
+        check_output_folder(args.output_dir)
     except UserError as error:
         return report_error(error) if first else 2
 

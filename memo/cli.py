@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError
+from memo.errors import UserError, as_path
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -64,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Any setting of the config can be overridden as key=value, e.g. inference_steps=30 emotion=happy.",
     )
     add_settings_arguments(parser)
-    parser.add_argument("--input_image", type=Path, help="portrait image (default: the bundled example)")
-    parser.add_argument("--input_audio", type=Path, help="speech or song, any format ffmpeg reads (default: the example)")
-    parser.add_argument("--output_dir", type=Path, default=Path("outputs"), help="where the mp4 goes (default: %(default)s)")
+    parser.add_argument("--input_image", help="portrait image (default: the bundled example)")
+    parser.add_argument("--input_audio", help="speech or song, any format ffmpeg reads (default: the example)")
+    parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser.parse_args(argv)
@@ -81,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         from memo.conditions.framing import load_image
         from memo.config import load_config
         from memo.io.video import check_output_path
+        from memo.runtimes import check_runtimes
 
+        image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
+        audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
+        output_dir = as_path(args.output_dir, "--output_dir")
         config = load_config(args.config, args.overrides)
-        image = args.input_image or EXAMPLE_IMAGE
-        audio = args.input_audio or EXAMPLE_AUDIO
-        output = check_output_path(args.output_dir / output_name(image, audio), args.overwrite)
+        check_runtimes(config.vocal_separation)
+        output = check_output_path(output_dir / output_name(image, audio), args.overwrite)
         load_image(image)
         check_audio(audio)
+        # Nothing has been written yet: the output folder is made when the video is (memo.io.video.VideoWriter).
 
         from memo.generator import MemoGenerator
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from memo.conditions.audio import AudioError, check_min_duration, is_silent, load_audio
+from memo.conditions.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
 from memo.conditions.face import Face, face_embedding
@@ -59,8 +59,10 @@ class PreparedImage:
 
 @dataclass
 class PreparedAudio:
-    """The 16 kHz waveform, its wav2vec2 features and per-frame emotion labels."""
+    """The decoded audio (the source of the video's sound track), its 16 kHz mono copy, the wav2vec2 features
+    and per-frame emotion labels."""
 
+    source: DecodedAudio
     waveform: torch.Tensor
     features: AudioFeatures
     emotion_labels: torch.Tensor
@@ -137,21 +139,22 @@ class MemoGenerator:
         )
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
-        """Decode the audio, separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
-        return self.prepare_waveform(load_audio(audio_path), str(audio_path), emotion)
+        """Decode the audio (once), separate the vocals, compute wav2vec2 features and per-frame emotion labels."""
+        return self.prepare_decoded(decode_audio(audio_path), emotion)
 
-    def prepare_waveform(
-        self, waveform: torch.Tensor, name: str, emotion: str | None = None, emotion_labels: torch.Tensor | None = None
+    def prepare_decoded(
+        self, source: DecodedAudio, emotion: str | None = None, emotion_labels: torch.Tensor | None = None
     ) -> PreparedAudio:
-        """:meth:`prepare_audio` for a (samples,) 16 kHz mono waveform already in memory (see
-        ``conditions.audio.resample_waveform``); ``name`` stands for it in messages.
+        """:meth:`prepare_audio` for audio already decoded, from a file or from memory
+        (``conditions.audio.audio_from_samples``); ``source`` is also the sound track of the video.
 
-        ``emotion_labels``, one class id per sample (``conditions.emotion.sample_emotion_labels``, perhaps
-        edited), replace the emotion setting; :class:`AudioError` if they do not cover this waveform.
+        ``emotion_labels``, one class id per 16 kHz sample (``conditions.emotion.sample_emotion_labels``, perhaps
+        edited), replace the emotion setting; :class:`AudioError` if they do not cover this audio.
         """
         config = self.config
-        check_min_duration(waveform, config.fps, name)
-        name = Path(name).name
+        name = source.path.name
+        waveform = source.mono()
+        check_min_duration(waveform, config.fps, source.path)
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
         separator = self.conditions.separator
@@ -184,21 +187,20 @@ class MemoGenerator:
             config.fps,
             summary,
         )
-        return PreparedAudio(waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
+        return PreparedAudio(source=source, waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
 
     def render(
         self,
         image: PreparedImage,
         audio: PreparedAudio,
-        audio_path: str | os.PathLike,
         output_path: Path,
         seed: int,
         overwrite: bool,
         progress: Progress | None = None,
     ) -> Path:
-        """Generate the frames clip by clip and stream them into the mp4."""
+        """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound."""
         width, height = self.config.size
-        with VideoWriter(output_path, self.config.fps, width, height, audio_path=audio_path, overwrite=overwrite, crf=self.config.crf) as writer:
+        with VideoWriter(output_path, self.config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=self.config.crf) as writer:
             self.render_clips(image, audio, seed, writer.write, progress)
         return output_path
 
@@ -272,7 +274,7 @@ class MemoGenerator:
         image = self.prepare_image(image_path)
         audio = self.prepare_audio(audio_path, emotion)
         seed = self.config.seed if seed is None else seed
-        self.render(image, audio, audio_path, output_path, seed, overwrite, progress)
+        self.render(image, audio, output_path, seed, overwrite, progress)
         info = probe_video(output_path)
         logger.info(
             "output: %s, %d frames, %.2f s at %g fps, %dx%d, in %.1f s",

@@ -21,9 +21,11 @@ from PIL import Image
 
 from memo.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
 from memo.config import FRAMINGS, load_config
-from memo.errors import UserError
+from memo.errors import UserError, as_path, failure_message
 from memo.generator import MemoGenerator
+from memo.io.video import check_output_folder
 from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.runtimes import check_runtimes
 
 logger = logging.getLogger("memo")
 
@@ -34,18 +36,18 @@ CACHE_CLEANUP = (3600, 86400)
 
 @contextlib.contextmanager
 def shown_in_page(action: str) -> Iterator[None]:
-    """Turn errors into a message in the page: a UserError's own message, anything else a short note (and a log)."""
+    """Turn errors into a message in the page, worded as batch inference reports a failed job
+    (:func:`memo.errors.failure_message`); anything unexpected is also logged with its traceback."""
     try:
         yield
     except gr.Error:
         raise
-    except UserError as error:
-        logger.warning("%s refused: %s", action, error)
-        raise gr.Error(str(error), duration=None, print_exception=False) from None
     except Exception as error:
-        logger.exception("%s failed", action)
-        message = f"{action} failed unexpectedly ({type(error).__name__}: {error}); the server log has the details."
-        raise gr.Error(message, duration=None, print_exception=False) from None
+        if isinstance(error, UserError):
+            logger.warning("%s refused: %s", action, error)
+        else:
+            logger.exception("%s failed", action)
+        raise gr.Error(failure_message(error), duration=None, print_exception=False) from None
 
 
 def size_choices(generator: MemoGenerator) -> list[str]:
@@ -189,9 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    parser.add_argument(
-        "--output_dir", type=Path, default=Path("outputs") / "web", help="where videos are kept (default: %(default)s)"
-    )
+    parser.add_argument("--output_dir", default="outputs/web", help="where videos are kept (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
-        generator = MemoGenerator(load_config(args.config, args.overrides))
+        args.output_dir = as_path(args.output_dir, "--output_dir")
+        config = load_config(args.config, args.overrides)
+        check_runtimes(config.vocal_separation)
+        check_output_folder(args.output_dir)
+        generator = MemoGenerator(config)
     except UserError as error:
         return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)

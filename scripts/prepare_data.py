@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memo.cli import add_settings_arguments, report_error, setup_logging
-from memo.errors import UserError
+from memo.errors import UserError, as_path
 
 if TYPE_CHECKING:  # imported where used, so that --help and --merge start without torch
     from memo.data.prepare import PreparedVideo, VideoPreparer
@@ -31,8 +31,8 @@ logger = logging.getLogger("memo")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_dir", type=Path, help="folder of videos (searched recursively)")
-    parser.add_argument("--output_dir", type=Path, required=True, help="where the prepared data goes")
+    parser.add_argument("--input_dir", help="folder of videos (searched recursively)")
+    parser.add_argument("--output_dir", required=True, help="where the prepared data goes")
     parser.add_argument("--misc_model_dir", help="folder holding misc/face_analysis and misc/vocal_separator")
     parser.add_argument("--shard", type=int, help="this process's shard, 0 .. num_shards-1")
     parser.add_argument("--num_shards", type=int, help="how many shards the videos are split into")
@@ -71,12 +71,17 @@ def prepare(args: argparse.Namespace) -> int:
     from memo.config import load_config
     from memo.data import store
     from memo.data.prepare import VideoPreparer, describe
+    from memo.io.video import check_output_folder
+    from memo.runtimes import check_runtimes
 
     config = load_config(args.config, args.overrides)
     if args.misc_model_dir:
         config.misc_model_dir = args.misc_model_dir
+    args.input_dir = as_path(args.input_dir, "--input_dir")
     if not args.input_dir.is_dir():
         raise UserError(f"The input folder {args.input_dir} does not exist.")
+    check_runtimes(config.vocal_separation)
+    check_output_folder(args.output_dir)
     videos = store.find_videos(args.input_dir)
     ids = store.video_ids(videos, args.input_dir)
     if args.num_shards:
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
+        args.output_dir = as_path(args.output_dir, "--output_dir")
         if args.merge:
             from memo.data.store import merge
 

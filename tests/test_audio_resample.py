@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from conftest import REPO
-from memo.conditions.audio import SAMPLE_RATE, AudioError, load_audio, resample_waveform
+from memo.conditions.audio import SAMPLE_RATE, AudioError, audio_from_samples, load_audio
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 
@@ -21,16 +21,16 @@ def test_in_memory_audio_matches_the_decoded_file(tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, stereo.T, 44100, subtype="FLOAT")
 
-    resampled = resample_waveform(torch.from_numpy(stereo), 44100)
+    resampled = audio_from_samples(torch.from_numpy(stereo), 44100).mono()
     decoded = load_audio(path)
     assert resampled.dtype == torch.float32 and resampled.shape == decoded.shape == (2 * SAMPLE_RATE,)
     assert torch.allclose(resampled, decoded, atol=1e-6)
     mono = torch.from_numpy(clip)
-    assert torch.equal(resample_waveform(mono, SAMPLE_RATE), mono)  # already 16 kHz mono: unchanged
+    assert torch.equal(audio_from_samples(mono, SAMPLE_RATE).mono(), mono)  # already 16 kHz mono: unchanged
 
 
 def test_unusable_in_memory_audio_is_named():
     with pytest.raises(AudioError, match="The AUDIO input holds no audio samples"):
-        resample_waveform(torch.zeros(2, 0), 44100, "The AUDIO input")
+        audio_from_samples(torch.zeros(2, 0), 44100, "The AUDIO input")
     with pytest.raises(AudioError, match="NaN or infinite"):
-        resample_waveform(torch.tensor([[0.0, float("inf")]]), 44100)
+        audio_from_samples(torch.tensor([[0.0, float("inf")]]), 44100)

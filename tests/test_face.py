@@ -88,19 +88,45 @@ def test_embedding_depends_on_the_face(analyzer):
     np.testing.assert_array_equal(a, analyzer.analyze(textured(512, 512, seed=1)).embedding)
 
 
+def patch_at(image: np.ndarray, face_index: int, seed: int = 0) -> np.ndarray:
+    """``image`` with texture painted exactly over one of the stand-in's face boxes (of a square image)."""
+    x1, y1, x2, y2 = (round(v) for v in expected_box(face_index, image.shape[0]))
+    image = image.copy()
+    image[y1:y2, x1:x2] = textured(y2 - y1, x2 - x1, seed)
+    return image
+
+
 def test_the_largest_of_several_faces_is_chosen(analyzer):
-    image = textured(512, 512)
+    # A crowd shot for the stand-in: texture in its large face box and, standing apart on a flat ground,
+    # in its small one.
+    image = patch_at(patch_at(np.full((512, 512, 3), 128, np.uint8), 0), 1, seed=1)
     faces = analyzer.detect(image)
-    assert len(faces) == 2  # the stand-in finds both of its faces in a fully textured picture
+    assert len(faces) == 2
     assert analyzer.analyze(image).area == max(f.area for f in faces)
     np.testing.assert_allclose(analyzer.analyze(image).bbox, expected_box(0, 512), atol=1e-3)
 
-    # Texture only in the small face's corner: that face alone is found, and it is the one returned.
-    corner = np.full((512, 512, 3), 128, np.uint8)
-    corner[320:, 320:] = textured(192, 192)
-    face = analyzer.analyze(corner)
-    assert face is not None
-    np.testing.assert_allclose(face.bbox, expected_box(1, 512), atol=1e-3)
+    # Texture only in the small face's box: that face alone is found, and it is the one returned.
+    corner = patch_at(np.full((512, 512, 3), 128, np.uint8), 1)
+    assert len(analyzer.detect(corner)) == 1
+    np.testing.assert_allclose(analyzer.analyze(corner).bbox, expected_box(1, 512), atol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (384, 512), (640, 360), (64, 64)])
+def test_ordinary_portraits_have_exactly_one_face(analyzer, size):
+    """As the real detector: one face on a head-and-shoulders photo or a video frame, whatever its size,
+    including a fully textured picture (clothes and background around the small box are not a face)."""
+    data = pytest.importorskip("skimage.data")
+    from memo.conditions.framing import load_image
+    from conftest import REPO
+
+    photos = [np.asarray(load_image(REPO / "assets" / "examples" / "portrait.jpg")), data.chelsea()]
+    photos.append(np.repeat(data.camera()[..., None], 3, axis=2))  # the cameraman, greyscale
+    if size != (64, 64):  # (pixel noise averages out when shrunk that far)
+        photos.append(textured(512, 512))
+    for photo in photos:
+        resized = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR))
+        faces = analyzer.detect(resized)
+        assert len(faces) == 1, (size, [f.bbox for f in faces])
 
 
 def test_largest_face_selection_logic():

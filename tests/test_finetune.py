@@ -594,3 +594,20 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
     before = probe_loss(tiny_checkpoint)
     after = probe_loss(Path(config.output_dir) / "checkpoint-40")
     assert after < 0.8 * before, (before, after)  # about 0.55 x in practice
+
+
+def test_validation_reference_image_is_loaded_as_inference_loads_it(tmp_path):
+    """A cut-out portrait as ``validation.reference_image``: its transparent background is white, as in
+    inference, not the colour hidden under it."""
+    from PIL import Image
+
+    from memo.training.validation import _reference_image
+
+    pixels = np.zeros((96, 96, 4), np.uint8)
+    pixels[..., :3] = (255, 0, 255)  # hidden under the transparent background
+    pixels[24:72, 24:72] = (90, 60, 40, 255)
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "cut_out.png")
+    reference = _reference_image({}, str(tmp_path / "cut_out.png"), 64, 64)
+    assert reference.shape == (1, 3, 64, 64)
+    torch.testing.assert_close(reference[0, :, 0, 0], torch.ones(3))
+    torch.testing.assert_close(reference[0, :, 32, 32], torch.tensor([90, 60, 40]) / 127.5 - 1, atol=0.02, rtol=0)

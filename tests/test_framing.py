@@ -150,3 +150,251 @@ def test_load_image_errors_name_the_file_and_what_to_do(tmp_path):
     with pytest.raises(ImageError, match=r"tiny\.png is 120x40 pixels, too small.*at least 64"):
         load_image(tiny)
     assert load_image(tiny, min_side=32).size == (120, 40)
+
+
+# -- images as a person sees them -------------------------------------------------------------------
+
+FIELD = __import__("conftest").REPO.parent / "shared" / "field"
+
+
+def portrait_pixels(width: int = 96, height: int = 128) -> np.ndarray:
+    """(H, W, 3) uint8: smooth colour ramps, so any clipping, lost channel or hidden colour shows."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([40 + x * 180 // width, 30 + y * 200 // height, 120 + (x + y) % 60], axis=-1).astype(np.uint8)
+
+
+def field_image(name: str):
+    path = FIELD / name
+    if not path.is_file():
+        pytest.skip(f"field case {path} not found")
+    return path
+
+
+def test_field_cut_out_shows_no_hidden_magenta():
+    path = field_image("i11_rgba_transparent.png")
+    stored = np.asarray(Image.open(path))
+    loaded = np.asarray(load_image(path))
+    clear = stored[..., 3] == 0
+    assert clear.mean() > 0.3  # the field file: a third of it transparent, over magenta
+    assert (loaded[clear] == 255).all()  # the plain background, not the hidden colour
+    opaque = stored[..., 3] == 255
+    np.testing.assert_array_equal(loaded[opaque], stored[..., :3][opaque])
+    assert not (np.abs(loaded.astype(int) - [255, 0, 255]).sum(-1) < 60).any()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "RGB_colour_key", "PA_gif"])
+def test_transparency_is_composited_onto_white(tmp_path, mode):
+    rgb = portrait_pixels()
+    alpha = np.zeros(rgb.shape[:2], np.uint8)
+    alpha[16:112, 16:80] = 255
+    alpha[16:112, 40:48] = 128  # a half-transparent strip
+    hidden = np.where(alpha[..., None] == 0, [255, 0, 255], rgb).astype(np.uint8)
+    path = tmp_path / f"cut_out_{mode}.png"
+    if mode == "RGBA":
+        Image.fromarray(np.dstack([hidden, alpha]), "RGBA").save(path)
+        expected = hidden * (alpha[..., None] / 255) + 255 * (1 - alpha[..., None] / 255)
+    elif mode == "LA":
+        grey = hidden[..., 1]
+        Image.fromarray(np.dstack([grey, alpha]), "LA").save(path)
+        expected = np.repeat((grey * (alpha / 255) + 255 * (1 - alpha / 255))[..., None], 3, axis=2)
+    else:  # palette or colour-key transparency: on or off, no half-transparent strip
+        alpha[16:112, 40:48] = 255
+        hidden = np.where(alpha[..., None] == 0, [255, 0, 255], rgb // 64 * 64).astype(np.uint8)
+        expected = np.where(alpha[..., None] == 0, 255, hidden)
+        image = Image.fromarray(hidden)
+        if mode == "RGB_colour_key":
+            image.save(path, transparency=(255, 0, 255))
+        else:
+            palette = image.quantize(colors=64, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+            key = palette.getpixel((0, 0))  # magenta's index
+            if mode == "PA_gif":
+                path = path.with_suffix(".gif")
+            palette.save(path, transparency=key)
+            expected = np.where(alpha[..., None] == 0, 255, np.asarray(palette.convert("RGB")))
+    loaded = np.asarray(load_image(path)).astype(int)
+    assert np.abs(loaded - expected).max() <= 1
+    assert not (np.abs(loaded - [255, 0, 255]).sum(-1) < 60).any()
+
+
+def test_field_16_bit_greyscale_is_scaled_not_clipped():
+    path = field_image("i14_grey16.png")
+    stored = np.asarray(Image.open(path)).astype(np.float64)
+    loaded = np.asarray(load_image(path))
+    np.testing.assert_allclose(loaded[..., 0], stored / 257, atol=0.51)
+    assert (loaded == 255).all(-1).mean() < 0.05  # 91 % of it was pure white when the values were clipped
+
+
+def write_png16(path, values: np.ndarray) -> None:
+    import cv2
+
+    order = {2: [], 3: [2, 1, 0], 4: [2, 1, 0, 3]}[values.ndim if values.ndim == 2 else values.shape[2]]
+    cv2.imwrite(str(path), values[..., order] if order else values)  # OpenCV writes BGR(A)
+
+
+@pytest.mark.parametrize("kind", ["grey16_png", "rgb16_png", "rgba16_png", "grey16_tif", "rgb16_tif"])
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path, kind):
+    tifffile = pytest.importorskip("tifffile")
+    eight = portrait_pixels()
+    sixteen = eight.astype(np.uint16) * 257 + 100  # the 8-bit picture, in 16 bits, plus fine detail
+    if kind.startswith("grey"):
+        sixteen, eight = sixteen[..., 1], eight[..., 1]
+    path = tmp_path / f"{kind}.{kind.rsplit('_', 1)[1]}"
+    if kind == "rgba16_png":
+        write_png16(path, np.dstack([sixteen, np.full(sixteen.shape[:2], 65535, np.uint16)]))
+    elif path.suffix == ".png":
+        write_png16(path, sixteen)
+    else:
+        tifffile.imwrite(path, sixteen, photometric="minisblack" if sixteen.ndim == 2 else "rgb")
+    loaded = np.asarray(load_image(path)).astype(int)
+    expected = eight if eight.ndim == 3 else np.repeat(eight[..., None], 3, axis=2)
+    assert np.abs(loaded - expected).max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["float_grey", "float_rgb", "uint32_grey", "float_wide"])
+def test_32_bit_tiffs_are_scaled_to_8_bits(tmp_path, kind, caplog):
+    tifffile = pytest.importorskip("tifffile")
+    eight = portrait_pixels()
+    if kind == "float_grey":
+        values, expected = eight[..., 1].astype(np.float32) / 255, eight[..., 1]
+    elif kind == "float_rgb":  # a kind Pillow cannot open at all
+        values, expected = eight.astype(np.float32) / 255, eight
+    elif kind == "uint32_grey":
+        values, expected = eight[..., 1].astype(np.uint32) * 16843009, eight[..., 1]  # 255 * 16843009 = 2^32 - 1
+    else:  # floats without a standard white: stretched over their range, with a warning
+        values = eight[..., 1].astype(np.float32) * 40.0 - 3000.0
+        low, high = values.min(), values.max()
+        expected = np.round((values - low) * 255 / (high - low)).astype(np.uint8)
+    path = tmp_path / f"{kind}.tif"
+    tifffile.imwrite(path, values, photometric="rgb" if values.ndim == 3 else "minisblack")
+    with caplog.at_level("WARNING", logger="memo"):
+        loaded = np.asarray(load_image(path)).astype(int)
+    expected = expected if expected.ndim == 3 else np.repeat(expected[..., None], 3, axis=2)
+    assert np.abs(loaded - expected).max() <= 1
+    assert ("stretched to 8 bits" in caplog.text) == (kind == "float_wide")
+
+
+def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
+    rgb = portrait_pixels()
+    path = tmp_path / "print.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(path, quality=98)
+    assert Image.open(path).mode == "CMYK"
+    loaded = np.asarray(load_image(path)).astype(int)
+    assert np.abs(loaded - rgb).mean() < 3 and np.abs(loaded - rgb).max() < 40
+
+
+def _s15(value: float) -> bytes:
+    return round(value * 65536).to_bytes(4, "big", signed=True)
+
+
+def matrix_icc_profile(red, green, blue, gamma: float = 2.2) -> bytes:
+    """A minimal ICC v2 RGB display profile: three colorants (XYZ, D50) and a gamma curve per channel."""
+
+    def xyz(values):
+        return b"XYZ " + bytes(4) + b"".join(_s15(v) for v in values)
+
+    curve = b"curv" + bytes(4) + (1).to_bytes(4, "big") + round(gamma * 256).to_bytes(2, "big") + bytes(2)
+    name = b"test profile\x00"
+    desc = b"desc" + bytes(4) + len(name).to_bytes(4, "big") + name + bytes(8) + bytes(3) + bytes(67)
+    white = (0.9642, 1.0, 0.8249)
+    tags = [(b"desc", desc), (b"wtpt", xyz(white)), (b"rXYZ", xyz(red)), (b"gXYZ", xyz(green)), (b"bXYZ", xyz(blue))]
+    tags += [(b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve), (b"cprt", b"text" + bytes(4) + b"none\x00")]
+    offset, entries, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        entries += signature + (offset + len(data)).to_bytes(4, "big") + len(body).to_bytes(4, "big")
+        data += body + bytes(-len(body) % 4)
+    size = offset + len(data)
+    header = size.to_bytes(4, "big") + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntr" + b"RGB " + b"XYZ " + bytes(12)
+    header += b"acsp" + bytes(4 * 4 + 8 + 4) + b"".join(_s15(v) for v in white) + bytes(4 + 16 + 28)
+    assert len(header) == 128
+    return header + len(tags).to_bytes(4, "big") + entries + data
+
+
+SRGB_D50 = {"red": (0.4361, 0.2225, 0.0139), "green": (0.3851, 0.7169, 0.0971), "blue": (0.1431, 0.0606, 0.7141)}
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_icc_profiled_image_is_converted_to_srgb(tmp_path, suffix, caplog):
+    # A profile whose first channel is sRGB's green and second sRGB's red: stored red is seen as green.
+    swapped = matrix_icc_profile(SRGB_D50["green"], SRGB_D50["red"], SRGB_D50["blue"])
+    stored = np.zeros((96, 96, 3), np.uint8)
+    stored[..., 0], stored[..., 1], stored[..., 2] = 200, 40, 40
+    path = tmp_path / f"swapped{suffix}"
+    Image.fromarray(stored).save(path, icc_profile=swapped, **({"quality": 98} if suffix == ".jpg" else {}))
+    seen = np.asarray(load_image(path)).astype(int).reshape(-1, 3).mean(0)
+    assert seen[1] > 170 and seen[0] < 80 and abs(seen[2] - 40) < 25, seen
+
+    broken = tmp_path / f"broken_profile{suffix}"
+    Image.fromarray(stored).save(broken, icc_profile=b"not a profile" * 20)
+    with caplog.at_level("WARNING", logger="memo"):
+        kept = np.asarray(load_image(broken)).astype(int)
+    assert np.abs(kept - stored).max() <= 3 and "ICC colour profile that cannot be used" in caplog.text
+
+
+def test_field_broken_exif_is_ignored_with_a_warning(caplog):
+    path = field_image("i12_bad_exif.png")
+    with caplog.at_level("WARNING", logger="memo"):
+        loaded = load_image(path)
+    stored = Image.open(path)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(stored.convert("RGB")))
+    assert "unreadable EXIF block" in caplog.text and "i12_bad_exif.png" in caplog.text
+
+
+def test_jpeg_with_junk_exif_and_rotated_jpeg(tmp_path, caplog):
+    rgb = portrait_pixels()
+    junk = tmp_path / "junk_exif.jpg"
+    Image.fromarray(rgb).save(junk, exif=b"Exif\x00\x00" + b"\x13\x37 not a TIFF header" * 4, quality=98)
+    with caplog.at_level("WARNING", logger="memo"):
+        loaded = np.asarray(load_image(junk)).astype(int)
+    assert loaded.shape == rgb.shape and np.abs(loaded - rgb).mean() < 3
+    assert "unreadable EXIF block" in caplog.text
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored rotated: turn 90 degrees counter-clockwise to view
+    Image.fromarray(rgb).save(rotated, exif=exif, quality=98)
+    upright = np.asarray(load_image(rotated)).astype(int)
+    assert np.abs(upright - np.rot90(rgb).astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".webp", ".png"])
+def test_animated_image_uses_its_first_frame(tmp_path, suffix, caplog):
+    frames = [Image.new("RGB", (80, 80), colour) for colour in ((250, 20, 20), (20, 250, 20), (20, 20, 250))]
+    path = tmp_path / f"animated{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with caplog.at_level("WARNING", logger="memo"):
+        loaded = np.asarray(load_image(path)).astype(int)
+    assert np.abs(loaded - [250, 20, 20]).max() <= 8
+    assert "animated (3 frames); its first frame is used" in caplog.text
+
+
+def test_images_over_pillows_limit_load_downscaled_or_say_what_size_works(tmp_path, monkeypatch, caplog):
+    """Pillow's decompression-bomb limit, lowered so the test stays small: what happens to a photo of hundreds
+    of megapixels at the real limit (89 megapixels)."""
+    rgb = np.asarray(Image.fromarray(portrait_pixels()).resize((2000, 1500)))
+    Image.fromarray(rgb).save(tmp_path / "huge.jpg", quality=95)
+    Image.fromarray(rgb).save(tmp_path / "huge.png")
+    Image.fromarray(rgb).resize((1200, 900)).save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600_000)
+    with caplog.at_level("WARNING", logger="memo"):
+        drafted = load_image(tmp_path / "huge.jpg")  # 3 megapixels: read at 1/4 scale by the JPEG decoder
+    assert drafted.size == (500, 375) and "read downscaled to 500x375" in caplog.text
+    expected = np.asarray(Image.fromarray(rgb).resize((500, 375), Image.Resampling.BOX)).astype(int)
+    assert np.abs(np.asarray(drafted).astype(int) - expected).mean() < 4
+    reduced = load_image(tmp_path / "large.png")  # 1.08 megapixels, within twice the limit: read, then halved
+    assert reduced.size == (600, 450)
+    with pytest.raises(ImageError) as caught:
+        load_image(tmp_path / "huge.png")
+    message = str(caught.value)
+    assert "too large to load" in message and "2000x1500" in message and "for example" in message
+    assert "damaged" not in message
+    assert Image.MAX_IMAGE_PIXELS == 600_000  # the limit is restored after reading the header
+
+
+def test_empty_image_file_and_path(tmp_path):
+    (tmp_path / "empty.png").touch()
+    with pytest.raises(ImageError, match=r"empty\.png is empty \(0 bytes\)"):
+        load_image(tmp_path / "empty.png")
+    from memo.errors import UserError
+
+    with pytest.raises(UserError, match="The image path is empty"):
+        load_image("")

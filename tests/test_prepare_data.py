@@ -15,15 +15,19 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO
+from memo.conditions.audio import decode_audio
 from memo.data.store import KINDS, shard_of, video_ids
 from memo.io.video import VideoWriter
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 FACE_BOX = (slice(11, 41), slice(20, 44))
 """Rows and columns of the tiny detector's large face in a 64x64 image: texture there alone is one face."""
+SECOND_FACE_BOX = (slice(44, 60), slice(42, 54))
+"""... and of its small face, found only where flat ground surrounds it."""
 
 USABLE = {"talk_a": 48, "clips__talk_b": 60, "clips__talk_c": 45}
 """id -> frames of the videos that become training data."""
@@ -39,14 +43,16 @@ ENTRY_KEYS = {"id", "video", "fps", "num_frames", "width", "height", *KINDS}
 
 
 def frames(count: int, kind: str, seed: int) -> np.ndarray:
-    """64x64 frames: noise in the face box ("face"), everywhere ("crowd": both tiny faces) or flat grey."""
+    """64x64 frames: noise in the face box ("face"), also in the small face's box on flat grey ("crowd": both
+    tiny faces) or flat grey."""
     rng = np.random.default_rng(seed)
     video = np.full((count, 64, 64, 3), 128, np.uint8)
-    if kind == "face":
+    if kind in ("face", "crowd"):
         rows, cols = FACE_BOX
         video[:, rows, cols] = rng.integers(0, 256, (count, 30, 24, 3), dtype=np.uint8)
-    elif kind == "crowd":
-        video[:] = rng.integers(0, 256, video.shape, dtype=np.uint8)
+    if kind == "crowd":
+        rows, cols = SECOND_FACE_BOX
+        video[:, rows, cols] = rng.integers(0, 256, (count, 16, 12, 3), dtype=np.uint8)
     return video
 
 
@@ -63,10 +69,10 @@ def videos(tmp_path_factory) -> Path:
         count = round(seconds * fps)
         audio = None
         if sound:
-            audio = base / f"{seed}.wav"
             first = int(start * rate)
-            soundfile.write(audio, speech[first : first + round(count / fps * rate)], rate)
-        with VideoWriter(path, fps, 64, 64, audio_path=audio) as writer:
+            soundfile.write(base / f"{seed}.wav", speech[first : first + round(count / fps * rate)], rate)
+            audio = decode_audio(base / f"{seed}.wav")
+        with VideoWriter(path, fps, 64, 64, audio=audio) as writer:
             writer.write(frames(count, kind, seed))
 
     make("talk_a.mp4", 1.6, 30, "face", 0.0, 1)
@@ -258,3 +264,60 @@ def test_frame_counts_match_the_training_decoder(single_run):
     decord = pytest.importorskip("decord")
     for entry in read_jsonl(single_run["out"] / "metadata.jsonl"):
         assert len(decord.VideoReader(entry["video"])) == entry["num_frames"]
+
+
+def talking_head(path: Path, seconds: float, start: float, seed: int, size: int = 128) -> None:
+    """An ordinary talking-head mp4: the example portrait, gently moving (pan and zoom) as a speaker does in
+    front of a camera, with the example speech as its sound (H.264 + AAC at 30 fps)."""
+    from memo.conditions.framing import load_image
+
+    portrait = load_image(REPO / "assets" / "examples" / "portrait.jpg")
+    width, height = portrait.size
+    count = round(seconds * 30)
+    speech, rate = soundfile.read(SPEECH, dtype="float32")
+    first = int(start * rate)
+    soundfile.write(path.with_suffix(".wav"), speech[first : first + round(seconds * rate)], rate)
+    phase = np.random.default_rng(seed).uniform(0, 2 * np.pi)
+    video = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        t = i / 30
+        zoom = 0.92 + 0.03 * np.sin(2 * np.pi * 0.4 * t + phase)
+        dx, dy = 0.02 * width * np.sin(2 * np.pi * 0.7 * t + phase), 0.015 * height * np.cos(2 * np.pi * 0.5 * t)
+        half_w, half_h = zoom * width / 2, zoom * height / 2
+        box = (width / 2 + dx - half_w, height / 2 + dy - half_h, width / 2 + dx + half_w, height / 2 + dy + half_h)
+        video[i] = np.asarray(portrait.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    with VideoWriter(path, 30, size, size, audio=decode_audio(path.with_suffix(".wav"))) as writer:
+        writer.write(video)
+    path.with_suffix(".wav").unlink()
+
+
+def test_readme_finetuning_workflow_on_ordinary_talking_head_videos(pack, tmp_path):
+    """calculate_durations -> prepare_data -> finetune.py, as the README gives them, on one's own talking-head
+    videos with the tiny pack: every video is usable (one face each, as the real detector finds) and trains."""
+    pytest.importorskip("decord")
+    from test_finetune import launch, read_metrics, tiny_config
+
+    videos = tmp_path / "video"
+    videos.mkdir()
+    talking_head(videos / "interview.mp4", 2.0, 0.5, seed=1)
+    talking_head(videos / "vlog.mp4", 1.6, 3.0, seed=2)
+
+    durations = run([sys.executable, str(REPO / "scripts" / "calculate_durations.py"), str(videos)])
+    assert "Found 2 video files" in durations.stdout and "in 2 videos" in durations.stdout
+
+    prepared = tmp_path / "embedding"
+    run(prepare_command(pack, videos, prepared, "vocal_separation=false"))
+    entries = {entry["id"]: entry for entry in read_jsonl(prepared / "metadata.jsonl")}
+    assert set(entries) == {"interview", "vlog"}
+    assert [entries[name]["num_frames"] for name in ("interview", "vlog")] == [60, 48]
+    assert not (prepared / "failures.jsonl").exists() or not (prepared / "failures.jsonl").read_text().strip()
+
+    config = tiny_config(
+        tmp_path, prepared, model_name_or_path=str(pack), vae=str(pack / "vae"), max_train_steps=2,
+        checkpointing_steps=2,
+    )  # fmt: skip
+    launch(config, "own_videos")
+    metrics = read_metrics(tmp_path / "outputs" / "own_videos")
+    losses = [row["loss"] for row in metrics if "loss" in row]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (tmp_path / "outputs" / "own_videos" / "checkpoint-2").is_dir()

@@ -1,9 +1,10 @@
-"""The input audio: decoding any format to 16 kHz mono, checks for bad input, and vocal separation.
+"""The input audio: decoding any format once, checks for bad input, and vocal separation.
 
 Decoding uses PyAV, which ships FFmpeg's libraries, so every container and codec FFmpeg reads works (wav,
-mp3, m4a/aac, flac, ogg, the audio track of a video...) without a system ``ffmpeg``. The sample rate is
-converted by FFmpeg's resampler (as the original MEMO does with the ``ffmpeg`` command) and the channels
-are averaged to mono.
+mp3, m4a/aac, flac, ogg, the audio track of a video...) without a system ``ffmpeg``. The file is decoded
+once, at its own rate and channels (:class:`DecodedAudio`); the 16 kHz mono copy the audio models take is
+made from those samples by FFmpeg's resampler (as the original MEMO does with the ``ffmpeg`` command), and
+the output video's sound track is encoded from the same samples.
 
 Vocal separation follows the original MEMO: audio-separator with UVR's MDX-Net model ``Kim_Vocal_2.onnx``
 (``misc/vocal_separator/`` in the MEMO repo), run on the 16 kHz audio at audio-separator's 44.1 kHz, the
@@ -25,13 +26,17 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from memo.errors import UserError
+from memo.errors import UserError, as_path
+from memo.runtimes import import_runtime
+
+logger = logging.getLogger("memo")
 
 SAMPLE_RATE = 16000
 
@@ -44,62 +49,132 @@ class AudioError(UserError, ValueError):
 # Decoding
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode the first audio stream of ``path`` to a (samples,) float32 mono tensor at ``sample_rate``.
+@dataclass(frozen=True, eq=False)
+class DecodedAudio:
+    """The user's audio, decoded once at its own sample rate: the one source of every use of the sound.
 
-    The values are clipped to [-1, 1]. Damaged packets inside an otherwise readable file are skipped with a
-    warning, as the ``ffmpeg`` command does. Raises :class:`AudioError` when the file is missing, cannot be
-    decoded, has no audio stream or decodes to no samples. Nothing is written anywhere.
+    ``samples`` is a float32 array (channels, frames) in [-1, 1] at ``rate`` Hz with FFmpeg channel layout
+    ``layout``; ``lost_seconds`` is how much of the file was skipped as damaged (0 for an undamaged file).
+    :meth:`mono` gives the 16 kHz copy the audio models take; the mp4 writer encodes its sound track from
+    ``samples`` (``memo.io.video.VideoWriter``), so the file is never read again. Memory: 4 bytes per sample
+    and channel, about 21 MB a minute for 44.1 kHz stereo.
+    """
+
+    samples: np.ndarray
+    rate: int
+    layout: str
+    path: Path  # the file, or the name of audio that came from memory (audio_from_samples)
+    lost_seconds: float = 0.0
+
+    @property
+    def channels(self) -> int:
+        return self.samples.shape[0]
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[1] / self.rate
+
+    def mono(self, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+        """(samples,) float32 mono at ``sample_rate``, clipped to [-1, 1].
+
+        The channels are averaged (plain (L+R)/2, as librosa gives the original MEMO, rather than FFmpeg's
+        layout-dependent downmix gains), then FFmpeg's resampler converts the rate, as the original MEMO's
+        ``ffmpeg`` command does.
+        """
+        import av
+
+        if int(sample_rate) != sample_rate or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
+        mixed = self.samples.mean(axis=0, dtype=np.float32)
+        if sample_rate != self.rate:
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=int(sample_rate))
+            pieces = []
+            for start in range(0, mixed.shape[0], _RESAMPLE_BLOCK):
+                frame = av.AudioFrame.from_ndarray(mixed[None, start : start + _RESAMPLE_BLOCK], "fltp", "mono")
+                frame.sample_rate = self.rate
+                pieces += [out.to_ndarray()[0] for out in resampler.resample(frame)]
+            pieces += [out.to_ndarray()[0] for out in resampler.resample(None)]
+            mixed = np.concatenate(pieces).astype(np.float32, copy=False) if pieces else mixed[:0]
+        np.clip(mixed, -1.0, 1.0, out=mixed)
+        return torch.from_numpy(mixed)
+
+
+_RESAMPLE_BLOCK = 1 << 16
+
+
+def decode_audio(path: str | os.PathLike) -> DecodedAudio:
+    """Decode the first audio stream of ``path`` once, at the file's own sample rate and channel layout.
+
+    Damaged packets inside an otherwise readable file are skipped, as the ``ffmpeg`` command does, with a
+    warning (shown by default) that says how much audio was lost. A stream whose rate or layout changes
+    midway is converted to those of its first frame. Raises :class:`AudioError` when the file is missing,
+    cannot be decoded, has no audio stream or decodes to no samples. Nothing is written anywhere.
+    """
+    path = as_path(path, "The audio path")
+    container, stream = _open_audio(path)
+    with container:
+        chunks, target, damage = _decode_stream(container, stream)
+
+    if not chunks or not sum(chunk.shape[1] for chunk in chunks):
+        if damage.first_error is not None:
+            raise AudioError(
+                f"Cannot decode the audio of {path} ({_reason(damage.first_error)}). The file may be damaged; "
+                "convert it to WAV, MP3 or M4A and try again."
+            ) from damage.first_error
+        raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
+    samples = np.concatenate(chunks, axis=1)
+    np.clip(samples, -1.0, 1.0, out=samples)
+    rate, layout = target
+    if damage.skipped:
+        lost = f"about {damage.lost_seconds:.2f} s of audio lost" if damage.lost_seconds else "length lost unknown"
+        logger.warning(
+            "audio: %s is damaged: skipped %d unreadable part(s) (%s; %s); using the %.2f s that decode.",
+            path,
+            damage.skipped,
+            _reason(damage.first_error),
+            lost,
+            samples.shape[1] / rate,
+        )
+    return DecodedAudio(samples=samples, rate=rate, layout=layout, path=path, lost_seconds=damage.lost_seconds)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode ``path`` to a (samples,) float32 mono tensor at ``sample_rate``, in [-1, 1].
+
+    Shorthand for ``decode_audio(path).mono(sample_rate)``; raises :class:`AudioError` as
+    :func:`decode_audio` does. When the sound track is needed too, decode once and keep the
+    :class:`DecodedAudio`.
     """
     if int(sample_rate) != sample_rate or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
-    path = Path(path)
-    container, stream = _open_audio(path)
-    with container:
-        chunks, skipped, first_error = _decode_stream(container, stream, sample_rate)
-
-    if not chunks:
-        if first_error is not None:
-            raise AudioError(
-                f"Cannot decode the audio of {path} ({_reason(first_error)}). The file may be damaged; "
-                "convert it to WAV, MP3 or M4A and try again."
-            ) from first_error
-        raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
-    if skipped:
-        warnings.warn(f"{path}: skipped {skipped} damaged part(s) of the audio ({_reason(first_error)}).", stacklevel=2)
-
-    mono = np.concatenate(chunks)
-    if mono.size == 0:
-        raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
-    np.clip(mono, -1.0, 1.0, out=mono)
-    return torch.from_numpy(mono)
+    return decode_audio(path).mono(sample_rate)
 
 
-def resample_waveform(waveform: torch.Tensor | np.ndarray, sample_rate: int, name: str = "The audio") -> torch.Tensor:
-    """In-memory audio (channels, samples) or (samples,) at ``sample_rate`` as :func:`load_audio` gives a file:
-    a (samples,) float32 mono tensor at 16 kHz, clipped to [-1, 1].
+def audio_from_samples(samples: torch.Tensor | np.ndarray, rate: int, name: str = "The audio") -> DecodedAudio:
+    """Audio a host program already holds (ComfyUI's AUDIO, a notebook's array) as the :class:`DecodedAudio` a
+    file decodes to, so it takes the same path: the 16 kHz copy from :meth:`DecodedAudio.mono`, the mp4's sound
+    from the samples themselves.
 
-    The channels are averaged, then FFmpeg's resampler (the one decoding files uses) converts the rate.
-    Raises :class:`AudioError` naming ``name`` when there are no samples or some are NaN or infinite.
+    ``samples``: (channels, samples) or (samples,) floats in [-1, 1] at ``rate`` Hz (louder samples are
+    clipped). ``name`` stands for the audio in messages. Raises :class:`AudioError` naming it when there are no
+    samples or some are NaN or infinite, ValueError for a wrong shape or rate.
     """
     import av
 
-    samples = torch.as_tensor(waveform).detach().to("cpu", torch.float32)
-    if samples.dim() == 1:
-        samples = samples[None]
-    if samples.dim() != 2:
-        raise ValueError(f"Expected audio of shape (channels, samples) or (samples,), got {tuple(samples.shape)}.")
-    if samples.shape[-1] == 0:
+    array = torch.as_tensor(samples).detach().to("cpu", torch.float32).numpy()
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"Expected audio of shape (channels, samples) or (samples,), got {tuple(array.shape)}.")
+    if int(rate) != rate or rate <= 0:
+        raise ValueError(f"The sample rate must be a positive whole number of Hz, got {rate!r}.")
+    if array.shape[1] == 0:
         raise AudioError(f"{name} holds no audio samples. Pass audio with sound in it.")
-    if not torch.isfinite(samples).all():
+    if not np.isfinite(array).all():
         raise AudioError(f"{name} contains NaN or infinite samples; check what produced it.")
-    mono = samples.mean(dim=0).numpy()
-    if sample_rate != SAMPLE_RATE:
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono[None]), format="fltp", layout="mono")
-        frame.sample_rate = int(sample_rate)
-        resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
-        mono = np.concatenate([out.to_ndarray()[0] for out in [*resampler.resample(frame), *resampler.resample(None)]])
-    return torch.from_numpy(np.clip(mono, -1.0, 1.0).astype(np.float32))
+    array = np.clip(array, -1.0, 1.0)
+    layout = av.AudioLayout(f"{array.shape[0]}c").name  # FFmpeg's default layout for that many channels
+    return DecodedAudio(samples=np.ascontiguousarray(array), rate=int(rate), layout=layout, path=Path(name))
 
 
 def _open_audio(path: Path):
@@ -130,24 +205,39 @@ def _open_audio(path: Path):
 
 
 def check_audio(path: str | os.PathLike) -> Path:
-    """Fail early, cheaply, on audio that :func:`load_audio` would refuse: a missing, empty or unreadable file,
-    or one without an audio stream (only the container's header is read). Returns the path."""
-    path = Path(path)
+    """Fail early, cheaply, on audio that :func:`decode_audio` would refuse: a missing, empty or unreadable
+    file, or one without an audio stream (only the container's header is read). Returns the path."""
+    path = as_path(path, "The audio path")
     container, _ = _open_audio(path)
     container.close()
     return path
 
 
-def _decode_stream(container, stream, sample_rate: int) -> tuple[list[np.ndarray], int, Exception | None]:
-    """Decode ``stream`` into mono float32 chunks at ``sample_rate``; also how many packets failed, and the
-    first failure. A resampler keeps each frame's own channel layout and is rebuilt if the layout or rate
-    changes mid-stream. The channels are averaged here rather than by FFmpeg's downmix (whose gains depend on
-    the layout), so mono is plain (L+R)/2, as librosa gives the original MEMO."""
+@dataclass
+class _Damage:
+    """What decoding had to skip: how many packets, their total duration, and the first error."""
+
+    skipped: int = 0
+    lost_seconds: float = 0.0
+    first_error: Exception | None = None
+
+    def add(self, error: Exception, seconds: float = 0.0) -> None:
+        self.skipped += 1
+        self.lost_seconds += seconds
+        self.first_error = self.first_error or error
+
+
+def _decode_stream(container, stream) -> tuple[list[np.ndarray], tuple[int, str], _Damage]:
+    """Decode ``stream`` into float32 (channels, samples) chunks at the rate and layout of its first frame.
+
+    A resampler is used only to convert the sample format (and a rate or layout that changes mid-stream);
+    it is rebuilt whenever the incoming setup changes, as FFmpeg's resampler takes one input setup.
+    """
     import av
 
     chunks: list[np.ndarray] = []
-    skipped = 0
-    first_error: Exception | None = None
+    damage = _Damage()
+    target: tuple[int, str] | None = None
     resampler = None
     setup = None
 
@@ -155,30 +245,31 @@ def _decode_stream(container, stream, sample_rate: int) -> tuple[list[np.ndarray
         for out in frames:
             planes = out.to_ndarray()  # (channels, samples), planar float
             if planes.shape[-1]:
-                chunks.append(planes.reshape(-1, planes.shape[-1]).mean(axis=0, dtype=np.float32))
+                chunks.append(planes.reshape(-1, planes.shape[-1]).astype(np.float32, copy=False))
 
     try:
         for packet in container.demux(stream):
             try:
                 frames = packet.decode()
             except (av.error.FFmpegError, ValueError) as e:
-                skipped += 1
-                first_error = first_error or e
+                seconds = float(packet.duration * packet.time_base) if packet.duration and packet.time_base else 0.0
+                damage.add(e, seconds)
                 continue
             for frame in frames:
+                if target is None:
+                    target = (frame.sample_rate, frame.layout.name)
                 key = (frame.format.name, frame.layout.name, frame.layout.nb_channels, frame.sample_rate)
                 if key != setup:
                     if resampler is not None:
                         take(resampler.resample(None))
-                    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+                    resampler = av.AudioResampler(format="fltp", layout=target[1], rate=target[0])
                     setup = key
                 take(resampler.resample(frame))
     except (av.error.FFmpegError, ValueError) as e:  # the container itself breaks off (truncated file)
-        skipped += 1
-        first_error = first_error or e
+        damage.add(e)
     if resampler is not None:
         take(resampler.resample(None))
-    return chunks, skipped, first_error
+    return chunks, target or (stream.rate or SAMPLE_RATE, "mono"), damage
 
 
 def _reason(error: BaseException | None) -> str:
@@ -365,15 +456,9 @@ def _separator_class():
     nevertheless runs ``ffmpeg -version`` (``Separator.check_ffmpeg_installed``) and fails without a system
     ffmpeg; overriding that one method skips the check without touching PATH or the environment.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydub warns on import when there is no ffmpeg; it is not used
-            from audio_separator.separator import Separator
-    except ImportError as e:
-        raise VocalSeparatorError(
-            f"Vocal separation needs the audio-separator package ({e}). Install it with "
-            "`pip install audio-separator onnxruntime`, or turn vocal separation off."
-        ) from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydub warns on import when there is no ffmpeg; it is not used
+        Separator = import_runtime("audio_separator.separator").Separator  # noqa: N806 (audio-separator's class)
 
     class _NoFfmpegCheckSeparator(Separator):
         def check_ffmpeg_installed(self):  # see the docstring above

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from memo.errors import UserError
+from memo.runtimes import import_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def onnx_providers(device: str | None = None) -> tuple[list, int]:
     CUDA is used when onnxruntime offers it (the ``onnxruntime-gpu`` build); asking for "cuda" without it
     falls back to the CPU with a warning, since face analysis runs once per video.
     """
-    import onnxruntime
+    onnxruntime = import_runtime("onnxruntime")
 
     wanted = "auto" if device is None else str(device).lower()
     has_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
@@ -133,15 +134,8 @@ class FaceAnalyzer:
                 f"{expected}, as in misc/face_analysis/models of the published MEMO models."
             )
 
-        import onnxruntime
-
-        try:
-            from insightface.app import FaceAnalysis
-        except ImportError as error:
-            raise FaceModelError(
-                f"insightface is needed for face analysis but cannot be imported ({error}); "
-                f"install it with `pip install insightface onnxruntime`."
-            ) from error
+        onnxruntime = import_runtime("onnxruntime")
+        FaceAnalysis = import_runtime("insightface.app").FaceAnalysis  # noqa: N806 (insightface's class)
 
         providers, ctx_id = onnx_providers(device)
         onnxruntime.set_default_logger_severity(3)  # ORT warns about unused initializers of these models

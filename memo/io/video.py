@@ -1,9 +1,10 @@
 """The streaming mp4 writer: H.264 video with the input audio muxed in as AAC, published atomically.
 
-Frames are encoded as each clip finishes, and the audio is decoded and encoded alongside only as far
-as the video has got, so memory stays flat however long the video is. Everything goes to a hidden
-file beside the output, renamed onto it once complete; a failure anywhere removes the hidden file
-and leaves an existing output untouched.
+Frames are encoded as each clip finishes, and the sound track is encoded alongside only as far as the video
+has got, from the samples the audio conditions were made from (decoded once, never re-read from the file).
+Everything goes to a hidden file beside the output, renamed onto it once complete; a failure anywhere
+removes the hidden file (and the folders made for it) and leaves an existing output untouched.
+:func:`check_output_path` checks the location before any work, creating nothing.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -21,10 +23,12 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 import torch
-from memo.errors import UserError
+from memo.errors import UserError, as_path
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+    from memo.conditions.audio import DecodedAudio
 
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
 
@@ -33,9 +37,58 @@ class OutputExistsError(UserError, FileExistsError):
     """The output file exists and overwriting it was not asked for."""
 
 
+class OutputLocationError(UserError, OSError):
+    """The output cannot be written where it was asked for: a file in the way, no permission, no room."""
+
+
+MIN_FREE_BYTES = 64 * 1024**2
+"""Free space the output's folder must have: a few minutes of 512x512 H.264 at crf 18 with AAC sound (a
+minute is about 10 MB)."""
+
+
+def check_output_folder(folder: str | os.PathLike, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Check that files can be written in ``folder``, creating nothing that stays: call before any model loads.
+
+    The folder may not exist yet: then its nearest existing ancestor must be a folder (not a regular file) in
+    which a file can be created, which is tried (a hidden temporary file, removed at once). The filesystem
+    must have ``min_free_bytes`` free. Returns the folder; raises :class:`OutputLocationError` saying which
+    folder is the problem and why.
+    """
+    folder = as_path(folder, "The output folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        inside = "" if existing == folder else f" (it is inside {existing})"
+        raise OutputLocationError(
+            f"Cannot write to the output folder {folder}{inside}: {existing} is a file, not a folder. "
+            "Choose another output folder."
+        )
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".memo-write-check-"):
+            pass
+    except OSError as error:
+        where = "" if existing == folder else f" (where {folder} would be created)"
+        raise OutputLocationError(
+            f"Cannot write to the output folder {folder}: creating a file in {existing}{where} failed "
+            f"({error.strerror or error}). Choose a folder you can write to, or fix its permissions."
+        ) from None
+    free = shutil.disk_usage(existing).free
+    if free < min_free_bytes:
+        raise OutputLocationError(
+            f"Not enough free space for the output in {folder}: {free / 1024**2:.0f} MB free, at least "
+            f"{min_free_bytes / 1024**2:.0f} MB needed. Free some space or choose another output folder."
+        )
+    return folder
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Check that ``path`` may be written, and create its directory; call before any expensive work."""
-    path = Path(path).expanduser()
+    """Check that the file ``path`` may be written (see :func:`check_output_folder`); creates nothing.
+
+    Call before any expensive work. Raises :class:`OutputExistsError` for an existing output without
+    ``overwrite`` or a folder in its place, :class:`OutputLocationError` when its folder cannot be written.
+    """
+    path = as_path(path, "The output path")
     if path.is_dir():
         raise OutputExistsError(
             f"Output {str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}."
@@ -44,34 +97,19 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputExistsError(
             f"Output {str(path)!r} already exists; pass --overwrite to replace it, or choose another output."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_folder(path.parent)
     return path
 
 
-def _audio_stream(container: av.container.InputContainer, path: Path) -> av.audio.stream.AudioStream:
-    if not container.streams.audio:
-        raise ValueError(f"Audio file {str(path)!r} has no audio stream.")
-    return container.streams.audio[0]
-
-
-def check_audio(path: str | os.PathLike) -> Path:
-    """Check that ``path`` holds audio that can be decoded, so a bad file fails before any expensive work."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Audio file {str(path)!r} does not exist.")
-    try:
-        with av.open(str(path)) as container:
-            stream = _audio_stream(container, path)
-            next(container.decode(stream))
-    except StopIteration:
-        raise _audio_error(path, "it holds no audio samples") from None
-    except av.FFmpegError as error:
-        raise _audio_error(path, error.strerror or str(error)) from None
-    return path
-
-
-def _audio_error(path: Path, reason: str) -> ValueError:
-    return ValueError(f"Cannot decode audio file {str(path)!r}: {reason[:1].lower() + reason[1:]}.")
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)
+    return missing
 
 
 @dataclass
@@ -113,7 +151,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 
 
 class VideoWriter:
-    """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically."""
+    """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically.
+
+    ``audio`` is the user's audio as decoded for the conditions (:func:`memo.conditions.audio.decode_audio`);
+    its samples become the AAC track, cut to the video's length. The output's folder is created with the
+    file (and removed again if writing fails and it is left empty); :func:`check_output_path` is checked first.
+    """
 
     def __init__(
         self,
@@ -121,7 +164,7 @@ class VideoWriter:
         fps: float,
         width: int,
         height: int,
-        audio_path: str | os.PathLike | None = None,
+        audio: DecodedAudio | None = None,
         overwrite: bool = False,
         crf: int = 18,
         comment: str = "Generated by MEMO",
@@ -133,20 +176,24 @@ class VideoWriter:
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be between 0 and 51, got {crf}.")
         self.path = check_output_path(path, overwrite)
-        self.audio_path = None if audio_path is None else check_audio(audio_path)
         self.overwrite, self.width, self.height = overwrite, width, height
         self.rate = Fraction(fps).limit_denominator(1001)
         self.num_frames = 0
         self._closed = False
         self._audio: _AudioTrack | None = None
         self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial.mp4")
-        self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        self._created = _make_folders(self.path.parent)
+        try:
+            self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        except BaseException:
+            self._remove_created_folders()
+            raise
         try:
             self._container.metadata.update({"comment": comment, "description": comment})
             self._stream = self._container.add_stream("libx264", rate=self.rate, options={"crf": str(crf)})
             self._stream.width, self._stream.height, self._stream.pix_fmt = width, height, "yuv420p"
-            if self.audio_path is not None:
-                self._audio = _AudioTrack(self.audio_path, self._container)
+            if audio is not None:
+                self._audio = _AudioTrack(audio, self._container)
         except BaseException:
             self.abort()
             raise
@@ -198,7 +245,6 @@ class VideoWriter:
             if self._audio is not None:
                 self._container.mux(self._audio.encode_until(self.num_frames / self.rate))
                 self._container.mux(self._audio.flush())
-                self._audio.close()
             self._container.close()
             if not self.overwrite and self.path.exists():
                 raise OutputExistsError(f"Output {str(self.path)!r} appeared while writing; pass --overwrite.")
@@ -213,39 +259,55 @@ class VideoWriter:
         self._closed = True
         with contextlib.suppress(av.FFmpegError, OSError):
             self._container.close()
-        if self._audio is not None:
-            self._audio.close()
         self._tmp.unlink(missing_ok=True)
+        self._remove_created_folders()
+
+    def _remove_created_folders(self) -> None:
+        """Remove the folders this writer created for the output, where nothing else has been put in them."""
+        for folder in self._created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 class _AudioTrack:
-    """The input audio as an AAC stream of the output, decoded and encoded only as far as the video has got."""
+    """The decoded input audio as an AAC stream of the output, encoded only as far as the video has got.
 
-    def __init__(self, path: Path, container: av.container.OutputContainer) -> None:
-        self.path = path
-        self._source = av.open(str(path))
-        try:
-            stream = _audio_stream(self._source, path)
-            self.rate = stream.rate if stream.rate in _AAC_RATES else 48000
-            layout = "mono" if stream.channels == 1 else "stereo"
-            self.stream = container.add_stream("aac", rate=self.rate, layout=layout)
-            resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
-        except BaseException:
-            self._source.close()
-            raise
-        self._frames = _resampled(self._source.decode(stream), resampler)
+    The samples come from memory (the :class:`~memo.conditions.audio.DecodedAudio` the audio conditions were
+    made from), at the file's own rate when AAC allows it (else 48 kHz), in mono or stereo.
+    """
+
+    def __init__(self, audio: DecodedAudio, container: av.container.OutputContainer) -> None:
+        self.audio = audio
+        self.rate = audio.rate if audio.rate in _AAC_RATES else 48000
+        layout = "mono" if audio.channels == 1 else "stereo"
+        self.stream = container.add_stream("aac", rate=self.rate, layout=layout)
+        self._resampler = av.AudioResampler(format="fltp", layout=layout, rate=self.rate)
         self._fifo = av.AudioFifo()
-        self._done = 0
+        self._read = 0  # source samples fed to the resampler
+        self._done = 0  # output samples encoded
+
+    def _feed(self, count: int) -> None:
+        """Pass the next ``count`` source samples (fewer at the end) through the resampler into the FIFO."""
+        block = np.ascontiguousarray(self.audio.samples[:, self._read : self._read + count])
+        self._read += block.shape[1]
+        if block.shape[1]:
+            frame = av.AudioFrame.from_ndarray(block, format="fltp", layout=self.audio.layout)
+            frame.sample_rate = self.audio.rate
+            converted = self._resampler.resample(frame)
+        else:
+            converted = self._resampler.resample(None)
+        for out in converted:
+            out.pts = None
+            self._fifo.write(out)
 
     def encode_until(self, seconds: Fraction) -> list[av.Packet]:
         """Encode the samples up to ``seconds`` (or the end of the audio, if that comes first)."""
         wanted = round(seconds * self.rate) - self._done
-        try:
-            while self._fifo.samples < wanted and (frame := next(self._frames, None)) is not None:
-                frame.pts = None
-                self._fifo.write(frame)
-        except av.FFmpegError as error:
-            raise _audio_error(self.path, error.strerror or str(error)) from None
+        total = self.audio.samples.shape[1]
+        while self._fifo.samples < wanted and self._read < total:
+            self._feed(max(1024, math.ceil((wanted - self._fifo.samples) * self.audio.rate / self.rate)))
+            if self._read >= total:
+                self._feed(0)  # the resampler's last samples
         take = min(wanted, self._fifo.samples)
         if take <= 0:
             return []
@@ -256,12 +318,3 @@ class _AudioTrack:
 
     def flush(self) -> list[av.Packet]:
         return self.stream.encode(None)
-
-    def close(self) -> None:
-        self._source.close()
-
-
-def _resampled(frames: Iterator[av.AudioFrame], resampler: av.AudioResampler) -> Iterator[av.AudioFrame]:
-    for frame in frames:
-        yield from resampler.resample(frame)
-    yield from resampler.resample(None)

@@ -6,18 +6,24 @@ model by its input shape and number of outputs, never by file name):
 - The detector has a fixed input ``[1, 3, 64, 64]`` and the nine rank-2 outputs of SCRFD-10G-BNKPS, in its
   order ``score8, score16, score32, bbox8, bbox16, bbox32, kps8, kps16, kps32``. Because the input is fixed,
   insightface ignores ``det_size`` and always resizes the image (aspect kept, pasted top-left) to 64x64.
-  It knows two face positions, :data:`TINY_FACES`: a large one in the upper middle and a small one in the
-  lower right corner. Each is "detected" when the image is textured inside that box: the score is a sigmoid
-  of the mean of ``min(|dx|, |dy|)`` there, which is high for a photo or noise and close to zero for a flat
-  image, a smooth gradient, or the straight edge where a non-square image meets insightface's black padding.
-  So a blank image yields no face, a photo yields both (the large one is the one MEMO uses), and an image
-  textured only in its lower right corner yields just the small one.
+  It knows two face positions, :data:`TINY_FACES`: a large one in the upper middle, where a head-and-shoulders
+  portrait has its face, and a small one in the lower right corner. The large one is "detected" when the
+  image is textured inside its box: the score is a sigmoid of the mean of ``min(|dx|, |dy|)`` there, which
+  is high for a photo or noise and close to zero for a flat image, a smooth gradient, or the straight edge
+  where a non-square image meets insightface's black padding. The small one is "detected" only when its box
+  is textured and each side of a ring around it (leaving out the other face's box) is flat: a separate
+  small textured patch, as a second face in a crowd
+  shot stands apart from its surroundings, and not the shoulders or background of an ordinary portrait.
+  So, like the real detector, a blank image yields no face and a portrait photo or talking-head video frame
+  exactly one; an image textured in the large box and in the small box alone yields two (the large one is
+  the one MEMO uses), and one textured only in the small box yields just the small one.
 - The recognizer has input ``['None', 3, 112, 112]`` and one 512-d output, with seeded random weights, so
   the same crop always gives the same embedding and different crops give different ones.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,8 @@ _NUM_ANCHORS = 2
 _TEXTURE_THRESHOLD = 0.03
 _TEXTURE_SLOPE = 100.0
 _ABSENT_LOGIT = -12.0
+_RING = 4
+"""Width in pixels of the ring whose four sides must each be flat around an ``isolated`` face."""
 _OPSET = 17
 
 
@@ -48,6 +56,7 @@ class TinyFace:
     anchor_x: int
     anchor_y: int
     box: tuple[int, int, int, int]  # x1, y1, x2, y2
+    isolated: bool = False  # reported only when each side of the ring of _RING pixels around the box is flat
 
     @property
     def anchor_row(self) -> int:
@@ -65,21 +74,32 @@ class TinyFace:
 
 TINY_FACES = (
     TinyFace(stride=8, anchor_x=32, anchor_y=24, box=(20, 11, 44, 41)),
-    TinyFace(stride=16, anchor_x=48, anchor_y=48, box=(42, 44, 54, 60)),
+    TinyFace(stride=16, anchor_x=48, anchor_y=48, box=(42, 44, 54, 60), isolated=True),
 )
 
 
 class TinySCRFD(nn.Module):
-    """Scores each of :data:`TINY_FACES` by the texture inside its box; boxes and keypoints are fixed."""
+    """Scores each of :data:`TINY_FACES` by the texture inside its box (and, for an isolated one, the flatness
+    of the ring around it); boxes and keypoints are fixed."""
 
     def __init__(self) -> None:
         super().__init__()
         size = DETECTOR_INPUT_SIZE
         masks = torch.zeros(len(TINY_FACES), size - 1, size - 1)
+        sides = torch.zeros(len(TINY_FACES), 4, size - 1, size - 1)  # the ring's four sides, each its own
         for i, face in enumerate(TINY_FACES):
             x1, y1, x2, y2 = face.box
             masks[i, y1:y2, x1:x2] = 1.0
+            top, bottom, left, right = max(y1 - _RING, 0), y2 + _RING, max(x1 - _RING, 0), x2 + _RING
+            sides[i, 0, top:y1, left:right] = sides[i, 1, y2:bottom, left:right] = 1.0
+            sides[i, 2, y1:y2, left:x1] = sides[i, 3, y1:y2, x2:right] = 1.0
+        for i, j in itertools.permutations(range(len(TINY_FACES)), 2):  # another face is not the surroundings
+            x1, y1, x2, y2 = TINY_FACES[j].box
+            sides[i, :, max(y1 - 1, 0) : y2 + 1, max(x1 - 1, 0) : x2 + 1] = 0.0
         self.register_buffer("region_weights", masks / masks.sum(dim=(1, 2), keepdim=True))
+        self.register_buffer("side_weights", sides / sides.sum(dim=(2, 3), keepdim=True).clamp(min=1.0))
+        # A face that need not be isolated gets a ring logit so high that it never decides the score.
+        self.register_buffer("ring_bias", torch.tensor([0.0 if face.isolated else 1e4 for face in TINY_FACES]))
         for stride in _STRIDES:
             n = (size // stride) ** 2 * _NUM_ANCHORS
             select = torch.zeros(len(TINY_FACES), n, 1)
@@ -105,7 +125,10 @@ class TinySCRFD(nn.Module):
         dy = (image[:, 1:, :-1] - image[:, :-1, :-1]).abs()
         texture = torch.minimum(dx, dy).mean(dim=0)  # (63, 63)
         region_texture = (texture.unsqueeze(0) * self.region_weights).sum(dim=(1, 2))  # (faces,)
-        logits = (region_texture - _TEXTURE_THRESHOLD) * _TEXTURE_SLOPE - _ABSENT_LOGIT
+        ring_texture = (texture * self.side_weights).sum(dim=(2, 3)).amax(dim=1)  # (faces,): its busiest side
+        textured = (region_texture - _TEXTURE_THRESHOLD) * _TEXTURE_SLOPE
+        apart = (_TEXTURE_THRESHOLD - ring_texture) * _TEXTURE_SLOPE + self.ring_bias
+        logits = torch.minimum(textured, apart) - _ABSENT_LOGIT
         zero = region_texture.sum() * 0.0  # ties the constant outputs to the input
         scores, boxes, points = [], [], []
         for stride in _STRIDES:
