@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from conftest import REPO
+from memo.conditions.audio import audio_from_samples
 from memo.io.video import VideoWriter, probe_video
 
 PACK_DIR = REPO / "comfyui_memo"
@@ -243,7 +244,8 @@ def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, spee
 
     # What Create Video + Save Video make of the outputs: an mp4 of that many frames, as long as the audio.
     output = tmp_path / "out.mp4"
-    with VideoWriter(output, int(fps), 64, 64, audio_path=speech) as writer:
+    sound = audio_from_samples(audio_out["waveform"][0], audio_out["sample_rate"], "the AUDIO output")
+    with VideoWriter(output, int(fps), 64, 64, audio=sound) as writer:
         writer.write(frames.permute(3, 0, 1, 2))
     info = probe_video(output)
     assert info.num_frames == FRAMES and abs(info.audio_duration - SECONDS) < 0.05
