@@ -85,7 +85,8 @@ class MemoModel:
         return [conditions] if part == "conditions" else [self.generator]
 
     def weight_bytes(self, part: str) -> int:
-        """Bytes of the torch weights :meth:`modules` ``(part)`` moves (emotion2vec counted once loaded)."""
+        """Bytes of the torch weights :meth:`modules` ``(part)`` moves (emotion2vec only for ``"emotion"``: it is
+        loaded on first use, perhaps never)."""
         conditions = self.generator.conditions
         modules = [conditions.classifier]
         modules += [conditions.emotion_encoder] if part == "emotion" else [conditions.audio_encoder.model]
@@ -221,8 +222,5 @@ def audio_to_decoded(audio: dict) -> DecodedAudio:
             f"Expected one AUDIO clip, waveform (1, channels, samples); got shape {tuple(waveform.shape)}. "
             "Pass a single clip."
         )
-    rate = audio["sample_rate"]
-    if isinstance(rate, bool) or int(rate) != rate or rate <= 0:
-        raise MemoNodeError(f"The AUDIO input's sample_rate must be a positive whole number of Hz, got {rate!r}.")
     with shown_in_comfyui():
-        return audio_from_samples(waveform[0], int(rate), "The AUDIO input")
+        return audio_from_samples(waveform[0], audio["sample_rate"], "The AUDIO input")

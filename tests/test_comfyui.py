@@ -336,7 +336,7 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
         with pytest.raises(error, match=r"The IMAGE input holds no picture \(shape \(0, "):
             run(comfy, node, memo=memo, image=image[:0], **inputs)
     no_rate = {**audio, "sample_rate": 0}
-    with pytest.raises(error, match="sample_rate must be a positive whole number of Hz, got 0"):
+    with pytest.raises(error, match="The AUDIO input has sample rate 0; it must be a positive whole number of Hz"):
         run(comfy, "MemoEmotion", memo=memo, audio=no_rate, emotion="auto", overrides="")
     with pytest.raises(error, match="Model directory"):
         run(comfy, "LoadMemo", model="/nowhere/memo", weight_dtype="fp32", device="cpu", settings="")
