@@ -2,9 +2,10 @@
 
 The video is generated clip by clip. Each clip conditions on the reference image and the last frames
 generated so far (the reference image itself for the first clip): they are VAE-encoded, run once through
-the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance. The
-temporal memory of past frames is carried from clip to clip; finished clips are decoded in batches and can
-be handed to a callback as they come, so that a long video never needs to be held whole.
+the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance (or,
+opt-in, with fewer or cheaper steps: ``speed.py``). The temporal memory of past frames is carried from
+clip to clip; finished clips are decoded in batches and can be handed to a callback as they come, so that
+a long video never needs to be held whole.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ class MemoPipeline(DiffusionPipeline):
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
-            solver: "euler" (as published) or "unipc" (second-order multistep, on the same sigmas; ``solvers.py``).
+            solver: "euler" (as published) or "unipc" (second-order multistep flow solver; ``solvers.py``).
             guidance_window: (start, end) fractions of the steps that are guided; the conditional pass alone
                 runs on the others (``speed.plan_steps``, ``guidance.py``).
             deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
