@@ -3,7 +3,7 @@
 Three training-free savings, each a setting of its own, and the ``speed`` preset that combines them:
 
 - ``solver`` and ``solver_steps``: a second-order multistep flow-matching solver (``unipc``, diffusers'
-  UniPCMultistepScheduler on the Euler sigmas, see ``solvers.py``) needs fewer steps than Euler;
+  UniPCMultistepScheduler in its flow mode, see ``solvers.py``) needs fewer steps than Euler;
 - ``guidance_start`` / ``guidance_end``: classifier-free guidance only on the steps in that fraction of the
   schedule, the conditional pass alone on the others (see ``guidance.py``);
 - ``deep_cache_interval``: the whole diffusion net every N steps, only its outer layers in between, reusing
