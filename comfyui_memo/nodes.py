@@ -191,7 +191,7 @@ class MemoGenerate:
                 reference = generator.prepare_portrait(portrait, "the IMAGE input", allow_no_face)
                 prepared = generator.prepare_decoded(source, emotion, emotion_labels)
                 clips: list[torch.Tensor] = []
-                total = len(prepared.features) // generator.config.num_generated_frames_per_clip * steps
+                total = len(prepared.features) // generator.config.num_generated_frames_per_clip * generator.config.speed_settings.steps
                 generator.render_clips(reference, prepared, seed, clips.append, progress_bar(total))
         return frames_to_image(clips), audio, float(generator.config.fps)
 

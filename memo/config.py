@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memo.errors import UserError
 from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.speed import SpeedSettings, resolve_speed, speed_problems
 
 logger = logging.getLogger("memo")
 
@@ -69,6 +70,14 @@ class InferenceConfig:
     audio_chunk_seconds: float = 60.0
     crf: int = 18
 
+    # Speed (memo/speed.py): a preset, and settings that override its values (None: the preset's).
+    speed: str = "exact"
+    solver: str | None = None
+    solver_steps: int | None = None
+    guidance_start: float | None = None
+    guidance_end: float | None = None
+    deep_cache_interval: int | None = None
+
     # Model downloads.
     model_cache_dir: str | None = None  # where hub models are downloaded; default: the Hugging Face cache
 
@@ -76,6 +85,17 @@ class InferenceConfig:
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""
         return self.width or self.resolution, self.height or self.resolution
+
+    @property
+    def speed_settings(self) -> SpeedSettings:
+        """The ``speed`` preset with the speed settings given explicitly applied over it."""
+        return resolve_speed(self._speed_values(), self.inference_steps)
+
+    def _speed_values(self) -> dict:
+        return {name: getattr(self, name) for name in SPEED_KEYS}
+
+
+SPEED_KEYS = ("speed", "solver", "solver_steps", "guidance_start", "guidance_end", "deep_cache_interval")
 
 
 def validate(config: InferenceConfig) -> InferenceConfig:
@@ -102,6 +122,7 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(f"crf must be in 0..51, got {config.crf}")
     if config.audio_chunk_seconds <= 0:
         problems.append(f"audio_chunk_seconds must be positive, got {config.audio_chunk_seconds}")
+    problems += speed_problems(config._speed_values())
     if problems:
         raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")
     return config

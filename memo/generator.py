@@ -218,8 +218,9 @@ class MemoGenerator:
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
+        speed = config.speed_settings
         logger.info(
-            "generate: %d clips x %d steps, %dx%d, seed %d, on %s", clips, config.inference_steps, width, height, seed, self.device
+            "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s", clips, speed.steps, config.speed, speed.describe(), width, height, seed, self.device
         )
         done = 0
 
@@ -227,7 +228,7 @@ class MemoGenerator:
             nonlocal done
             done += 1
             if progress is not None:
-                progress(done / (clips * config.inference_steps), f"clip {clip + 1}/{clips}, step {step + 1}")
+                progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
         try:
             self.pipeline(
@@ -239,13 +240,13 @@ class MemoGenerator:
                 frames_per_clip=config.num_generated_frames_per_clip,
                 past_frames=config.num_past_frames,
                 initial_past_frames=config.num_init_past_frames,
-                num_inference_steps=config.inference_steps,
                 guidance_scale=config.cfg_scale,
                 seed=seed,
                 vae_batch_size=config.vae_batch_size,
                 output_type=None,
                 callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
                 callback_on_step_end=on_step,
+                **speed.pipeline_kwargs(),
             )
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(

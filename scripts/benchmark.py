@@ -2,12 +2,16 @@
 
     python scripts/benchmark.py --device cuda --dtype bf16 --resolution 512 --clips 2 --steps 20 --baseline
     python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --steps 2
+    python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --speed exact fast
+    python scripts/benchmark.py --flops   # FLOPs per frame of every speed setting, counted, no run
 
 Prints seconds per frame, peak memory, and the time split between preprocessing (wav2vec2 features and
 condition projections), the reference net, the denoising steps, VAE encoding and VAE decoding. With
 ``--baseline`` the same workload also runs the original release's way (one VAE call per frame, attention
 computed eagerly with explicit softmax) in the same process, then ours once more (so drift between runs
-shows), and the table reports the speed-up as a ratio.
+shows), and the table reports the speed-up as a ratio. ``--speed exact fast`` times each speed preset
+(memo/speed.py) in turn in the same process and reports FLOPs per frame next to the time; FLOPs are counted
+with PyTorch's FLOP counter on the same networks built on the ``meta`` device (memo/flops.py).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.flops import clip_flops
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.pipeline import MemoPipeline
+from memo.speed import SPEEDS, SpeedSettings, preset, variants
 from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -107,8 +113,11 @@ def peak_memory(device: torch.device) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
-def run(pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int) -> tuple[dict[str, float], float]:
-    """One generation of ``args.clips`` clips; returns the time split and the total seconds."""
+def run(
+    pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, speed: SpeedSettings | None = None
+) -> tuple[dict[str, float], float]:
+    """One generation of ``args.clips`` clips (``speed``: default exact); returns the time split and the total seconds."""
+    speed = speed or preset("exact", args.steps)
     device = pipe.device
     timer = Timer(device)
     frames = args.clips * args.frames_per_clip
@@ -122,14 +131,47 @@ def run(pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int) ->
     try:
         pipe(torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1, torch.randn(1, 512), features,
              torch.zeros(len(features), dtype=torch.long), num_frames=features.num_frames,
-             frames_per_clip=args.frames_per_clip, num_inference_steps=args.steps, guidance_scale=3.5, seed=0,
-             vae_batch_size=vae_batch, output_type=None)
+             frames_per_clip=args.frames_per_clip, guidance_scale=3.5, seed=0,
+             vae_batch_size=vae_batch, output_type=None, **speed.pipeline_kwargs())
     finally:
         for obj, method in ((pipe, "encode_frames"), (pipe, "decode_latents"), (pipe.reference_net, "forward"),
                             (pipe.diffusion_net, "forward")):
             del obj.__dict__[method]
     synchronize(device)
     return dict(timer.seconds), time.perf_counter() - start
+
+
+def flops_per_frame(args, speeds: dict[str, SpeedSettings]) -> dict[str, float]:
+    """FLOPs per frame of one clip for each of ``speeds``, counted on the networks built on the meta device."""
+    meta, _ = build_pipeline(args.size, torch.device("meta"), DTYPES[args.dtype])
+    return {
+        name: clip_flops(meta, speed, args.resolution, args.resolution, frames_per_clip=args.frames_per_clip).per_frame
+        for name, speed in speeds.items()
+    }
+
+
+def print_flops_table(args) -> None:
+    """FLOPs per frame of exact, of each fast setting alone and of fast, and their share of exact's."""
+    counted = flops_per_frame(args, variants(args.steps))
+    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, clips of {args.frames_per_clip} frames, "
+          f"{args.steps} exact steps, guidance 3.5: FLOPs per frame (torch FlopCounterMode, meta device)")
+    for name, flops in counted.items():
+        print(f"{name:36}{flops / 1e12:>10.2f} TFLOP{flops / counted['exact']:>8.1%} of exact")
+
+
+def compare_speeds(args, pipe: MemoPipeline, audio: Wav2VecAudioEncoder) -> None:
+    """Time one generation per ``--speed`` preset in turn, and print seconds and FLOPs per frame side by side."""
+    speeds = {name: preset(name, args.steps) for name in args.speed}
+    counted = flops_per_frame(args, speeds)
+    frames = args.clips * args.frames_per_clip
+    timed = {name: run(pipe, audio, args, args.vae_batch_size, speed)[1] for name, speed in speeds.items()}
+    first = args.speed[0]
+    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
+          f"{args.steps} exact steps, guidance on, {pipe.device} {args.dtype}")
+    print(f"{'speed':8}{'total s':>10}{'s/frame':>10}{'TFLOP/frame':>13}{'time vs ' + first:>16}{'FLOPs vs ' + first:>17}")
+    for name in speeds:
+        print(f"{name:8}{timed[name]:>10.2f}{timed[name] / frames:>10.3f}{counted[name] / 1e12:>13.3f}"
+              f"{timed[first] / timed[name]:>15.2f}x{counted[name] / counted[first]:>17.1%}")
 
 
 def main() -> None:
@@ -144,7 +186,12 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--vae-batch-size", type=int, default=8)
     parser.add_argument("--baseline", action="store_true", help="also run the original's way, for ratios")
+    parser.add_argument("--speed", nargs="+", choices=SPEEDS, help="time these speed presets side by side instead")
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs per frame of every speed setting")
     args = parser.parse_args()
+    if args.flops:
+        print_flops_table(args)
+        return
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
     start = time.perf_counter()
@@ -153,6 +200,9 @@ def main() -> None:
     print(f"built {args.size}-size networks on {device} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
     frames = args.clips * args.frames_per_clip
     run(pipe, audio, argparse.Namespace(**{**vars(args), "clips": 1, "steps": 1}), args.vae_batch_size)  # warm-up
+    if args.speed:
+        compare_speeds(args, pipe, audio)
+        return
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ours, ours_total = run(pipe, audio, args, args.vae_batch_size)
