@@ -141,7 +141,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         emotion: torch.Tensor,
         memory: TemporalMemory,
         update_memory: bool,
-        drop_reference: torch.Tensor | None = None,
+        drop_reference: tuple[bool, ...] | None = None,
     ) -> torch.Tensor:
         """Predict the velocity of a clip.
 
@@ -156,7 +156,8 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
             memory: the temporal memory; read by every temporal layer.
             update_memory: fold the reference's past frames into ``memory`` first (once per clip).
-            drop_reference: (batch,) bool; batches whose frames do not attend to the reference image.
+            drop_reference: one bool per batch item; True for items whose frames do not attend to the
+                reference image.
         """
         batch, _, frames, h, w = sample.shape
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
