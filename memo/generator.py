@@ -97,6 +97,7 @@ class MemoGenerator:
         # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
         self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
         if self.compiled:
+            cache = use_inductor_cache()  # before the first call, where compilation happens
             compile_networks(self.pipeline)
         apply_offload(self.pipeline, self.offload, self.device)
         self.conditions = ConditionModels.load(files, config, self.device)
@@ -111,7 +112,7 @@ class MemoGenerator:
             logger.info(
                 "models: the reference and diffusion nets compile on first use (a few minutes the first time; "
                 "kept in the inductor cache %s for later runs)",
-                use_inductor_cache(),
+                cache,
             )
 
     def with_settings(self, **settings) -> MemoGenerator:
