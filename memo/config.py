@@ -23,6 +23,8 @@ logger = logging.getLogger("memo")
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
 FRAMINGS = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+COMPILE_CHOICES = ("auto", "true", "false")
+OFFLOAD_CHOICES = ("none", "model", "group")
 
 LEGACY_KEYS = {
     "enable_xformers_memory_efficient_attention": "attention always runs through PyTorch's scaled_dot_product_attention",
@@ -81,6 +83,11 @@ class InferenceConfig:
     # Model downloads.
     model_cache_dir: str | None = None  # where hub models are downloaded; default: the Hugging Face cache
 
+    # GPU speed and memory (memo/compilation.py, memo/placement.py).
+    compile: str = "auto"
+    offload: str = "none"
+    vae_tile_size: int = 768
+
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""
@@ -123,6 +130,18 @@ def validate(config: InferenceConfig) -> InferenceConfig:
     if config.audio_chunk_seconds <= 0:
         problems.append(f"audio_chunk_seconds must be positive, got {config.audio_chunk_seconds}")
     problems += speed_problems(config._speed_values())
+    config.compile = str(config.compile).lower()  # YAML and key=value give booleans as True/False
+    if config.compile not in COMPILE_CHOICES:
+        problems.append(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {config.compile!r}")
+    if config.offload not in OFFLOAD_CHOICES:
+        problems.append(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {config.offload!r}")
+    if config.compile == "true" and config.offload == "group":
+        problems.append(
+            "compile=true cannot be combined with offload=group (group offloading moves weights inside the "
+            "networks' forward, which a whole-graph compile cannot trace); use compile=auto or offload=model"
+        )
+    if config.vae_tile_size < 0 or config.vae_tile_size % 64:
+        problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")
     if problems:
         raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")
     return config

@@ -85,7 +85,7 @@ def clip_flops(
     memory = TemporalMemory()
     cache = DeepFeatureCache() if speed.deep_cache_interval > 1 else None
     kinds: dict[tuple[bool, bool, bool], int] = {}
-    drop = torch.tensor([True, False][-batch:])  # on the CPU, so the network can branch on it
+    drop = (True, False)[-batch:]
 
     def step(batched: bool, whole: bool, update: bool) -> int:
         key = (batched, whole, update)

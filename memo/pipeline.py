@@ -120,20 +120,30 @@ class MemoPipeline(DiffusionPipeline):
 
     def encode_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means, ``batch_size`` frames at a time."""
-        vae = self.vae
-        latents = [
-            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)
-        ]
+        vae, device = self.vae, self._execution_device  # with offload hooks the VAE's weights may wait on the CPU
+        latents = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)]
         return torch.cat(latents) * vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(N, 4, h, w) scaled latents -> (N, 3, H, W) frames in [0, 1], ``batch_size`` frames at a time."""
-        vae = self.vae
+        vae, device = self.vae, self._execution_device
         frames = [
-            vae.decode(chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+            vae.decode(chunk.to(device, vae.dtype) / vae.config.scaling_factor).sample
             for chunk in latents.split(batch_size)
         ]
         return (torch.cat(frames).float() / 2 + 0.5).clamp(0, 1)
+
+    def use_vae_tiles(self, size: int) -> None:
+        """Encode and decode frames wider or taller than ``size`` pixels in overlapping tiles of ``size`` x
+        ``size`` (diffusers' AutoencoderKL tiling: a quarter of overlap, blended), so that VAE memory stays
+        bounded at any resolution; 0 turns tiling off. Frames no larger than ``size`` go through untouched."""
+        if size <= 0:
+            self.vae.disable_tiling()
+            return
+        self.vae.enable_tiling()
+        # AutoencoderKL takes its tile size from these two attributes (set from config.sample_size at init).
+        self.vae.tile_sample_min_size = size
+        self.vae.tile_latent_min_size = size // self.vae_scale_factor
 
     def check_inputs(
         self,
@@ -253,7 +263,7 @@ class MemoPipeline(DiffusionPipeline):
         if guided:
             image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
         image_tokens = image_tokens.to(dtype)
-        drop_reference = torch.tensor([True, False], device=device) if guided else None
+        drop_reference = (True, False) if guided else None  # the unconditional half does not see the reference
         reference_image = reference_image.to(device, self.vae.dtype)
         memory = memory if memory is not None else TemporalMemory()
         memory.reset()
@@ -285,6 +295,7 @@ class MemoPipeline(DiffusionPipeline):
             else:
                 clip_latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
             scheduler.set_timesteps(num_inference_steps, device=device)
+            scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
             if deep_cache is not None:
                 deep_cache.reset()
             conditional = None  # the conditional half's conditions, made after step 0 has written the memory

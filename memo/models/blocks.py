@@ -29,7 +29,7 @@ class FrameContext:
     emotion: torch.Tensor
     memory: TemporalMemory
     update_memory: bool
-    drop_reference: torch.Tensor | None
+    drop_reference: tuple[bool, ...] | None
     audio: torch.Tensor | None = None
 
 

@@ -142,7 +142,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         emotion: torch.Tensor,
         memory: TemporalMemory,
         update_memory: bool,
-        drop_reference: torch.Tensor | None = None,
+        drop_reference: tuple[bool, ...] | None = None,
         deep_cache: DeepFeatureCache | None = None,
         shallow: bool = False,
     ) -> torch.Tensor:
@@ -159,7 +159,8 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
             memory: the temporal memory; read by every temporal layer.
             update_memory: fold the reference's past frames into ``memory`` first (once per clip).
-            drop_reference: (batch,) bool; batches whose frames do not attend to the reference image.
+            drop_reference: one bool per batch item; True for items whose frames do not attend to the
+                reference image.
             deep_cache: with ``shallow=False`` the step runs whole and keeps its deep features there; with
                 ``shallow=True`` only the outer layers run, on the features kept (see ``deep_cache.py``).
         """
