@@ -193,7 +193,7 @@ class MemoGenerate:
             with on_device(memo, "conditions"):
                 prepared = generator.prepare_decoded(source, emotion, emotion_labels)
             clips: list[torch.Tensor] = []
-            total = len(prepared.features) // generator.config.num_generated_frames_per_clip * steps
+            total = len(prepared.features) // generator.config.num_generated_frames_per_clip * generator.config.speed_settings.steps
             with on_device(memo, "all", width, height) as loaded:  # a fresh copy, to log the render device
                 loaded.with_settings(**settings).render_clips(reference, prepared, seed, clips.append, progress_bar(total))
         return frames_to_image(clips), audio, float(generator.config.fps)

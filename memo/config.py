@@ -16,12 +16,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memo.errors import UserError
 from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.speed import SpeedSettings, resolve_speed, speed_problems
 
 logger = logging.getLogger("memo")
 
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
 FRAMINGS = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+COMPILE_CHOICES = ("auto", "true", "false")
+OFFLOAD_CHOICES = ("none", "model", "group")
 
 LEGACY_KEYS = {
     "enable_xformers_memory_efficient_attention": "attention always runs through PyTorch's scaled_dot_product_attention",
@@ -69,13 +72,37 @@ class InferenceConfig:
     audio_chunk_seconds: float = 60.0
     crf: int = 18
 
+    # Speed (memo/speed.py): a preset, and settings that override its values (None: the preset's).
+    speed: str = "exact"
+    solver: str | None = None
+    solver_steps: int | None = None
+    guidance_start: float | None = None
+    guidance_end: float | None = None
+    deep_cache_interval: int | None = None
+
     # Model downloads.
     model_cache_dir: str | None = None  # where hub models are downloaded; default: the Hugging Face cache
+
+    # GPU speed and memory (memo/compilation.py, memo/placement.py).
+    compile: str = "auto"
+    offload: str = "none"
+    vae_tile_size: int = 768
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""
         return self.width or self.resolution, self.height or self.resolution
+
+    @property
+    def speed_settings(self) -> SpeedSettings:
+        """The ``speed`` preset with the speed settings given explicitly applied over it."""
+        return resolve_speed(self._speed_values(), self.inference_steps)
+
+    def _speed_values(self) -> dict:
+        return {name: getattr(self, name) for name in SPEED_KEYS}
+
+
+SPEED_KEYS = ("speed", "solver", "solver_steps", "guidance_start", "guidance_end", "deep_cache_interval")
 
 
 def validate(config: InferenceConfig) -> InferenceConfig:
@@ -102,6 +129,19 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(f"crf must be in 0..51, got {config.crf}")
     if config.audio_chunk_seconds <= 0:
         problems.append(f"audio_chunk_seconds must be positive, got {config.audio_chunk_seconds}")
+    problems += speed_problems(config._speed_values())
+    config.compile = str(config.compile).lower()  # YAML and key=value give booleans as True/False
+    if config.compile not in COMPILE_CHOICES:
+        problems.append(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {config.compile!r}")
+    if config.offload not in OFFLOAD_CHOICES:
+        problems.append(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {config.offload!r}")
+    if config.compile == "true" and config.offload == "group":
+        problems.append(
+            "compile=true cannot be combined with offload=group (group offloading moves weights inside the "
+            "networks' forward, which a whole-graph compile cannot trace); use compile=auto or offload=model"
+        )
+    if config.vae_tile_size < 0 or config.vae_tile_size % 64:
+        problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")
     if problems:
         raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")
     return config
@@ -131,14 +171,14 @@ def load_config(
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(f"Invalid override: {error}") from error
-    for layer, source in zip(layers, ([str(path)] if path is not None else []) + [source]):
+    for layer, origin in zip(layers, ([str(path)] if path is not None else []) + [source]):
         for key in list(layer.keys()):
             if key in LEGACY_KEYS:
-                logger.warning("Ignoring %s from %s: %s.", key, source, LEGACY_KEYS[key])
+                logger.warning("Ignoring %s from %s: %s.", key, origin, LEGACY_KEYS[key])
                 del layer[key]
             elif key not in known:
                 raise ConfigError(
-                    f"Unknown setting {key!r} in {source}. Known settings: {', '.join(sorted(known))}."
+                    f"Unknown setting {key!r} in {origin}. Known settings: {', '.join(sorted(known))}."
                 )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(InferenceConfig), *layers)

@@ -7,6 +7,7 @@ Stages, each a module of its own: models (``io.hub``), image (``conditions.frami
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -14,11 +15,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
+from memo.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
 from memo.conditions.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
@@ -30,12 +32,19 @@ from memo.io.video import VideoWriter, check_output_path, probe_video
 from memo.loading import DTYPES, ConditionModels, locate_models, pick_device
 from memo.models.emotion_classifier import EMOTION_NAMES
 from memo.pipeline import MemoPipeline
+from memo.placement import (
+    apply_offload,
+    condition_models_placement,
+    effective_offload,
+    generation_working_bytes,
+    module_bytes,
+)
 
 logger = logging.getLogger("memo")
 
 LOAD_SETTINGS = frozenset(
     ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
-    + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds")
+    + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds", "compile", "offload")
 )
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
@@ -83,9 +92,28 @@ class MemoGenerator:
         start = time.perf_counter()
         files = locate_models(config, need_emotion2vec=config.emotion == "auto")
         self.files = files
-        self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype).to(self.device)
+        self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype)
+        self.offload = effective_offload(config.offload, self.device)
+        # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
+        self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
+        if self.compiled:
+            cache = use_inductor_cache()  # before the first call, where compilation happens
+            compile_networks(self.pipeline)
+        apply_offload(self.pipeline, self.offload, self.device)
         self.conditions = ConditionModels.load(files, config, self.device)
-        logger.info("models: loaded on %s (%s) in %.1f s", self.device, config.weight_dtype, time.perf_counter() - start)
+        logger.info(
+            "models: loaded on %s (%s, offload %s) in %.1f s",
+            self.device,
+            config.weight_dtype,
+            self.offload,
+            time.perf_counter() - start,
+        )
+        if self.compiled:
+            logger.info(
+                "models: the reference and diffusion nets compile on first use (a few minutes the first time; "
+                "kept in the inductor cache %s for later runs)",
+                cache,
+            )
 
     def with_settings(self, **settings) -> MemoGenerator:
         """A generator with some settings changed (resolution, steps, guidance, framing...) sharing these models.
@@ -107,10 +135,12 @@ class MemoGenerator:
     def to(self, device: torch.device | str) -> MemoGenerator:
         """Move the torch models to ``device``, e.g. off a GPU that a host program shares between models.
 
-        Face analysis and vocal separation stay on the ONNX Runtime device chosen at load.
+        Face analysis and vocal separation stay on the ONNX Runtime device chosen at load. With ``offload``
+        the networks stay under their hooks, which already keep them on the CPU between videos.
         """
         self.device = torch.device(device)
-        self.pipeline.to(self.device)
+        if self.offload == "none":
+            self.pipeline.to(self.device)
         self.conditions.to(self.device)
         return self
 
@@ -218,8 +248,9 @@ class MemoGenerator:
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
+        speed = config.speed_settings
         logger.info(
-            "generate: %d clips x %d steps, %dx%d, seed %d, on %s", clips, config.inference_steps, width, height, seed, self.device
+            "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s", clips, speed.steps, config.speed, speed.describe(), width, height, seed, self.device
         )
         done = 0
 
@@ -227,32 +258,60 @@ class MemoGenerator:
             nonlocal done
             done += 1
             if progress is not None:
-                progress(done / (clips * config.inference_steps), f"clip {clip + 1}/{clips}, step {step + 1}")
+                progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
+        self.pipeline.use_vae_tiles(config.vae_tile_size)
+        compile_before = compile_seconds()
         try:
-            self.pipeline(
-                image.reference,
-                image.face_embedding,
-                audio.features,
-                audio.emotion_labels,
-                num_frames=audio.features.num_frames,
-                frames_per_clip=config.num_generated_frames_per_clip,
-                past_frames=config.num_past_frames,
-                initial_past_frames=config.num_init_past_frames,
-                num_inference_steps=config.inference_steps,
-                guidance_scale=config.cfg_scale,
-                seed=seed,
-                vae_batch_size=config.vae_batch_size,
-                output_type=None,
-                callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
-                callback_on_step_end=on_step,
-            )
+            with self.conditions_out_of_the_way():
+                self.pipeline(
+                    image.reference,
+                    image.face_embedding,
+                    audio.features,
+                    audio.emotion_labels,
+                    num_frames=audio.features.num_frames,
+                    frames_per_clip=config.num_generated_frames_per_clip,
+                    past_frames=config.num_past_frames,
+                    initial_past_frames=config.num_init_past_frames,
+                    guidance_scale=config.cfg_scale,
+                    seed=seed,
+                    vae_batch_size=config.vae_batch_size,
+                    output_type=None,
+                    callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
+                    callback_on_step_end=on_step,
+                    **speed.pipeline_kwargs(),
+                )
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
                 f"vae_batch_size={config.vae_batch_size}. Try weight_dtype=bf16, vae_batch_size=1, or a smaller "
-                "resolution (e.g. resolution=384); close other programs using the GPU."
+                "resolution (e.g. resolution=384); offload=model or offload=group; close other programs using the GPU."
             ) from error
+        if self.compiled and compile_seconds() > compile_before:
+            logger.info("generate: %.1f s of it compiling the networks", compile_seconds() - compile_before)
+
+    @contextlib.contextmanager
+    def conditions_out_of_the_way(self) -> Iterator[None]:
+        """Park the condition models on the CPU while the video is generated, unless there is room for them
+        (the rule of :func:`memo.placement.condition_models_placement`), and bring them back afterwards."""
+        width, height = self.config.size
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        placement = condition_models_placement(
+            self.device,
+            self.offload,
+            free,
+            module_bytes(*self.conditions.networks()),
+            generation_working_bytes(width, height, self.dtype),
+        )
+        if placement.keep_on_device:
+            yield
+            return
+        logger.info("generate: condition models wait on the CPU (%s)", placement.reason)
+        self.conditions.to(torch.device("cpu"))
+        try:
+            yield
+        finally:
+            self.conditions.to(self.device)
 
     def generate(
         self,

@@ -149,6 +149,12 @@ class ConditionModels:
             cache_dir=config.model_cache_dir,
         )
 
+    def networks(self) -> list[torch.nn.Module]:
+        """The torch networks among the condition models (emotion2vec once loaded). Face analysis and vocal
+        separation run in ONNX Runtime sessions, which stay where they were created."""
+        encoder = [self._emotion_encoder] if self._emotion_encoder is not None else []
+        return [self.audio_encoder.model, self.classifier, *encoder]
+
     def to(self, device: torch.device) -> ConditionModels:
         """Move the torch models (wav2vec2, the emotion models) to ``device``; face analysis and vocal separation
         stay on the ONNX Runtime device chosen at load."""

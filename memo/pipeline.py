@@ -2,9 +2,10 @@
 
 The video is generated clip by clip. Each clip conditions on the reference image and the last frames
 generated so far (the reference image itself for the first clip): they are VAE-encoded, run once through
-the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance. The
-temporal memory of past frames is carried from clip to clip; finished clips are decoded in batches and can
-be handed to a callback as they come, so that a long video never needs to be held whole.
+the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance (or,
+opt-in, with fewer or cheaper steps: ``speed.py``). The temporal memory of past frames is carried from
+clip to clip; finished clips are decoded in batches and can be handed to a callback as they come, so that
+a long video never needs to be held whole.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from tqdm.auto import tqdm
 
 from memo.conditions.audio_features import AudioFeatures
 from memo.io.hub import resolve_model_dir
+from memo.guidance import conditional_memory, conditional_reference
 from memo.models.audio_module import NUM_EMOTIONS
+from memo.models.deep_cache import DeepFeatureCache
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
+from memo.solvers import flow_scheduler
+from memo.speed import SOLVERS, plan_steps
 
 NETWORKS = {
     "reference_net": ReferenceNet,
@@ -115,20 +120,30 @@ class MemoPipeline(DiffusionPipeline):
 
     def encode_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means, ``batch_size`` frames at a time."""
-        vae = self.vae
-        latents = [
-            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)
-        ]
+        vae, device = self.vae, self._execution_device  # with offload hooks the VAE's weights may wait on the CPU
+        latents = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)]
         return torch.cat(latents) * vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(N, 4, h, w) scaled latents -> (N, 3, H, W) frames in [0, 1], ``batch_size`` frames at a time."""
-        vae = self.vae
+        vae, device = self.vae, self._execution_device
         frames = [
-            vae.decode(chunk.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+            vae.decode(chunk.to(device, vae.dtype) / vae.config.scaling_factor).sample
             for chunk in latents.split(batch_size)
         ]
         return (torch.cat(frames).float() / 2 + 0.5).clamp(0, 1)
+
+    def use_vae_tiles(self, size: int) -> None:
+        """Encode and decode frames wider or taller than ``size`` pixels in overlapping tiles of ``size`` x
+        ``size`` (diffusers' AutoencoderKL tiling: a quarter of overlap, blended), so that VAE memory stays
+        bounded at any resolution; 0 turns tiling off. Frames no larger than ``size`` go through untouched."""
+        if size <= 0:
+            self.vae.disable_tiling()
+            return
+        self.vae.enable_tiling()
+        # AutoencoderKL takes its tile size from these two attributes (set from config.sample_size at init).
+        self.vae.tile_sample_min_size = size
+        self.vae.tile_latent_min_size = size // self.vae_scale_factor
 
     def check_inputs(
         self,
@@ -179,6 +194,9 @@ class MemoPipeline(DiffusionPipeline):
         output_type: str | None = "pt",
         callback_on_clip_end: ClipCallback | None = None,
         callback_on_step_end: StepCallback | None = None,
+        solver: str = "euler",
+        guidance_window: tuple[float, float] = (0.0, 1.0),
+        deep_cache_interval: int = 1,
     ) -> MemoPipelineOutput:
         """Generate the video.
 
@@ -193,7 +211,7 @@ class MemoPipeline(DiffusionPipeline):
             past_frames: generated frames each clip conditions on.
             initial_past_frames: copies of the reference image the first clip conditions on as its past
                 (default ``past_frames``).
-            num_inference_steps: Euler steps per clip.
+            num_inference_steps: solver steps per clip.
             guidance_scale: classifier-free guidance; 1 or less runs without guidance.
             generator / seed: randomness of the initial noise (a seed makes a CPU generator).
             latents: the initial noise of each clip, (clips, 4, frames_per_clip, H/8, W/8).
@@ -205,6 +223,13 @@ class MemoPipeline(DiffusionPipeline):
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
+            solver: "euler" (as published) or "unipc" (second-order multistep flow solver; ``solvers.py``).
+            guidance_window: (start, end) fractions of the steps that are guided; the conditional pass alone
+                runs on the others (``speed.plan_steps``, ``guidance.py``).
+            deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
+                cached deep features in between (``models/deep_cache.py``); 1 turns the cache off.
+
+        The defaults are the exact, published computation; see ``memo/speed.py`` for the speed settings.
         """
         # 1. Check inputs.
         self.check_inputs(
@@ -212,6 +237,12 @@ class MemoPipeline(DiffusionPipeline):
         )
         if output_type not in ("pt", "np", None):
             raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+        if not 0.0 <= guidance_window[0] <= guidance_window[1] <= 1.0:
+            raise ValueError(f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}.")
+        if deep_cache_interval < 1:
+            raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
         device = self._execution_device
         dtype = self.diffusion_net.dtype
         total = len(audio_features)
@@ -220,8 +251,11 @@ class MemoPipeline(DiffusionPipeline):
         height, width = reference_image.shape[-2:]
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        guided = guidance_scale > 1.0
+        plan = plan_steps(num_inference_steps, guidance_scale > 1.0, guidance_window, deep_cache_interval)
+        guided = any(step.batched for step in plan)  # the conditions hold both halves
         batch = 2 if guided else 1
+        scheduler = flow_scheduler(solver, self.scheduler)
+        deep_cache = DeepFeatureCache() if deep_cache_interval > 1 else None
 
         # 2. Encode the conditions that hold for the whole video.
         face_embedding = face_embedding.to(device, self.image_proj.dtype)
@@ -229,7 +263,7 @@ class MemoPipeline(DiffusionPipeline):
         if guided:
             image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
         image_tokens = image_tokens.to(dtype)
-        drop_reference = torch.tensor([True, False], device=device) if guided else None
+        drop_reference = (True, False) if guided else None  # the unconditional half does not see the reference
         reference_image = reference_image.to(device, self.vae.dtype)
         memory = memory if memory is not None else TemporalMemory()
         memory.reset()
@@ -260,24 +294,35 @@ class MemoPipeline(DiffusionPipeline):
                 clip_latents = latents[clip].reshape(latent_shape).to(device, dtype)
             else:
                 clip_latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-            for step, t in enumerate(self.scheduler.timesteps):
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
+            if deep_cache is not None:
+                deep_cache.reset()
+            conditional = None  # the conditional half's conditions, made after step 0 has written the memory
+            for step, t in enumerate(scheduler.timesteps):
+                todo = plan[step]
+                if todo.batched or not guided:
+                    inputs = (clip_latents.repeat(batch, 1, 1, 1, 1), t, reference, image_tokens, audio_tokens, emotion, memory)
+                    dropped = drop_reference
+                else:
+                    if conditional is None:
+                        conditional = (conditional_reference(reference), image_tokens[1:], audio_tokens[1:], emotion[1:])
+                        conditional += (conditional_memory(memory),)
+                    inputs, dropped = (clip_latents, t, *conditional), drop_reference[1:]
                 noise_pred = self.diffusion_net(
-                    clip_latents.repeat(batch, 1, 1, 1, 1),
-                    t,
-                    reference,
-                    image_tokens,
-                    audio_tokens,
-                    emotion,
-                    memory,
+                    *inputs,
                     update_memory=step == 0,
-                    drop_reference=drop_reference,
+                    drop_reference=dropped,
+                    deep_cache=deep_cache,
+                    shallow=not todo.whole,
                 )
                 guided_pred = noise_pred
-                if guided:
+                if todo.guided:
                     uncond, cond = noise_pred.chunk(2)
                     guided_pred = uncond + guidance_scale * (cond - uncond)
-                clip_latents = self.scheduler.step(guided_pred, t, clip_latents, return_dict=False)[0]
+                elif todo.batched:
+                    guided_pred = noise_pred.chunk(2)[1]
+                clip_latents = scheduler.step(guided_pred, t, clip_latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     tensors = {"latents": clip_latents, "noise_pred": noise_pred}
                     replaced = callback_on_step_end(self, clip, step, t, tensors) or {}

@@ -26,6 +26,7 @@ from memo.generator import MemoGenerator
 from memo.io.video import check_output_folder
 from memo.models.emotion_classifier import EMOTION_NAMES
 from memo.runtimes import check_runtimes
+from memo.speed import SPEEDS
 
 logger = logging.getLogger("memo")
 
@@ -113,6 +114,7 @@ class WebApp:
         guidance: float,
         seed: float | None,
         framing: str,
+        speed: str,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
     ) -> str:
         """Render the video and return its path."""
@@ -121,7 +123,7 @@ class WebApp:
         if not audio:
             raise gr.Error("Upload or record the speech first, or click 'Use the example'.", print_exception=False)
         with shown_in_page("Generation"):
-            settings = {"inference_steps": int(steps), "cfg_scale": float(guidance), "framing": framing}
+            settings = {"inference_steps": int(steps), "cfg_scale": float(guidance), "framing": framing, "speed": speed}
             settings |= {"emotion": emotion, **parse_size(size)} | ({} if seed is None else {"seed": int(seed)})
             generator = self.generator.with_settings(**settings)
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -158,6 +160,12 @@ class WebApp:
                         steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
                         guidance = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
                         seed = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
+                        speed = gr.Radio(
+                            list(SPEEDS),
+                            value=config.speed,
+                            label="Speed",
+                            info="fast: under a quarter of the compute, slightly different frames",
+                        )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
             example.click(
@@ -173,7 +181,7 @@ class WebApp:
             )
             run.click(
                 self.generate,
-                inputs=[image, audio, emotion, size, steps, guidance, seed, framing],
+                inputs=[image, audio, emotion, size, steps, guidance, seed, framing, speed],
                 outputs=video,
                 api_name="generate",
                 concurrency_limit=1,

@@ -1,13 +1,23 @@
 """Speed and memory of generation with the full-size MEMO architecture and random weights (no downloads).
 
     python scripts/benchmark.py --device cuda --dtype bf16 --resolution 512 --clips 2 --steps 20 --baseline
+    python scripts/benchmark.py --device cuda --variants eager,compiled,model,group
     python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --steps 2
+    python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --speed exact fast
+    python scripts/benchmark.py --flops   # FLOPs per frame of every speed setting, counted, no run
 
 Prints seconds per frame, peak memory, and the time split between preprocessing (wav2vec2 features and
 condition projections), the reference net, the denoising steps, VAE encoding and VAE decoding. With
-``--baseline`` the same workload also runs the original release's way (one VAE call per frame, attention
-computed eagerly with explicit softmax) in the same process, then ours once more (so drift between runs
-shows), and the table reports the speed-up as a ratio.
+``--baseline`` the same workload also runs with the original release's settings (memory-efficient
+attention, which the original gets from xformers and here comes from SDPA's efficient backend; one VAE
+call per frame; the condition model left on the device) in the same process, then ours once more (so drift
+between runs shows), and the table reports the speed-up as a ratio. ``--variants`` runs each
+``compile``/``offload`` choice (``eager``, ``compiled``, ``model``, ``group``, or joined as
+``compiled+model``) on freshly built networks and prints, per phase, s/frame, achieved TFLOP/s and the
+fraction of the chip's dense bf16 peak, and peak allocated/reserved GPU memory. ``--speed exact fast`` times
+each speed preset (memo/speed.py) in turn in the same process and reports FLOPs per frame next to the time;
+those FLOPs are counted with PyTorch's FLOP counter on the same networks built on the ``meta`` device
+(memo/flops.py).
 """
 
 from __future__ import annotations
@@ -22,14 +32,19 @@ from collections.abc import Iterator
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from memo.compilation import compile_networks, compile_seconds
 from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.flops import clip_flops
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.pipeline import MemoPipeline
+from memo.placement import apply_offload
+from memo.speed import SPEEDS, SpeedSettings, preset, variants
 from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,30 +61,79 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+PHASES = ("preprocessing (wav2vec2)", "reference net", "denoising steps", "VAE encode", "VAE decode")
+PHASE_METHODS = (("encode_frames", "VAE encode"), ("decode_latents", "VAE decode"),
+                 ("reference_net.forward", "reference net"), ("diffusion_net.forward", "denoising steps"))
+
+DENSE_BF16_TFLOPS = (
+    # Dense (no 2:4 sparsity) bf16 tensor-core peaks, from NVIDIA's datasheets: the H100 and H200 datasheets
+    # list 1,979 TFLOPS bf16 "with sparsity" for SXM (H100 PCIe 1,513; H100 NVL 1,671), half of it dense;
+    # the A100 datasheet lists 312 TFLOPS bf16 dense. Matched against torch.cuda.get_device_name in order.
+    ("H100 NVL", 835.5),
+    ("H100 PCIe", 756.5),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("A100", 312.0),
+)
+
+
+def dense_bf16_peak(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, or None for a device not in ``DENSE_BF16_TFLOPS``."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DENSE_BF16_TFLOPS if key in name), None)
+
+
 class Timer:
-    """Accumulates wall time per named phase, synchronising the device around each."""
+    """Accumulates wall time per named phase, synchronising the device around each; on CUDA also the peak
+    allocated and reserved memory reached within each phase (bytes)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.peak_allocated: dict[str, int] = defaultdict(int)
+        self.peak_reserved: dict[str, int] = defaultdict(int)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         synchronize(self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
         synchronize(self.device)
         self.seconds[name] += time.perf_counter() - start
+        if cuda:
+            self.peak_allocated[name] = max(self.peak_allocated[name], torch.cuda.max_memory_allocated(self.device))
+            self.peak_reserved[name] = max(self.peak_reserved[name], torch.cuda.max_memory_reserved(self.device))
 
-    def wrap(self, obj, method: str, name: str) -> None:
-        """Time every call of ``obj.method`` as phase ``name``."""
-        original = getattr(obj, method)
 
-        def timed(*args, **kwargs):
-            with self.phase(name):
-                return original(*args, **kwargs)
+@contextlib.contextmanager
+def around_phases(pipe: MemoPipeline, around) -> Iterator[None]:
+    """Run every call of each phase's method inside ``around(phase_name)`` (a context manager factory), and
+    put the methods back as they were afterwards (compiled forwards and offload hooks included)."""
+    saved = []
+    for path, name in PHASE_METHODS:
+        *owner_path, method = path.split(".")
+        owner = getattr(pipe, owner_path[0]) if owner_path else pipe
+        original = getattr(owner, method)
+        saved.append((owner, method, owner.__dict__.get(method)))
 
-        setattr(obj, method, timed)
+        def wrapped(*args, _original=original, _name=name, **kwargs):
+            with around(_name):
+                return _original(*args, **kwargs)
+
+        setattr(owner, method, wrapped)
+    try:
+        yield
+    finally:
+        for owner, method, before in saved:
+            if before is None:
+                del owner.__dict__[method]
+            else:
+                setattr(owner, method, before)
 
 
 def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> tuple[MemoPipeline, Wav2VecAudioEncoder]:
@@ -93,43 +157,190 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> tuple
     return pipe, Wav2VecAudioEncoder(wav2vec.eval(), Wav2Vec2FeatureExtractor()).to(device)
 
 
-def use_eager_attention(pipe: MemoPipeline, eager: bool) -> None:
-    """Switch the self- and cross-attention layers between explicit softmax and PyTorch SDPA."""
-    for net in (pipe.reference_net, pipe.diffusion_net):
-        for module in net.modules():
-            if isinstance(module, Attention) and not isinstance(module.processor, JointAttnProcessor2_0):
-                module.set_processor(AttnProcessor() if eager else AttnProcessor2_0())
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+def peak_memory(timer: Timer) -> str:
+    """The run's peak: the largest of its phases' peaks on CUDA, the process's peak RSS elsewhere."""
+    if timer.device.type == "cuda":
+        return f"{max(timer.peak_allocated.values(), default=0) / 2**30:.2f} GiB (GPU)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
-def run(pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int) -> tuple[dict[str, float], float]:
-    """One generation of ``args.clips`` clips; returns the time split and the total seconds."""
-    device = pipe.device
-    timer = Timer(device)
+def generate(
+    pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, around, speed: SpeedSettings | None = None
+) -> None:
+    """One generation of ``args.clips`` clips with random inputs, each phase inside ``around(phase)``, at
+    ``speed`` (default: exact with ``args.steps``)."""
+    speed = speed or preset("exact", args.steps)
     frames = args.clips * args.frames_per_clip
     waveform = torch.randn(math.ceil(frames / args.fps * 16000) - 400) * 0.1
-    start = time.perf_counter()
-    with timer.phase("preprocessing (wav2vec2)"):
+    with around("preprocessing (wav2vec2)"):
         features = audio(waveform, args.fps, args.frames_per_clip)
-    for obj, method, name in ((pipe, "encode_frames", "VAE encode"), (pipe, "decode_latents", "VAE decode"),
-                              (pipe.reference_net, "forward", "reference net"), (pipe.diffusion_net, "forward", "denoising steps")):
-        timer.wrap(obj, method, name)
-    try:
+    with around_phases(pipe, around):
         pipe(torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1, torch.randn(1, 512), features,
              torch.zeros(len(features), dtype=torch.long), num_frames=features.num_frames,
-             frames_per_clip=args.frames_per_clip, num_inference_steps=args.steps, guidance_scale=3.5, seed=0,
-             vae_batch_size=vae_batch, output_type=None)
-    finally:
-        for obj, method in ((pipe, "encode_frames"), (pipe, "decode_latents"), (pipe.reference_net, "forward"),
-                            (pipe.diffusion_net, "forward")):
-            del obj.__dict__[method]
+             frames_per_clip=args.frames_per_clip, guidance_scale=3.5, seed=0,
+             vae_batch_size=vae_batch, output_type=None, **speed.pipeline_kwargs())
+
+
+def run_timed(
+    pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, speed: SpeedSettings | None = None
+) -> Timer:
+    """One timed generation; the Timer holds the per-phase seconds and memory peaks, ``total`` the seconds."""
+    device = pipe._execution_device
+    timer = Timer(device)
+    start = time.perf_counter()
+    generate(pipe, audio, args, vae_batch, timer.phase, speed)
     synchronize(device)
-    return dict(timer.seconds), time.perf_counter() - start
+    timer.total = time.perf_counter() - start
+    return timer
+
+
+def count_flops_per_frame(pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args) -> dict[str, float]:
+    """FLOPs per video frame of each phase, counted with torch's FlopCounterMode (matmuls, convolutions and
+    attention; elementwise work is not counted) over one clip of ``args.steps`` steps on the pipeline's own
+    device. Per-clip work (VAE, reference net) and per-step work scale alike with clips, so one clip gives
+    the per-frame count of any length."""
+    counts: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def count(name: str) -> Iterator[None]:
+        with FlopCounterMode(display=False) as counter:
+            yield
+        counts[name] += counter.get_total_flops()
+
+    one_clip = argparse.Namespace(**{**vars(args), "clips": 1})
+    generate(pipe, audio, one_clip, args.vae_batch_size, count)
+    return {name: flops / args.frames_per_clip for name, flops in counts.items()}
+
+
+@contextlib.contextmanager
+def original_attention(device: torch.device) -> Iterator[str]:
+    """Attention as the original release runs it on a GPU: memory-efficient attention (xformers there, SDPA's
+    efficient backend here). Other devices have no efficient backend: SDPA's math backend stands in, and
+    the yielded label says so."""
+    if device.type == "cuda":
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            yield "memory-efficient attention"
+    else:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield "math attention (no efficient backend off CUDA)"
+
+
+VARIANT_PARTS = {"eager", "compiled", "none", "model", "group"}
+
+
+def parse_variant(spec: str) -> tuple[bool, str]:
+    """``"compiled+model"`` -> (compile, offload); parts: eager/compiled and none/model/group."""
+    parts = set(spec.split("+"))
+    if not parts <= VARIANT_PARTS or {"eager", "compiled"} <= parts or len(parts & {"none", "model", "group"}) > 1:
+        raise SystemExit(f"--variants: {spec!r} is not eager/compiled optionally joined with +none/+model/+group")
+    offload = next(iter(parts & {"none", "model", "group"}), "none")
+    compiled = "compiled" in parts
+    if compiled and offload == "group":
+        raise SystemExit("--variants: compiled+group is not supported (see memo/config.py)")
+    return compiled, offload
+
+
+def build_variant(args, device: torch.device, dtype: torch.dtype, compiled: bool, offload: str):
+    """Networks with the same random weights (seed 0), compiled and/or offloaded as asked; warmed up on two
+    clips of two steps so that every compiled graph exists before timing. Returns (pipe, audio, compile s)."""
+    torch.manual_seed(0)
+    pipe, audio = build_pipeline(args.size, device, dtype)
+    if offload != "none":
+        pipe.to("cpu")  # as loaded from disk: the hooks bring the weights in
+    if compiled:
+        compile_networks(pipe, mode=args.compile_mode, backend=args.compile_backend)
+    apply_offload(pipe, offload, device)
+    before = compile_seconds()
+    warm = argparse.Namespace(**{**vars(args), "clips": min(2, args.clips), "steps": min(2, args.steps)})
+    generate(pipe, audio, warm, args.vae_batch_size, lambda name: contextlib.nullcontext())
+    return pipe, audio, compile_seconds() - before
+
+
+def run_variants(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Each of ``args.variants`` on fresh networks: per phase seconds, s/frame, FLOPs, TFLOP/s, fraction of
+    the dense bf16 peak (bf16/fp16 only), peak allocated and reserved memory. Returns one dict per variant."""
+    frames = args.clips * args.frames_per_clip
+    peak = dense_bf16_peak(device) if dtype in (torch.bfloat16, torch.float16) else None
+    results, flops = [], None
+    for spec in args.variants.split(","):
+        compiled, offload = parse_variant(spec)
+        pipe, audio, compile_s = build_variant(args, device, dtype, compiled, offload)
+        if flops is None:  # the same work whatever the variant: counted once, on the eager path
+            with torch.compiler.set_stance("force_eager"):
+                flops = count_flops_per_frame(pipe, audio, args)
+        timer = run_timed(pipe, audio, args, args.vae_batch_size)
+        phases = {}
+        for name in PHASES:
+            seconds = timer.seconds.get(name, 0.0)
+            row = {"seconds": seconds, "s_per_frame": seconds / frames}
+            if seconds > 0:
+                row["flops_per_frame"] = flops.get(name, 0.0)
+                row["tflops_per_s"] = flops.get(name, 0.0) * frames / seconds / 1e12
+                if peak is not None:
+                    row["fraction_of_peak"] = row["tflops_per_s"] / peak
+            if device.type == "cuda":
+                row["peak_allocated_gib"] = timer.peak_allocated.get(name, 0) / 2**30
+                row["peak_reserved_gib"] = timer.peak_reserved.get(name, 0) / 2**30
+            phases[name] = row
+        results.append({"variant": spec, "compiled": compiled, "offload": offload, "compile_seconds": compile_s,
+                        "total_seconds": timer.total, "s_per_frame": timer.total / frames, "phases": phases,
+                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                        "dense_bf16_peak_tflops": peak})
+        del pipe, audio
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_variants(results: list[dict]) -> None:
+    for result in results:
+        phases = result["phases"].values()
+        allocated = max((row.get("peak_allocated_gib", 0.0) for row in phases), default=0.0)
+        reserved = max((row.get("peak_reserved_gib", 0.0) for row in phases), default=0.0)
+        memory = f", peak {allocated:.2f} GiB allocated / {reserved:.2f} GiB reserved" if reserved else ""
+        print(f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, {result['s_per_frame']:.3f} s/frame"
+              f"{memory} (compiling: {result['compile_seconds']:.1f} s before timing)")
+        print(f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}{'alloc GiB':>11}{'reserved GiB':>14}")
+        for name, row in result["phases"].items():
+            gflop = f"{row['flops_per_frame'] / 1e9:.1f}" if "flops_per_frame" in row else "-"
+            tflops = f"{row['tflops_per_s']:.1f}" if "tflops_per_s" in row else "-"
+            share = f"{row['fraction_of_peak']:.0%}" if "fraction_of_peak" in row else "-"
+            alloc = f"{row['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in row else "-"
+            res = f"{row['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in row else "-"
+            print(f"{name:26}{row['s_per_frame']:>10.4f}{gflop:>13}{tflops:>9}{share:>9}{alloc:>11}{res:>14}")
+
+
+def flops_per_frame(args, speeds: dict[str, SpeedSettings]) -> dict[str, float]:
+    """FLOPs per frame of one clip for each of ``speeds``, counted on the networks built on the meta device."""
+    meta, _ = build_pipeline(args.size, torch.device("meta"), DTYPES[args.dtype])
+    return {
+        name: clip_flops(meta, speed, args.resolution, args.resolution, frames_per_clip=args.frames_per_clip).per_frame
+        for name, speed in speeds.items()
+    }
+
+
+def print_flops_table(args) -> None:
+    """FLOPs per frame of exact, of each fast setting alone and of fast, and their share of exact's."""
+    counted = flops_per_frame(args, variants(args.steps))
+    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, clips of {args.frames_per_clip} frames, "
+          f"{args.steps} exact steps, guidance 3.5: FLOPs per frame (torch FlopCounterMode, meta device)")
+    for name, flops in counted.items():
+        print(f"{name:36}{flops / 1e12:>10.2f} TFLOP{flops / counted['exact']:>8.1%} of exact")
+
+
+def compare_speeds(args, pipe: MemoPipeline, audio: Wav2VecAudioEncoder) -> None:
+    """Time one generation per ``--speed`` preset in turn, and print seconds and FLOPs per frame side by side."""
+    speeds = {name: preset(name, args.steps) for name in args.speed}
+    counted = flops_per_frame(args, speeds)
+    frames = args.clips * args.frames_per_clip
+    timed = {name: run_timed(pipe, audio, args, args.vae_batch_size, speed).total for name, speed in speeds.items()}
+    first = args.speed[0]
+    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
+          f"{args.steps} exact steps, guidance on, {pipe.device} {args.dtype}")
+    print(f"{'speed':8}{'total s':>10}{'s/frame':>10}{'TFLOP/frame':>13}{'time vs ' + first:>16}{'FLOPs vs ' + first:>17}")
+    for name in speeds:
+        print(f"{name:8}{timed[name]:>10.2f}{timed[name] / frames:>10.3f}{counted[name] / 1e12:>13.3f}"
+              f"{timed[first] / timed[name]:>15.2f}x{counted[name] / counted[first]:>17.1%}")
 
 
 def main() -> None:
@@ -143,34 +354,43 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--vae-batch-size", type=int, default=8)
-    parser.add_argument("--baseline", action="store_true", help="also run the original's way, for ratios")
+    parser.add_argument("--baseline", action="store_true", help="also run with the original's settings, for ratios")
+    parser.add_argument("--variants", help="comma-separated compile/offload choices, e.g. eager,compiled,model,group")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for compiled variants")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled variants")
+    parser.add_argument("--speed", nargs="+", choices=SPEEDS, help="time these speed presets side by side instead")
+    parser.add_argument("--flops", action="store_true", help="only count FLOPs per frame of every speed setting")
     args = parser.parse_args()
+    if args.flops:
+        print_flops_table(args)
+        return
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.variants:
+        print_variants(run_variants(args, device, dtype))
+        return
 
     start = time.perf_counter()
     torch.manual_seed(0)
     pipe, audio = build_pipeline(args.size, device, dtype)
     print(f"built {args.size}-size networks on {device} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
     frames = args.clips * args.frames_per_clip
-    run(pipe, audio, argparse.Namespace(**{**vars(args), "clips": 1, "steps": 1}), args.vae_batch_size)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    ours, ours_total = run(pipe, audio, args, args.vae_batch_size)
-    ours_peak = peak_memory(device)
-    rows = [("ours", ours, ours_total, ours_peak)]
+    run_timed(pipe, audio, argparse.Namespace(**{**vars(args), "clips": 1, "steps": 1}), args.vae_batch_size)  # warm-up
+    if args.speed:
+        compare_speeds(args, pipe, audio)
+        return
+    ours = run_timed(pipe, audio, args, args.vae_batch_size)
+    rows = [("ours", ours.seconds, ours.total, peak_memory(ours))]
     if args.baseline:
-        use_eager_attention(pipe, eager=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        base, base_total = run(pipe, audio, args, vae_batch=1)
-        rows.append(("original's way", base, base_total, peak_memory(device)))
-        use_eager_attention(pipe, eager=False)
-        again, again_total = run(pipe, audio, args, args.vae_batch_size)  # ours once more: drift shows here
-        rows.append(("ours, again", again, again_total, ours_peak))
+        with original_attention(device) as attention:
+            base = run_timed(pipe, audio, args, vae_batch=1)
+        print(f"original's settings: {attention}, one VAE call per frame, wav2vec2 left on {device}")
+        rows.append(("original's set.", base.seconds, base.total, peak_memory(base)))
+        again = run_timed(pipe, audio, args, args.vae_batch_size)  # ours once more: drift shows here
+        rows.append(("ours, again", again.seconds, again.total, peak_memory(again)))
 
     print(f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
           f"{args.steps} steps, guidance on, {device} {args.dtype}")
-    phases = ["preprocessing (wav2vec2)", "reference net", "denoising steps", "VAE encode", "VAE decode"]
+    phases = list(PHASES)
     header = f"{'':16}" + "".join(f"{p:>26}" for p in phases) + f"{'total s':>10}{'s/frame':>10}  peak memory"
     print(header)
     for name, split, total, peak in rows:
@@ -179,7 +399,7 @@ def main() -> None:
     if args.baseline:
         ours_split = {p: (rows[0][1].get(p, 0.0) + rows[2][1].get(p, 0.0)) / 2 for p in phases}
         ours_mean = (rows[0][2] + rows[2][2]) / 2
-        print(f"\nspeed-up over the original's way (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
+        print(f"\nspeed-up over the original's settings (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
               + ", ".join(f"{p} {rows[1][1].get(p, 0) / max(ours_split[p], 1e-9):.2f}x" for p in phases[1:]))
 
 

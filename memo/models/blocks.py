@@ -29,7 +29,7 @@ class FrameContext:
     emotion: torch.Tensor
     memory: TemporalMemory
     update_memory: bool
-    drop_reference: torch.Tensor | None
+    drop_reference: tuple[bool, ...] | None
     audio: torch.Tensor | None = None
 
 
@@ -180,13 +180,14 @@ class DownBlock3D(LayerStack):
         )
 
     def forward(
-        self, x: torch.Tensor, features: list[torch.Tensor], ctx: FrameContext
+        self, x: torch.Tensor, features: list[torch.Tensor], ctx: FrameContext, num_layers: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the whole block, or only its first ``num_layers`` layers and not the downsampler."""
         skips = []
-        for i, resnet in enumerate(self.resnets):
+        for i, resnet in enumerate(self.resnets[:num_layers]):
             x = self._condition(i, self._run(resnet, x, ctx.temb), features[i], ctx)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and num_layers is None:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
@@ -234,10 +235,13 @@ class UpBlock3D(LayerStack):
         skips: list[torch.Tensor],
         ctx: FrameContext,
         upsample_size: tuple[int, int] | None,
+        layers: range | None = None,
     ) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), ctx.temb)
+        """Run the block, or only the consecutive ``layers`` (the upsampler runs after the last layer)."""
+        layers = range(len(self.resnets)) if layers is None else layers
+        for i in layers:
+            x = self._run(self.resnets[i], torch.cat([x, skips.pop()], dim=1), ctx.temb)
             x = self._condition(i, x, features[i], ctx)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and layers.stop == len(self.resnets):
             x = self.upsamplers[0](x, upsample_size)
         return x

@@ -17,6 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from memo.models.blocks import BlockSpec, DownBlock3D, FrameContext, MidBlock3D, NetSpec, UpBlock3D
+from memo.models.deep_cache import DeepFeatureCache
 from memo.models.published_config import DIFFUSION_NET_FIXED_SETTINGS, strip_fixed_settings
 from memo.models.reference_net import ReferenceFeatures
 from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
@@ -141,7 +142,9 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         emotion: torch.Tensor,
         memory: TemporalMemory,
         update_memory: bool,
-        drop_reference: torch.Tensor | None = None,
+        drop_reference: tuple[bool, ...] | None = None,
+        deep_cache: DeepFeatureCache | None = None,
+        shallow: bool = False,
     ) -> torch.Tensor:
         """Predict the velocity of a clip.
 
@@ -156,8 +159,13 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
             memory: the temporal memory; read by every temporal layer.
             update_memory: fold the reference's past frames into ``memory`` first (once per clip).
-            drop_reference: (batch,) bool; batches whose frames do not attend to the reference image.
+            drop_reference: one bool per batch item; True for items whose frames do not attend to the
+                reference image.
+            deep_cache: with ``shallow=False`` the step runs whole and keeps its deep features there; with
+                ``shallow=True`` only the outer layers run, on the features kept (see ``deep_cache.py``).
         """
+        if shallow and (deep_cache is None or update_memory):
+            raise ValueError("A shallow step needs a deep_cache and cannot update the temporal memory.")
         batch, _, frames, h, w = sample.shape
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         if timesteps.numel() not in (1, batch):
@@ -177,17 +185,32 @@ class DiffusionNet(ModelMixin, ConfigMixin):
 
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
         skips = [x]
-        for block, features in zip(self.down_blocks, reference.down):
-            x, block_skips = block(x, features, ctx)
+        last = self.up_blocks[-1]
+        if shallow:
+            x, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=deep_cache.outer_layers - 1)
+            x, ctx.audio = deep_cache.load(batch)
             skips.extend(block_skips)
-        x = self.mid_block(x, reference.mid, ctx)
-
-        levels = len(self.up_blocks)
-        for i, (block, features) in enumerate(zip(self.up_blocks, reference.up)):
-            block_skips = skips[-len(block.resnets) :]
-            del skips[-len(block.resnets) :]
-            upsample_size = tuple(skips[-1].shape[-2:]) if i < levels - 1 else None
-            x = block(x, features, block_skips, ctx, upsample_size)
+        else:
+            for block, features in zip(self.down_blocks, reference.down):
+                x, block_skips = block(x, features, ctx)
+                skips.extend(block_skips)
+            x = self.mid_block(x, reference.mid, ctx)
+            levels = len(self.up_blocks)
+            for i, (block, features) in enumerate(zip(self.up_blocks, reference.up)):
+                block_skips = skips[-len(block.resnets) :]
+                del skips[-len(block.resnets) :]
+                upsample_size = tuple(skips[-1].shape[-2:]) if i < levels - 1 else None
+                if block is last and deep_cache is not None:
+                    # Keep what enters the outer layers, then finish the block with the skips they need.
+                    inner = range(len(last.resnets) - deep_cache.outer_layers)
+                    x = block(x, features, block_skips, ctx, upsample_size, layers=inner)
+                    deep_cache.store(x, ctx.audio, batch)
+                    skips = block_skips
+                    break
+                x = block(x, features, block_skips, ctx, upsample_size)
+        if shallow or deep_cache is not None:
+            outer = range(len(last.resnets) - deep_cache.outer_layers, len(last.resnets))
+            x = last(x, reference.up[-1], skips, ctx, None, layers=outer)
 
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         return x.unflatten(0, (batch, frames)).transpose(1, 2)

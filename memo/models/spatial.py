@@ -33,23 +33,27 @@ class SpatialBlock(nn.Module):
         reference: torch.Tensor,
         image_tokens: torch.Tensor,
         batch: int,
-        drop_reference: torch.Tensor | None,
+        drop_reference: tuple[bool, ...] | None,
     ) -> torch.Tensor:
         """x: (batch*frames, tokens, dim); reference: (batch, tokens, dim) reference-frame features;
-        image_tokens: (batch, n, cross_dim); drop_reference: (batch,) bool, batches that do not see the reference.
+        image_tokens: (batch, n, cross_dim); drop_reference: one flag per batch item, True for those that do
+        not see the reference. The flags are plain Python bools, so which rows attend to what is known when
+        the network is traced (no data-dependent branch, no host synchronisation).
         """
         rows = x.shape[0]
         normed = self.norm1(x)
         # Row i of the frame batch is joined by reference i mod batch (the reference is tiled, as published).
         joined = torch.cat([normed, reference.repeat(rows // batch, 1, 1)], dim=1)
-        if drop_reference is None or not bool(drop_reference.any()):
+        if drop_reference is None or not any(drop_reference):
             attended = self.attn1(normed, encoder_hidden_states=joined)
         else:
-            own = drop_reference.repeat_interleave(rows // batch)
-            attended = torch.empty_like(normed)
-            attended[own] = self.attn1(normed[own])
-            if bool((~own).any()):
-                attended[~own] = self.attn1(normed[~own], encoder_hidden_states=joined[~own])
+            per_item = rows // batch
+            attended = torch.cat(
+                [
+                    self.attn1(item) if dropped else self.attn1(item, encoder_hidden_states=item_joined)
+                    for dropped, item, item_joined in zip(drop_reference, normed.split(per_item), joined.split(per_item))
+                ]
+            )
         x = attended + x
         x = self.attn2(self.norm2(x), encoder_hidden_states=image_tokens.repeat_interleave(rows // batch, 0)) + x
         return self.ff(self.norm3(x)) + x
@@ -83,7 +87,7 @@ class SpatialTransformer(nn.Module):
         reference: torch.Tensor,
         image_tokens: torch.Tensor,
         batch: int,
-        drop_reference: torch.Tensor | None,
+        drop_reference: tuple[bool, ...] | None,
     ) -> torch.Tensor:
         """x: (batch*frames, C, H, W) -> same shape."""
         n, _, h, w = x.shape

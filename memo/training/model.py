@@ -116,7 +116,7 @@ class MemoTrainingModel(nn.Module):
                     emotion[one],
                     TemporalMemory(),
                     update_memory=True,
-                    drop_reference=None if drop_reference is None else drop_reference[one],
+                    drop_reference=None if drop_reference is None else (bool(drop_reference[i]),),
                 )
             )
         return torch.cat(predictions)

@@ -1,0 +1,107 @@
+"""FLOPs of generating one clip, counted with PyTorch's FLOP counter, for any speed settings.
+
+Every network call a clip makes is run once under ``torch.utils.flop_counter.FlopCounterMode`` (the VAE
+encoding the reference image and past frames, the audio projection, the reference net, the diffusion net
+in each kind of step: whole with the memory update, whole, outer layers only, each with the batch the step
+runs), and the counts are summed over the clip's step plan (``speed.plan_steps``, the plan the pipeline
+follows). On the ``meta`` device this costs no memory and no time, so the full-size networks can be counted
+at any resolution. The counter counts matrix multiplications, convolutions and attention (2 FLOPs per
+multiply-add); norms and element-wise work are not counted (a few percent at most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from memo.guidance import conditional_memory, conditional_reference
+from memo.models.deep_cache import DeepFeatureCache
+from memo.models.temporal_memory import TemporalMemory
+from memo.pipeline import MemoPipeline
+from memo.speed import SpeedSettings, plan_steps
+
+
+def _count(fn) -> tuple[int, object]:
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return counter.get_total_flops(), result
+
+
+@dataclass
+class ClipFlops:
+    """FLOPs of one clip by part; ``per_frame`` divides the total by the clip's frames."""
+
+    vae_and_projections: int
+    reference_net: int
+    denoising: int
+    frames: int
+
+    @property
+    def total(self) -> int:
+        return self.vae_and_projections + self.reference_net + self.denoising
+
+    @property
+    def per_frame(self) -> float:
+        return self.total / self.frames
+
+
+@torch.no_grad()
+def clip_flops(
+    pipe: MemoPipeline,
+    speed: SpeedSettings,
+    height: int,
+    width: int,
+    guidance_scale: float = 3.5,
+    frames_per_clip: int = 16,
+    past_frames: int = 16,
+) -> ClipFlops:
+    """The FLOPs of one (later) clip of ``pipe`` at ``height`` x ``width`` pixels with ``speed``.
+
+    The pipeline's networks may live on any device, ``meta`` included; inputs are made there.
+    """
+    device = pipe.diffusion_net.device
+    dtype = pipe.diffusion_net.dtype
+    plan = plan_steps(speed.steps, guidance_scale > 1.0, speed.guidance_window, speed.deep_cache_interval)
+    batch = 2 if any(step.batched for step in plan) else 1
+    h, w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+    net = pipe.diffusion_net
+    tokens_dim = net.config.cross_attention_dim
+    audio_proj = pipe.audio_proj.config
+
+    def make(*shape, dtype=dtype):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    encode, _ = _count(lambda: pipe.encode_frames(make(1 + past_frames, 3, height, width, dtype=pipe.vae.dtype), 64))
+    decode, _ = _count(lambda: pipe.decode_latents(make(frames_per_clip, 4, h, w, dtype=pipe.vae.dtype), 64))
+    audio_window = make(1, frames_per_clip, audio_proj.seq_len, audio_proj.blocks, audio_proj.channels)
+    projections, audio_tokens = _count(lambda: pipe.audio_proj(audio_window))
+    image_tokens = make(batch, pipe.image_proj.config.clip_extra_context_tokens, tokens_dim)
+    latents = make(batch * (1 + past_frames), 4, h, w)
+    context = image_tokens.repeat(1 + past_frames, 1, 1)
+    reference_flops, reference = _count(lambda: pipe.reference_net(latents, 0.0, context))
+
+    memory = TemporalMemory()
+    cache = DeepFeatureCache() if speed.deep_cache_interval > 1 else None
+    kinds: dict[tuple[bool, bool, bool], int] = {}
+    drop = (True, False)[-batch:]
+
+    def step(batched: bool, whole: bool, update: bool) -> int:
+        key = (batched, whole, update)
+        if key not in kinds:
+            items = 2 if batched else 1
+            own = items == batch
+            features, held = (reference, memory) if own else (conditional_reference(reference), conditional_memory(memory))
+            audio = audio_tokens.repeat(items, 1, 1, 1).to(dtype)
+            kinds[key], _ = _count(
+                lambda: net(make(items, 4, frames_per_clip, h, w), 500.0, features, image_tokens[-items:], audio,
+                            torch.zeros(items, dtype=torch.long), held, update_memory=update,
+                            drop_reference=drop[-items:], deep_cache=cache, shallow=not whole)  # fmt: skip
+            )
+        return kinds[key]
+
+    denoising = 0
+    for index, todo in enumerate(plan):
+        denoising += step(todo.batched or batch == 1, todo.whole, index == 0)
+    return ClipFlops(encode + decode + projections, reference_flops, denoising, frames_per_clip)

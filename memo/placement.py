@@ -1,0 +1,111 @@
+"""Where the models live during generation: the ``offload`` setting and the condition models' placement rule.
+
+``offload`` chooses between diffusers' own offloading hooks:
+
+- ``none``: every network stays on the device.
+- ``model``: :meth:`DiffusionPipeline.enable_model_cpu_offload` over ``MemoPipeline.model_cpu_offload_seq``:
+  a whole network moves to the device when it runs and leaves when the next one in the sequence starts
+  (each clip moves the VAE, the reference net and the diffusion net in once).
+- ``group``: :meth:`DiffusionPipeline.enable_group_offload` at leaf level: each layer's weights are brought
+  in just before it runs, with CUDA streams prefetching the next layer while the current one computes.
+  Leaf level because the reference net calls its blocks' layers directly, so block-level hooks (on a block's
+  ``forward``) would never fire.
+
+The temporal memory and the reference features are activations, not weights: no hook moves them, and they
+stay on the device in every mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("memo")
+
+
+def apply_offload(pipe, offload: str, device: torch.device) -> None:
+    """Put ``pipe``'s networks on ``device`` (``none``) or install diffusers' ``model`` / ``group`` offload
+    hooks that bring them there when they run. The hooks also work with ``device`` a CPU (they then move
+    nothing), which is how the tests check that every mode computes the same video."""
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "group":
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
+    else:
+        raise ValueError(f"offload must be one of none, model, group; got {offload!r}.")
+
+
+def effective_offload(offload: str, device: torch.device) -> str:
+    """``offload`` as it applies on ``device``: offloading moves weights from the CPU to an accelerator, so on
+    a CPU it is meaningless and becomes ``none`` (with a warning), never an error, so that one config file
+    serves GPU and CPU machines."""
+    if offload != "none" and device.type == "cpu":
+        logger.warning("offload=%s has no effect on the CPU (there is no accelerator memory to save); ignoring it.", offload)
+        return "none"
+    return offload
+
+
+def module_bytes(*modules: torch.nn.Module | None) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (None entries count 0)."""
+    return sum(
+        t.numel() * t.element_size()
+        for module in modules
+        if module is not None
+        for t in (*module.parameters(), *module.buffers())
+    )
+
+
+@dataclass(frozen=True)
+class ConditionPlacement:
+    """The decision of :func:`condition_models_placement` and why."""
+
+    keep_on_device: bool
+    reason: str
+
+
+def condition_models_placement(
+    device: torch.device, offload: str, free_bytes: int | None, condition_bytes: int, generation_bytes: int
+) -> ConditionPlacement:
+    """Whether the condition models (wav2vec2, emotion2vec, the emotion classifier) stay on ``device`` while
+    the video is generated, or wait on the CPU.
+
+    The rule: they stay on a CPU or Apple MPS device (nothing to gain: MPS memory is the system's); on CUDA
+    they leave when any ``offload`` is asked for (memory is short by the user's own word), and otherwise stay
+    only when the free device memory (``free_bytes``, from ``torch.cuda.mem_get_info`` with the networks
+    loaded; None: unknown) holds their own size ``condition_bytes`` plus the generation's working memory
+    ``generation_bytes`` (see :func:`generation_working_bytes`).
+    """
+    if device.type != "cuda":
+        return ConditionPlacement(True, f"{device.type} device")
+    if offload != "none":
+        return ConditionPlacement(False, f"offload={offload}")
+    if free_bytes is None:
+        return ConditionPlacement(False, "free GPU memory unknown")
+    needed = condition_bytes + generation_bytes
+    gib = 2**30
+    if free_bytes >= needed:
+        return ConditionPlacement(True, f"{free_bytes / gib:.1f} GiB free >= {needed / gib:.1f} GiB needed")
+    return ConditionPlacement(False, f"{free_bytes / gib:.1f} GiB free < {needed / gib:.1f} GiB needed")
+
+
+WORKING_BYTES_PER_PIXEL = 12.5 * 2**30 / (512 * 512)
+"""Device memory generation needs per output pixel in bf16/fp16, beyond the weights: the H200 peak of
+scripts/benchmark.py at 512x512 (17.6 GiB, README) less the full-size networks' 4.95 GiB of bf16 weights
+(2,656 M parameters) and wav2vec2's 0.35 GiB (fp32), rounded up to 12.5 GiB. Of that, 6.5 GiB is the
+temporal memory and 0.76 GiB the reference features (counted on the meta device); all of it scales with
+the pixel count. Doubled for fp32."""
+
+
+def generation_working_bytes(width: int, height: int, dtype: torch.dtype) -> int:
+    """Estimated device memory generation needs beyond the weights at ``width`` x ``height`` (bytes)."""
+    scale = 2 if dtype == torch.float32 else 1
+    return int(WORKING_BYTES_PER_PIXEL * width * height * scale)

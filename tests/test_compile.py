@@ -1,0 +1,62 @@
+"""torch.compile of the reference and diffusion nets, on CPU with the tiny checkpoint.
+
+COMPILE TEST, one of the suite's slowest (minutes on two cores, all of it dynamo tracing 20,000 calls):
+the networks are captured whole (``fullgraph=True``, so any graph break fails the test) and the captured
+graphs run with the ``eager`` backend. What may go wrong on a GPU compile is the capture itself (graph
+breaks, the temporal memory's updates replayed wrongly), which this checks; inductor's C++ code generation
+would add tens of minutes on a small CPU (measured: 8 minutes for aot_eager alone, frames within 6e-5 of
+eager), so inductor runs in the GPU check (scripts/gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from memo.compilation import compile_enabled, compile_networks, use_inductor_cache
+from memo.pipeline import MemoPipeline
+from test_pipeline import FPC, make_inputs
+
+
+def generate(pipe):
+    args = dict(make_inputs(clips=2), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=2, seed=11)
+    return pipe(**args, guidance_scale=3.5).frames
+
+
+def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
+    pipe = MemoPipeline.from_checkpoint(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    eager = generate(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_networks(pipe, backend="eager")
+    compiled = generate(pipe)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    # One reference-net graph; three diffusion-net graphs: the memory created (first clip, first step),
+    # folded into (later clips, first step), only read (other steps). A second video compiles nothing.
+    assert counters["stats"]["unique_graphs"] == 4
+    assert torch.equal(generate(pipe), compiled)
+    assert counters["stats"]["unique_graphs"] == 4
+
+
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [("auto", "cuda", True), ("auto", "cpu", False), ("auto", "mps", False), ("true", "cpu", True), ("false", "cuda", False)],
+)
+def test_compile_setting(setting, device, expected):
+    assert compile_enabled(setting, torch.device(device)) is expected
+
+
+def test_inductor_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    chosen = use_inductor_cache(tmp_path / "cache")
+    assert chosen.is_dir() and chosen == tmp_path / "cache"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert cache_dir() == str(chosen)  # where inductor will read and write its compiled graphs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
+    assert use_inductor_cache() == tmp_path / "theirs"  # a directory the user set is kept

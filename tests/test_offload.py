@@ -1,0 +1,142 @@
+"""The GPU memory settings on CPU: offload modes give the video of offload=none, settings are validated,
+the condition models' placement rule, VAE tiles. (Their memory savings need a GPU: scripts/gpu_check.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.hooks import HookRegistry
+
+from memo.config import ConfigError, load_config
+from memo.models.temporal_memory import TemporalMemory
+from memo.pipeline import MemoPipeline
+from memo.placement import (
+    apply_offload,
+    condition_models_placement,
+    effective_offload,
+    generation_working_bytes,
+    module_bytes,
+)
+from test_pipeline import FPC, make_inputs
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+GIB = 2**30
+
+
+def generate(pipe, memory=None):
+    args = dict(make_inputs(clips=2), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=1, seed=7)
+    return pipe(**args, guidance_scale=3.5, memory=memory).frames
+
+
+def load(checkpoint) -> MemoPipeline:
+    """The tiny pipeline with its weights copied out of the memory-mapped checkpoint: CPU matmul kernels round
+    differently on unaligned memory (7e-5 on the frames), and model offload's hooks copy every weight to
+    "cpu:0" (a new, aligned allocation), so all pipelines compared here start from copies."""
+    pipe = MemoPipeline.from_checkpoint(checkpoint).to(torch.device("cpu", 0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def reference_video(tiny_checkpoint):
+    pipe = load(tiny_checkpoint)
+    memory = TemporalMemory()
+    return generate(pipe, memory), memory
+
+
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_offload_modes_give_the_video_of_none(tiny_checkpoint, reference_video, offload):
+    expected, expected_memory = reference_video
+    pipe = load(tiny_checkpoint)
+    apply_offload(pipe, offload, CPU)  # the hooks run; on a CPU they move nothing
+    if offload == "model":
+        assert len(pipe._all_hooks) == len(pipe.model_cpu_offload_seq.split("->"))
+    else:
+        hooked = [m for m in pipe.diffusion_net.modules() if getattr(m, "_diffusers_hook", None) is not None]
+        assert isinstance(pipe.diffusion_net.conv_in._diffusers_hook, HookRegistry) and len(hooked) > 100
+    memory = TemporalMemory()
+    video = generate(pipe, memory)
+    assert torch.equal(video, expected)
+    # The temporal memory is carried across clips exactly as without hooks.
+    assert memory.states.keys() == expected_memory.states.keys()
+    for name, (kv, z) in memory.states.items():
+        assert torch.equal(kv, expected_memory.states[name][0]) and torch.equal(z, expected_memory.states[name][1])
+
+
+def test_unknown_offload_mode_is_rejected_by_the_pipeline_helper(tiny_pipeline):
+    with pytest.raises(ValueError, match="offload must be one of none, model, group; got 'disk'"):
+        apply_offload(tiny_pipeline, "disk", CPU)
+
+
+def test_offload_on_a_cpu_is_a_no_op_with_a_warning(caplog):
+    assert effective_offload("model", CPU) == "none"
+    assert "offload=model has no effect on the CPU" in caplog.text
+    assert effective_offload("group", CUDA) == "group"
+    assert effective_offload("none", CPU) == "none"
+
+
+def test_settings_accept_the_documented_values():
+    config = load_config("configs/inference.yaml")
+    assert (config.compile, config.offload, config.vae_tile_size) == ("auto", "none", 768)
+    config = load_config(None, ["compile=true", "offload=model", "vae_tile_size=0"])
+    assert (config.compile, config.offload, config.vae_tile_size) == ("true", "model", 0)
+    assert load_config(None, ["compile=false", "offload=group"]).compile == "false"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("compile=sometimes", "compile must be one of auto, true, false, got 'sometimes'"),
+        ("offload=disk", "offload must be one of none, model, group, got 'disk'"),
+        ("vae_tile_size=100", "vae_tile_size must be 0 (never tile) or a multiple of 64, got 100"),
+        ("vae_tile_size=-64", "vae_tile_size must be 0 (never tile) or a multiple of 64"),
+    ],
+)
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_compile_cannot_be_forced_with_group_offload():
+    with pytest.raises(ConfigError, match="compile=true cannot be combined with offload=group"):
+        load_config(None, ["compile=true", "offload=group"])
+
+
+def test_condition_models_placement_rule():
+    need = generation_working_bytes(512, 512, torch.bfloat16)
+    assert 12 * GIB < need < 13 * GIB
+    assert generation_working_bytes(1024, 512, torch.bfloat16) == 2 * need
+    assert generation_working_bytes(512, 512, torch.float32) == 2 * need
+    models = 2 * GIB
+    # Not on CUDA: nothing to gain.
+    assert condition_models_placement(CPU, "none", None, models, need).keep_on_device
+    assert condition_models_placement(torch.device("mps"), "group", None, models, need).keep_on_device
+    # Offloading asked for: they leave.
+    leave = condition_models_placement(CUDA, "model", 100 * GIB, models, need)
+    assert not leave.keep_on_device and leave.reason == "offload=model"
+    # No offload: they stay only with room for them and for the generation.
+    assert condition_models_placement(CUDA, "none", models + need, models, need).keep_on_device
+    tight = condition_models_placement(CUDA, "none", models + need - 1, models, need)
+    assert not tight.keep_on_device and "free <" in tight.reason
+    assert not condition_models_placement(CUDA, "none", None, models, need).keep_on_device
+
+
+def test_module_bytes_counts_parameters_and_buffers():
+    norm = torch.nn.BatchNorm1d(8)  # 16 parameters, 17 buffer elements (mean, var, the int64 counter)
+    assert module_bytes(norm, None) == 16 * 4 + 16 * 4 + 8
+    assert module_bytes(norm.to(torch.bfloat16)) == 16 * 2 + 16 * 2 + 8
+
+
+def test_vae_tiles_only_above_the_tile_size(tiny_checkpoint):
+    pipe = MemoPipeline.from_checkpoint(tiny_checkpoint)
+    latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 64x96 frames
+    whole = pipe.decode_latents(latents, 2)
+    pipe.use_vae_tiles(128)  # larger than the frames: untouched
+    assert torch.equal(pipe.decode_latents(latents, 2), whole)
+    pipe.use_vae_tiles(64)  # the 96-pixel width is tiled
+    tiled = pipe.decode_latents(latents, 2)
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+    assert (tiled - whole).abs().mean() < 0.1  # blended tiles of the same decoder, not another picture
+    pipe.use_vae_tiles(0)
+    assert torch.equal(pipe.decode_latents(latents, 2), whole)
