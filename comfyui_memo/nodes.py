@@ -97,7 +97,7 @@ class MemoEmotion:
         waveform = audio_to_decoded(audio).mono()
         with shown_in_comfyui():
             if emotion == "auto":
-                with on_device(memo, 0, 0) as generator:
+                with on_device(memo, "emotion") as generator:
                     conditions = generator.conditions
                     labels = sample_emotion_labels(waveform, conditions.emotion_encoder, conditions.classifier)
             else:
@@ -186,13 +186,16 @@ class MemoGenerate:
         source = audio_to_decoded(audio)
         with shown_in_comfyui():
             settings = dict(inference_steps=steps, cfg_scale=guidance, width=width, height=height, framing=framing)
-            with on_device(memo, width, height) as loaded:
-                generator = loaded.with_settings(**settings)
-                reference = generator.prepare_portrait(portrait, "the IMAGE input", allow_no_face)
+            generator = memo.generator.with_settings(**settings)
+            # Face analysis runs in ONNX Runtime and the audio models move alone: the networks only join
+            # them on the GPU for the render itself.
+            reference = generator.prepare_portrait(portrait, "the IMAGE input", allow_no_face)
+            with on_device(memo, "conditions"):
                 prepared = generator.prepare_decoded(source, emotion, emotion_labels)
-                clips: list[torch.Tensor] = []
-                total = len(prepared.features) // generator.config.num_generated_frames_per_clip * generator.config.speed_settings.steps
-                generator.render_clips(reference, prepared, seed, clips.append, progress_bar(total))
+            clips: list[torch.Tensor] = []
+            total = len(prepared.features) // generator.config.num_generated_frames_per_clip * generator.config.speed_settings.steps
+            with on_device(memo, "all", width, height) as loaded:  # a fresh copy, to log the render device
+                loaded.with_settings(**settings).render_clips(reference, prepared, seed, clips.append, progress_bar(total))
         return frames_to_image(clips), audio, float(generator.config.fps)
 
 

@@ -17,6 +17,7 @@ The contract was read from ComfyUI's sources (files and commits in the README's 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from memo.conditions.audio import DecodedAudio, audio_from_samples
 from memo.config import load_config
 from memo.errors import UserError
 from memo.generator import MemoGenerator, Progress
+from memo.loading import pick_device
+
+logger = logging.getLogger("memo")
 
 MODEL_FOLDER = "memo"
 """ComfyUI model folder type of MEMO's models: ``ComfyUI/models/memo`` unless configured otherwise."""
@@ -40,6 +44,11 @@ MODEL_FOLDER = "memo"
 PEAK_BYTES_512 = int(17.6 * 2**30)
 """Peak accelerator memory of a 512x512 bf16 render with guidance (README, Speed and memory); scaled by pixel
 count, plus the weights, it is what ComfyUI is asked to free before a render (an over-estimate)."""
+
+NODE_SETTINGS = ("model_name_or_path", "weight_dtype", "device", "model_cache_dir")
+"""Settings Load MEMO sets from its own inputs and ComfyUI's folders; the settings box may not set them too."""
+
+SETTINGS_SOURCE = "Load MEMO's settings box"
 
 folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
@@ -67,9 +76,22 @@ class MemoModel:
     device: torch.device
     offload_device: torch.device
 
-    def weight_bytes(self) -> int:
-        modules = [getattr(self.generator.pipeline, name) for name in self.generator.pipeline.components]
-        modules += [self.generator.conditions.audio_encoder.model, self.generator.conditions.classifier]
+    def modules(self, part: str) -> list:
+        """What a step needs on the render device: ``"emotion"`` (emotion2vec and MEMO's emotion classifier),
+        ``"conditions"`` (the audio and emotion models) or ``"all"`` (the generator: networks and conditions)."""
+        conditions = self.generator.conditions
+        if part == "emotion":
+            return [conditions.emotion_encoder, conditions.classifier]
+        return [conditions] if part == "conditions" else [self.generator]
+
+    def weight_bytes(self, part: str) -> int:
+        """Bytes of the torch weights :meth:`modules` ``(part)`` moves (emotion2vec only for ``"emotion"``: it is
+        loaded on first use, perhaps never)."""
+        conditions = self.generator.conditions
+        modules = [conditions.classifier]
+        modules += [conditions.emotion_encoder] if part == "emotion" else [conditions.audio_encoder.model]
+        if part == "all":
+            modules += [getattr(self.generator.pipeline, name) for name in self.generator.pipeline.components]
         tensors = [t for m in modules if isinstance(m, torch.nn.Module) for t in [*m.parameters(), *m.buffers()]]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -89,35 +111,63 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def settings_lines(settings: str) -> list[str]:
+    """The settings box as ``key=value`` overrides: blank and ``#`` lines skipped, spaces around the key and
+    the value trimmed. Raises :class:`MemoNodeError` for a line without ``=`` or one that sets a
+    :data:`NODE_SETTINGS` key, which the node's own inputs decide."""
+    lines = []
+    for number, line in enumerate(settings.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, equals, value = line.partition("=")
+        if not equals:
+            raise MemoNodeError(f"Line {number} of {SETTINGS_SOURCE} ({line.strip()!r}) must look like key=value.")
+        if key.strip() in NODE_SETTINGS:
+            raise MemoNodeError(
+                f"Line {number} of {SETTINGS_SOURCE} sets {key.strip()!r}, which Load MEMO's own inputs decide; "
+                "remove the line and use the node's input instead."
+            )
+        lines.append(f"{key.strip()}={value.strip()}")
+    return lines
+
+
 def load_memo(model: str, weight_dtype: str, device: str, settings: str) -> MemoModel:
     """Build the generator from the node's inputs, on the offload device; hub downloads go to the first of
-    :func:`model_folders`. ``settings`` holds ``key=value`` lines of ``configs/inference.yaml`` settings."""
-    lines = [line.strip() for line in settings.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    run_device = comfy.model_management.get_torch_device() if device == "auto" else torch.device(device)
+    :func:`model_folders`. ``settings`` holds ``key=value`` lines of ``configs/inference.yaml`` settings
+    (:func:`settings_lines`). Raises :class:`MemoNodeError` for a device this machine lacks or bad settings."""
+    lines = settings_lines(settings)
+    with shown_in_comfyui():
+        run_device = comfy.model_management.get_torch_device() if device == "auto" else pick_device(device)
     offload_device = run_device if run_device.type == "cpu" else comfy.model_management.unet_offload_device()
     overrides = [
         f"model_name_or_path={resolve_model(model)}",
         f"weight_dtype={weight_dtype}",
         f"device={offload_device.type}",
         f"model_cache_dir={model_folders()[0]}",
-        *lines,
     ]
-    generator = MemoGenerator(load_config(None, overrides))
+    with shown_in_comfyui():
+        config = load_config(None, overrides + lines, source=SETTINGS_SOURCE)
+    generator = MemoGenerator(config)
     generator.pipeline.set_progress_bar_config(disable=True)
     return MemoModel(generator, run_device, offload_device)
 
 
 @contextlib.contextmanager
-def on_device(model: MemoModel, width: int, height: int) -> Iterator[MemoGenerator]:
-    """The generator with its models on the render device for the duration, after ComfyUI has freed room for
-    them; back on the offload device afterwards, whatever happens."""
-    required = model.weight_bytes() + PEAK_BYTES_512 * width * height // (512 * 512)
+def on_device(model: MemoModel, part: str, width: int = 0, height: int = 0) -> Iterator[MemoGenerator]:
+    """The generator with the models of ``part`` (:meth:`MemoModel.modules`) on the render device for the
+    duration, after ComfyUI has freed room for them (and for a ``width`` x ``height`` render's activations);
+    back on the offload device afterwards, whatever happens."""
     if model.device.type != "cpu":
+        required = model.weight_bytes(part) + PEAK_BYTES_512 * width * height // (512 * 512)
         comfy.model_management.free_memory(required, model.device)
+    modules = model.modules(part)
     try:
-        yield model.generator.to(model.device)
+        for module in modules:
+            module.to(model.device)
+        yield model.generator
     finally:
-        model.generator.to(model.offload_device)
+        for module in modules:
+            module.to(model.offload_device)
         comfy.model_management.soft_empty_cache()
 
 
@@ -134,11 +184,23 @@ def progress_bar(total: int) -> Progress:
 
 
 def image_to_pil(image: torch.Tensor) -> Image.Image:
-    """The first picture of an IMAGE (batch, height, width, channels) in [0, 1] as an RGB PIL image."""
+    """The first picture of an IMAGE (batch, height, width, channels) in [0, 1] as an RGB PIL image.
+
+    Raises :class:`MemoNodeError` for another shape or an empty batch; values above 1 (a picture in 0..255)
+    are clamped with a warning."""
     if image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
         raise MemoNodeError(f"Expected an IMAGE of shape (batch, height, width, channels), got {tuple(image.shape)}.")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise MemoNodeError(f"The IMAGE input holds no picture (shape {tuple(image.shape)}); connect a portrait.")
     pixels = image[0, ..., :3].expand(*image.shape[1:3], 3) if image.shape[-1] == 1 else image[0, ..., :3]
-    array = (pixels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pixels = pixels.detach().float().cpu()
+    if pixels.max() > 1:
+        logger.warning(
+            "MEMO: the IMAGE input reaches %.4g but ComfyUI images are 0..1; values above 1 become white. "
+            "Divide it by 255 if it is in 0..255.",
+            float(pixels.max()),
+        )
+    array = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
@@ -161,4 +223,4 @@ def audio_to_decoded(audio: dict) -> DecodedAudio:
             "Pass a single clip."
         )
     with shown_in_comfyui():
-        return audio_from_samples(waveform[0], int(audio["sample_rate"]), "The AUDIO input")
+        return audio_from_samples(waveform[0], audio["sample_rate"], "The AUDIO input")

@@ -147,8 +147,11 @@ def validate(config: InferenceConfig) -> InferenceConfig:
     return config
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> InferenceConfig:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated."""
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), source: str = "the command line"
+) -> InferenceConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated. ``source``
+    names where the overrides came from in messages."""
     known = {f.name for f in fields(InferenceConfig)}
     layers: list[DictConfig] = []
     if path is not None:
@@ -168,14 +171,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:
         raise ConfigError(f"Invalid override: {error}") from error
-    for layer, source in zip(layers, ([str(path)] if path is not None else []) + ["the command line"]):
+    for layer, origin in zip(layers, ([str(path)] if path is not None else []) + [source]):
         for key in list(layer.keys()):
             if key in LEGACY_KEYS:
-                logger.warning("Ignoring %s from %s: %s.", key, source, LEGACY_KEYS[key])
+                logger.warning("Ignoring %s from %s: %s.", key, origin, LEGACY_KEYS[key])
                 del layer[key]
             elif key not in known:
                 raise ConfigError(
-                    f"Unknown setting {key!r} in {source}. Known settings: {', '.join(sorted(known))}."
+                    f"Unknown setting {key!r} in {origin}. Known settings: {', '.join(sorted(known))}."
                 )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(InferenceConfig), *layers)

@@ -194,8 +194,8 @@ class MemoGenerator:
         if emotion_labels is not None:
             if emotion_labels.shape != waveform.shape:
                 raise AudioError(
-                    f"The emotion labels cover {emotion_labels.shape[-1] / 16000:.2f} s but the audio {name} lasts "
-                    f"{waveform.shape[0] / 16000:.2f} s; label the same audio you generate from."
+                    f"The emotion labels cover {emotion_labels.shape[-1] / 16000:.2f} s but the audio lasts "
+                    f"{waveform.shape[0] / 16000:.2f} s ({name}); label the same audio you generate from."
                 )
             labels = frame_emotion_labels(emotion_labels, len(features))
             counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))

@@ -16,7 +16,7 @@ import torch
 from memo.conditions.audio import VocalSeparator
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.conditions.face import FaceAnalyzer
-from memo.config import InferenceConfig
+from memo.config import ConfigError, InferenceConfig
 from memo.io.hub import MissingModelError, resolve_model_dir
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
@@ -32,10 +32,16 @@ def pick_device(name: str) -> torch.device:
     """``auto``: CUDA, else Apple MPS, else CPU.
 
     CUDA without an index means the current device (which a launcher's process sets), named explicitly so
-    that face analysis in onnxruntime runs on the same GPU as the rest.
+    that face analysis in onnxruntime runs on the same GPU as the rest. Raises :class:`ConfigError` when
+    CUDA or MPS is asked for on a machine without it.
     """
     if name != "auto":
         device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but PyTorch finds no CUDA GPU here; use device=auto or device=cpu.")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and (mps is None or not mps.is_available()):
+            raise ConfigError(f"device={name} but this machine has no Apple MPS; use device=auto or device=cpu.")
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

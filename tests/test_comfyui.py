@@ -163,14 +163,33 @@ def memo(comfy, pack):
     (comfy.models_dir / "memo").mkdir(parents=True, exist_ok=True)
     (comfy.models_dir / "memo" / "tiny").symlink_to(pack, target_is_directory=True)
     config = OmegaConf.load(pack / "inference.yaml")
-    settings = "\n".join(f"{key}={config[key]}" for key in ("vae", "wav2vec", "emotion2vec", "inference_steps"))
-    return run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings)[0]
+    # Typed as people type into the box: spaces around '=', a comment, a blank line.
+    lines = [f"{key} = {config[key]} " for key in ("vae", "wav2vec", "emotion2vec")]
+    settings = "\n".join(["# the tiny pack's own models", *lines, "", "inference_steps =3"])
+    loaded = run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings)[0]
+    assert loaded.generator.config.inference_steps == 3 and loaded.generator.config.vae == str(config["vae"])
+    return loaded
 
 
 GENERATE = dict(emotion="auto", steps=2, guidance=3.5, seed=7, width=64, height=64, framing="crop", allow_no_face=False)
 
 
 # -- import and schema ------------------------------------------------------------------------------------
+
+
+def test_a_pack_folder_named_memo_refuses_to_load_and_says_why(comfy, tmp_path):
+    """Older ComfyUI imports a custom node under its folder name; as 'memo' it would hide the memo package."""
+    link = tmp_path / "memo"
+    link.symlink_to(PACK_DIR, target_is_directory=True)
+    saved = sys.modules.pop("memo")
+    try:
+        spec = importlib.util.spec_from_file_location("memo", link / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["memo"] = module
+        with pytest.raises(ImportError, match="custom_nodes/ComfyUI-MEMO"):
+            spec.loader.exec_module(module)
+    finally:
+        sys.modules["memo"] = saved
 
 
 def test_pack_imports_as_a_custom_node_and_registers_its_model_folder(comfy):
@@ -260,7 +279,8 @@ def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, spee
     lines = text.splitlines()
     assert lines[0].startswith("0.00-") and lines[-1].split(":")[0].endswith(f"-{SECONDS:.2f} s")
 
-    edited, edited_text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="0.5-end: happy")
+    overrides = "# the second half is happy\n\n0.5-end: happy"
+    edited, edited_text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides=overrides)
     assert edited_text.splitlines()[-1].endswith(f"-{SECONDS:.2f} s: happy")
     assert torch.equal(edited[:8000], labels[:8000]) and (edited[8000:] == 3).all()
     # The labels text, given back as overrides, reproduces the labels it describes.
@@ -277,11 +297,18 @@ def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, spee
     assert torch.equal(given, forced) and not torch.equal(given, happy)
 
 
-def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo):
+def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo, caplog):
     image = load_image_node(EXAMPLE_IMAGE)
-    (reference,) = run(comfy, "MemoFaceCrop", memo=memo, image=image, width=64, height=128, framing="crop", allow_no_face=False)
+    crop = dict(memo=memo, width=64, height=128, framing="crop", allow_no_face=False)
+    with caplog.at_level("WARNING", logger="memo"):
+        (reference,) = run(comfy, "MemoFaceCrop", image=image, **crop)
     assert reference.shape == (1, 128, 64, 3) and reference.dtype == torch.float32
     assert 0 <= reference.min() and reference.max() <= 1 and reference.std() > 0.05
+    assert "ComfyUI images are 0..1" not in caplog.text
+    # The same picture in 0..255 (a mistake upstream) is clamped to white, and the log says so.
+    with caplog.at_level("WARNING", logger="memo"):
+        run(comfy, "MemoFaceCrop", image=image * 255, **{**crop, "allow_no_face": True})
+    assert "reaches 255 but ComfyUI images are 0..1" in caplog.text
 
 
 def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
@@ -294,10 +321,23 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
     with pytest.raises(error, match="must span seconds inside the audio"):
         run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="2-3: happy")
     other = torch.zeros(16000, dtype=torch.long)
-    with pytest.raises(error, match="label the same audio"):
+    with pytest.raises(error, match=r"cover 1.00 s but the audio lasts 1.10 s \(The AUDIO input\); label the same audio"):
         run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE, emotion_labels=other)
-    with pytest.raises(error, match="Unknown setting 'resolutoin'"):
-        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="resolutoin=128")
+    with pytest.raises(error, match="Unknown setting 'resolutoin' in Load MEMO's settings box"):
+        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings=" resolutoin = 128")
+    with pytest.raises(error, match="Line 2 of Load MEMO's settings box sets 'device', which Load MEMO's own inputs decide"):
+        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="# mine\ndevice = cuda")
+    with pytest.raises(error, match="must look like key=value"):
+        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="vocal_separation false")
+    if not torch.cuda.is_available():
+        with pytest.raises(error, match="device=cuda but PyTorch finds no CUDA GPU here"):
+            run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cuda", settings="")
+    for node, inputs in (("MemoFaceCrop", dict(width=64, height=64, framing="crop", allow_no_face=False)), ("MemoGenerate", dict(audio=audio, **GENERATE))):
+        with pytest.raises(error, match=r"The IMAGE input holds no picture \(shape \(0, "):
+            run(comfy, node, memo=memo, image=image[:0], **inputs)
+    no_rate = {**audio, "sample_rate": 0}
+    with pytest.raises(error, match="The AUDIO input has sample rate 0; it must be a positive whole number of Hz"):
+        run(comfy, "MemoEmotion", memo=memo, audio=no_rate, emotion="auto", overrides="")
     with pytest.raises(error, match="Model directory"):
         run(comfy, "LoadMemo", model="/nowhere/memo", weight_dtype="fp32", device="cpu", settings="")
     silent_nan = {"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000}

@@ -141,7 +141,7 @@ def test_labels_as_text_spans_and_edited_back():
     assert text == "0.00-1.00 s: neutral\n1.00-1.50 s: happy"
     assert torch.equal(apply_emotion_overrides(torch.zeros_like(labels), text), labels)
 
-    edited = apply_emotion_overrides(labels, "0.25-0.5: Sad\n\n1.2-end s: angry")
+    edited = apply_emotion_overrides(labels, "# edited by hand\n0.25-0.5: Sad\n\n  # the end\n1.2-end s: angry")
     assert format_emotion_spans(emotion_spans(edited)) == (
         "0.00-0.25 s: neutral\n0.25-0.50 s: sad\n0.50-1.00 s: neutral\n1.00-1.20 s: happy\n1.20-1.50 s: angry"
     )

@@ -157,6 +157,9 @@ def test_silent_audio_warns_and_still_renders(pack, tmp_path):
         ("colour_grading=warm", ["Unknown setting 'colour_grading'"]),
         ("emotion=joyful", ["emotion", "joyful", "happy"]),
         ("resolution=100", ["multiple of 64"]),
+        pytest.param(
+            "device=cuda", ["device=cuda", "no CUDA GPU"], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+        ),
     ],
 )
 def test_bad_settings(pack, speech, tmp_path, override, fragments):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 
 import nbformat
 from nbclient import NotebookClient
@@ -20,6 +22,15 @@ def test_notebook_is_committed_without_outputs():
     nbformat.validate(notebook)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+
+
+def test_install_cell_opened_outside_the_checkout_says_so(tmp_path):
+    install = "".join(nbformat.read(NOTEBOOK, as_version=4).cells[2].source)
+    assert "import subprocess" in install  # the install cell
+    run = subprocess.run([sys.executable, "-c", install], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert f"{tmp_path} is not inside a checkout of the memo repository" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_quickstart_runs_top_to_bottom_and_makes_the_video(tmp_path, monkeypatch):

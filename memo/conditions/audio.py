@@ -157,7 +157,7 @@ def audio_from_samples(samples: torch.Tensor | np.ndarray, rate: int, name: str 
 
     ``samples``: (channels, samples) or (samples,) floats in [-1, 1] at ``rate`` Hz (louder samples are
     clipped). ``name`` stands for the audio in messages. Raises :class:`AudioError` naming it when there are no
-    samples or some are NaN or infinite, ValueError for a wrong shape or rate.
+    samples, some are NaN or infinite, or the rate is not a positive whole number; ValueError for a wrong shape.
     """
     import av
 
@@ -167,7 +167,7 @@ def audio_from_samples(samples: torch.Tensor | np.ndarray, rate: int, name: str 
     if array.ndim != 2:
         raise ValueError(f"Expected audio of shape (channels, samples) or (samples,), got {tuple(array.shape)}.")
     if int(rate) != rate or rate <= 0:
-        raise ValueError(f"The sample rate must be a positive whole number of Hz, got {rate!r}.")
+        raise AudioError(f"{name} has sample rate {rate!r}; it must be a positive whole number of Hz.")
     if array.shape[1] == 0:
         raise AudioError(f"{name} holds no audio samples. Pass audio with sound in it.")
     if not np.isfinite(array).all():
