@@ -21,6 +21,7 @@ from memo.conditions.emotion import (
 )
 from memo.config import FRAMINGS, WEIGHT_DTYPES
 from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.speed import SPEEDS
 
 from .runtime import (
     MemoModel,
@@ -59,6 +60,7 @@ class LoadMemo:
             },
             "optional": {
                 "settings": ("STRING", {"default": "", "multiline": True, "tooltip": "More settings of configs/inference.yaml, one key=value per line (e.g. vocal_separation=false)."}),
+                "speed": (list(SPEEDS), {"default": "exact", "tooltip": "exact: the published computation. fast: under a quarter of its compute, slightly different frames (README, Speed settings)."}),
             },
         }
 
@@ -68,9 +70,9 @@ class LoadMemo:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the MEMO networks, face analysis, vocal separation and the audio and emotion encoders."
 
-    def load(self, model: str, weight_dtype: str, device: str, settings: str = "") -> tuple[MemoModel]:
+    def load(self, model: str, weight_dtype: str, device: str, settings: str = "", speed: str = "exact") -> tuple[MemoModel]:
         with shown_in_comfyui():
-            return (load_memo(model, weight_dtype, device, settings),)
+            return (load_memo(model, weight_dtype, device, settings, speed),)
 
 
 class MemoEmotion:

@@ -45,8 +45,11 @@ PEAK_BYTES_512 = int(17.6 * 2**30)
 """Peak accelerator memory of a 512x512 bf16 render with guidance (README, Speed and memory); scaled by pixel
 count, plus the weights, it is what ComfyUI is asked to free before a render (an over-estimate)."""
 
-NODE_SETTINGS = ("model_name_or_path", "weight_dtype", "device", "model_cache_dir")
+NODE_SETTINGS = ("model_name_or_path", "weight_dtype", "device", "model_cache_dir", "speed")
 """Settings Load MEMO sets from its own inputs and ComfyUI's folders; the settings box may not set them too."""
+
+HOST_SETTINGS = {"offload": "ComfyUI moves MEMO's models between its devices itself (they wait on its offload device)"}
+"""Settings that do not apply inside ComfyUI, with the reason; the settings box refuses them."""
 
 SETTINGS_SOURCE = "Load MEMO's settings box"
 
@@ -127,11 +130,16 @@ def settings_lines(settings: str) -> list[str]:
                 f"Line {number} of {SETTINGS_SOURCE} sets {key.strip()!r}, which Load MEMO's own inputs decide; "
                 "remove the line and use the node's input instead."
             )
+        if key.strip() in HOST_SETTINGS:
+            raise MemoNodeError(
+                f"Line {number} of {SETTINGS_SOURCE} sets {key.strip()!r}, which does not apply in ComfyUI: "
+                f"{HOST_SETTINGS[key.strip()]}. Remove the line."
+            )
         lines.append(f"{key.strip()}={value.strip()}")
     return lines
 
 
-def load_memo(model: str, weight_dtype: str, device: str, settings: str) -> MemoModel:
+def load_memo(model: str, weight_dtype: str, device: str, settings: str, speed: str = "exact") -> MemoModel:
     """Build the generator from the node's inputs, on the offload device; hub downloads go to the first of
     :func:`model_folders`. ``settings`` holds ``key=value`` lines of ``configs/inference.yaml`` settings
     (:func:`settings_lines`). Raises :class:`MemoNodeError` for a device this machine lacks or bad settings."""
@@ -144,6 +152,7 @@ def load_memo(model: str, weight_dtype: str, device: str, settings: str) -> Memo
         f"weight_dtype={weight_dtype}",
         f"device={offload_device.type}",
         f"model_cache_dir={model_folders()[0]}",
+        f"speed={speed}",
     ]
     with shown_in_comfyui():
         config = load_config(None, overrides + lines, source=SETTINGS_SOURCE)

@@ -272,6 +272,17 @@ def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, spee
         assert sum(1 for _ in container.decode(video=0)) == FRAMES
 
 
+def test_speed_input_of_load_memo_reaches_generation(comfy, memo, speech):
+    settings = "\n".join(f"{key}={getattr(memo.generator.config, key)}" for key in ("vae", "wav2vec", "emotion2vec"))
+    fast = run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings, speed="fast")[0]
+    assert fast.generator.config.speed == "fast" and memo.generator.config.speed == "exact"
+    image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
+    ProgressBar.made.clear()
+    frames, _, _ = run(comfy, "MemoGenerate", memo=fast, image=image, audio=audio, **{**GENERATE, "steps": 5})
+    assert frames.shape == (FRAMES, 64, 64, 3) and torch.isfinite(frames).all()
+    assert ProgressBar.made[-1].total == 3 * 2  # fast runs 40 % of the 5 steps: 2 per clip
+
+
 def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, speech):
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
     labels, text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="")
@@ -329,6 +340,8 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="# mine\ndevice = cuda")
     with pytest.raises(error, match="must look like key=value"):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="vocal_separation false")
+    with pytest.raises(error, match="Line 1 of Load MEMO's settings box sets 'offload', which does not apply in ComfyUI"):
+        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="offload=model")
     if not torch.cuda.is_available():
         with pytest.raises(error, match="device=cuda but PyTorch finds no CUDA GPU here"):
             run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cuda", settings="")
