@@ -260,7 +260,6 @@ class MemoGenerator:
             if progress is not None:
                 progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
-        self.pipeline.use_vae_tiles(config.vae_tile_size)
         compile_before = compile_seconds()
         try:
             with self.conditions_out_of_the_way():
@@ -276,6 +275,7 @@ class MemoGenerator:
                     guidance_scale=config.cfg_scale,
                     seed=seed,
                     vae_batch_size=config.vae_batch_size,
+                    vae_tile_size=config.vae_tile_size,
                     output_type=None,
                     callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
                     callback_on_step_end=on_step,

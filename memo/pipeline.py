@@ -191,6 +191,7 @@ class MemoPipeline(DiffusionPipeline):
         latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
         memory: TemporalMemory | None = None,
         vae_batch_size: int = 8,
+        vae_tile_size: int | None = None,
         output_type: str | None = "pt",
         callback_on_clip_end: ClipCallback | None = None,
         callback_on_step_end: StepCallback | None = None,
@@ -217,6 +218,8 @@ class MemoPipeline(DiffusionPipeline):
             latents: the initial noise of each clip, (clips, 4, frames_per_clip, H/8, W/8).
             memory: the temporal memory to use; cleared first. Pass one to inspect it afterwards.
             vae_batch_size: frames per VAE encode/decode call.
+            vae_tile_size: frames with a side above this many pixels go through the VAE in tiles (see
+                :meth:`use_vae_tiles`); 0 never; None keeps the VAE's tiling as it is.
             output_type: "pt" (tensor), "np" (array), or None to keep no frames (use callback_on_clip_end).
             callback_on_clip_end: called as ``f(pipeline, clip_index, frames)`` with the clip's frames
                 (3, n, H, W) in [0, 1], cut to ``num_frames``.
@@ -243,6 +246,8 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}.")
         if deep_cache_interval < 1:
             raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
+        if vae_tile_size is not None:
+            self.use_vae_tiles(vae_tile_size)
         device = self._execution_device
         dtype = self.diffusion_net.dtype
         total = len(audio_features)
