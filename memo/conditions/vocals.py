@@ -28,6 +28,7 @@ import torch
 from memo.constants import SAMPLE_RATE
 from memo.errors import UserError, import_runtime
 from memo.io.audio import load_audio
+from memo.io.hub import VOCAL_SEPARATOR_FILE
 
 logger = logging.getLogger("memo")
 
@@ -195,7 +196,7 @@ class VocalSeparator:
     def from_dir(
         cls,
         model_dir: str | os.PathLike,
-        model_filename: str = "Kim_Vocal_2.onnx",
+        model_filename: str = VOCAL_SEPARATOR_FILE,
         work_dir: str | os.PathLike | None = None,
         params: Mapping[str, Any] | None = None,
         log_level: int = logging.ERROR,
