@@ -164,7 +164,7 @@ def finetune(work: Path, pack: Path, steps: int) -> Path:
         "output_dir": str(work / "runs"), "report_to": "none", "seed": 0, "mixed_precision": "no",
         "model_name_or_path": str(pack), "vae": str(pack / "vae"),
         "data.data_dirs": [str(work / "prepared" / "train")], "data.width": SIZE, "data.height": SIZE,
-        "data.n_sample_frames": FRAMES_PER_CLIP, "data.num_past_frames": PAST_FRAMES, "data.num_workers": 0,
+        "data.num_generated_frames_per_clip": FRAMES_PER_CLIP, "data.num_past_frames": PAST_FRAMES, "data.num_workers": 0,
         "max_train_steps": steps, "learning_rate": 3e-4, "checkpointing_steps": steps, "logging_steps": 25,
         "gradient_checkpointing": False, "robust_training": False, "vae_batch_size": 16,
         "train_reference_net": True, "train_image_proj": True, "train_audio_proj": True, "trainable_modules": [],

@@ -78,7 +78,7 @@ class Wav2VecAudioEncoder:
         context_seconds: float = 10.0,
     ):
         if model.config.do_stable_layer_norm:
-            raise ValueError("Only post-norm wav2vec2 encoders (such as facebook/wav2vec2-base-960h) are supported.")
+            raise ValueError(f"Only post-norm wav2vec2 encoders (such as {WAV2VEC_REPO}) are supported.")
         self.model = model.eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.chunk_seconds = chunk_seconds

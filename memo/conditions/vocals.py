@@ -120,7 +120,7 @@ def _resolve_params(model_path: Path, model_hash: str, params: Mapping[str, Any]
     if missing:
         raise VocalSeparatorError(
             f"No separation parameters for {model_path} ({'; '.join(tried) or 'incomplete parameters'}): missing "
-            f"{missing}. Use MEMO's Kim_Vocal_2.onnx, or write {sidecar} with UVR's model data for this model, "
+            f"{missing}. Use MEMO's {VOCAL_SEPARATOR_FILE}, or write {sidecar} with UVR's model data for this model, "
             'e.g. {"compensate": 1.009, "mdx_dim_f_set": 3072, "mdx_dim_t_set": 8, "mdx_n_fft_scale_set": 7680, '
             '"primary_stem": "Vocals"}.'
         )

@@ -36,6 +36,9 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 WAV2VEC_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")
 EMOTION2VEC_FILES = ("config.yaml", "model.pt")
 
+MEMO_REPO = "memoavatar/memo"
+"""The published MEMO release: the networks, face analysis, vocal separator and emotion classifier."""
+
 DOWNLOAD_COMMAND = "python scripts/download_models.py"
 """The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache."""
 
@@ -69,7 +72,7 @@ REGISTRY: dict[str, HubModel] = {
         HubModel(
             "networks",
             "model_name_or_path",
-            "memoavatar/memo",
+            MEMO_REPO,
             tuple(f"{name}/*" for name in NETWORK_FOLDERS) + (f"{EMOTION_CLASSIFIER_FOLDER}/*",),
             "Apache-2.0 (the MEMO release)",
             10500,
@@ -77,7 +80,7 @@ REGISTRY: dict[str, HubModel] = {
         HubModel(
             "face_analysis",
             "model_name_or_path",
-            "memoavatar/memo",
+            MEMO_REPO,
             (f"{FACE_MODELS_FOLDER}/{FACE_DETECTOR_FILE}", f"{FACE_MODELS_FOLDER}/{FACE_RECOGNIZER_FILE}"),
             "insightface's models: non-commercial research use",
             270,
@@ -85,7 +88,7 @@ REGISTRY: dict[str, HubModel] = {
         HubModel(
             "vocal_separator",
             "model_name_or_path",
-            "memoavatar/memo",
+            MEMO_REPO,
             (f"{VOCAL_SEPARATOR_FOLDER}/{VOCAL_SEPARATOR_FILE}",),
             "UVR's MDX-Net model, as redistributed by MEMO",
             67,
@@ -103,7 +106,6 @@ REGISTRY: dict[str, HubModel] = {
     )
 }
 
-MEMO_REPO = REGISTRY["networks"].repo_id
 VAE_REPO = REGISTRY["vae"].repo_id
 WAV2VEC_REPO = REGISTRY["wav2vec"].repo_id
 EMOTION2VEC_REPO = REGISTRY["emotion2vec"].repo_id
