@@ -20,12 +20,9 @@ from memo.conditions.emotion import (
     sample_emotion_labels,
 )
 from memo.constants import EMOTION_NAMES
-from memo.sampling.speed import SPEEDS
 from memo.io.hub import MEMO_REPO
+from memo.sampling.speed import SPEEDS
 from memo.settings.inference import DEVICES, FRAMINGS, WEIGHT_DTYPES, InferenceConfig, setting_help
-
-DEFAULTS = InferenceConfig()
-"""The settings' defaults, which the nodes' inputs start from."""
 
 from .runtime import (
     MemoModel,
@@ -40,6 +37,9 @@ from .runtime import (
 )
 
 logger = logging.getLogger("memo")
+
+DEFAULTS = InferenceConfig()
+"""The settings' defaults, which the nodes' inputs start from."""
 
 CATEGORY = "MEMO"
 EMOTIONS = ["auto", *EMOTION_NAMES]
