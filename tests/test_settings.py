@@ -150,6 +150,21 @@ def test_each_model_fact_is_defined_once_in_the_code():
     assert found == {fact: ["memo/io/hub.py"] for fact in facts}
 
 
+def test_readme_model_table_is_the_registry():
+    """The README's model table lists exactly the registry's rows: setting, repo, licence and size."""
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and line.count("|") == 7]
+    table = {}
+    for line in rows:
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        if cells[0] in hub.REGISTRY:
+            table[cells[0]] = (cells[1], cells[2], cells[4], cells[5])
+    assert table == {m.component: (m.setting, m.repo_id, m.licence, m.size) for m in hub.REGISTRY.values()}
+    for model in hub.REGISTRY.values():  # each file named in its row
+        row = next(line for line in rows if line.startswith(f"| {model.component} |"))
+        assert all(Path(pattern.rstrip("/*")).name in row for pattern in model.files), row
+
+
 def test_missing_models_message_is_one_short_block():
     message = hub.missing_models_message(
         [("vae", hub.VAE_REPO, "not downloaded"), ("wav2vec", "/data/w2v", "no such folder")]
