@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
 from memo.tiny.separator import write_tiny_vocal_separator
@@ -31,14 +32,14 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     write_memo_networks(root)
-    write_tiny_face_models(root / "misc" / "face_analysis" / "models")
-    write_tiny_vocal_separator(root / "misc" / "vocal_separator")
-    write_vae(root / "vae")
+    write_tiny_face_models(root / FACE_MODELS_FOLDER)
+    write_tiny_vocal_separator(root / VOCAL_SEPARATOR_FOLDER)
+    write_vae(root / CHECKPOINT_VAE_FOLDER)
     write_wav2vec2(root / "wav2vec2")
     write_emotion2vec(root / "emotion2vec")
     config = {
         "model_name_or_path": str(root),
-        "vae": str(root / "vae"),
+        "vae": str(root / CHECKPOINT_VAE_FOLDER),
         "wav2vec": str(root / "wav2vec2"),
         "emotion2vec": str(root / "emotion2vec"),
         **TINY_SETTINGS,
