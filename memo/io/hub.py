@@ -54,3 +54,20 @@ def resolve_model_dir(
             f"or put them in a local directory and give its path instead of {name_or_path!r}."
         ) from error
     return Path(local)
+
+
+def require_model_file(path: str | os.PathLike, what: str, url: str, licence: str) -> Path:
+    """``path`` when it is a file; otherwise a :class:`MissingModelError` in one line naming ``what`` the file
+    is, the command that downloads it from ``url`` into place, and its ``licence``.
+
+    For model files published outside the Hugging Face hub (metric networks), which are never fetched
+    implicitly: evaluation must give the same numbers offline as online.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    raise MissingModelError(
+        f"{what} is missing: {path} does not exist. Download it once with "
+        f"`mkdir -p {path.parent} && curl -L -o {path} {url}` (licence: {licence}), "
+        f"or give --models a folder that holds it (a tiny random stand-in: scripts/make_tiny_checkpoint.py)."
+    )

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from memo.tiny.face_models import write_tiny_face_models
+from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
 from memo.tiny.separator import write_tiny_vocal_separator
 
@@ -36,6 +37,7 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     write_vae(root / "vae")
     write_wav2vec2(root / "wav2vec2")
     write_emotion2vec(root / "emotion2vec")
+    write_tiny_metric_models(root / "metrics")
     config = {
         "model_name_or_path": str(root),
         "vae": str(root / "vae"),
