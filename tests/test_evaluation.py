@@ -59,10 +59,11 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(mode
     images = textures(6, 64, seed=0)
     net = models.inception()
     reference = m.inception_features(net, images)
-    assert abs(m.fid(reference, reference)) < 1e-6 * np.trace(np.cov(reference, rowvar=False))
-    by_noise = [m.fid(m.inception_features(net, noisy(images, s)), reference) for s in (8, 30, 90)]
+    itself = m.fid(reference, reference)  # float error of eigenvalues of a rank-5 2048x2048 product
+    assert abs(itself) < 1e-5 * np.trace(np.cov(reference, rowvar=False))
+    by_noise = [m.fid(m.inception_features(net, noisy(images, s)), reference) for s in (10, 60)]
     by_blur = [m.fid(m.inception_features(net, blurred(images, s)), reference) for s in (1, 4)]
-    assert 0 < by_noise[0] < by_noise[1] < by_noise[2], by_noise
+    assert 100 * abs(itself) < by_noise[0] < by_noise[1], by_noise
     assert 0 < by_blur[0] < by_blur[1], by_blur
 
 
@@ -94,17 +95,18 @@ def test_fvd_is_zero_for_a_set_against_itself_and_grows_with_noise(models):
     net = models.i3d()
     reference = m.i3d_features(net, clips)
     assert reference.shape == (2, 400)
-    assert abs(m.fvd(reference, reference)) < 1e-6 * float(np.square(reference).sum())
+    itself = m.fvd(reference, reference)
+    assert abs(itself) < 1e-5 * float(np.square(reference).sum())
     by_noise = [m.fvd(m.i3d_features(net, noisy(clips, s)), reference) for s in (10, 60)]
-    assert 0 < by_noise[0] < by_noise[1], by_noise
+    assert 100 * abs(itself) < by_noise[0] < by_noise[1], by_noise
 
 
 def talking_clip(loud: np.ndarray, seed: int, size: int = 64) -> np.ndarray:
     """Frames whose brightness follows ``loud`` (True: above the SyncNet stand-in's BRIGHT_LEVEL), textured
     all over so the tiny face detector finds its face."""
     rng = np.random.default_rng(seed)
-    level = np.where(loud, BRIGHT_LEVEL + 100, BRIGHT_LEVEL - 45)
-    texture = rng.integers(-12, 13, (len(loud), size, size, 3))
+    level = np.where(loud, BRIGHT_LEVEL + 100, BRIGHT_LEVEL - 55)
+    texture = rng.integers(-30, 31, (len(loud), size, size, 3))  # survives H.264 as texture
     return np.clip(level[:, None, None, None] + texture, 0, 255).astype(np.uint8)
 
 
@@ -190,12 +192,13 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     report = json.loads((tmp_path / "report.json").read_text())
     good = report["videos"]["good"]
     assert good["sync_offset"] == 3 and good["sync_c"] > 0.2
-    assert good["csim"] == pytest.approx(1.0, abs=1e-3)
+    assert 0.5 < good["csim"] < 1  # the frames' brightness and texture change; the portrait is frame 0
     assert good["motion"] > 0
-    assert report["videos"]["mute"]["csim"] == pytest.approx(1.0, abs=1e-3)  # scored, but for Sync
+    assert report["videos"]["mute"]["csim"] == pytest.approx(good["csim"], abs=1e-3)  # scored, but for Sync
     assert set(report["set"]) >= {"sync_c", "sync_d", "sync_offset", "csim", "motion"}
     assert "| good |" in (tmp_path / "report.md").read_text()
-    assert "features: 7 computed, 0 from the cache" in run.stderr, run.stderr
+    # good: 2 shapes, faces, portrait, lip, audio, motion; mute: 2 shapes, faces, portrait, motion; rate: 2 shapes
+    assert "features: 14 computed, 0 from the cache" in run.stderr, run.stderr
 
     (gen / "unpaired.mp4").unlink()
     (gen / "broken.mp4").unlink()
@@ -203,7 +206,8 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     write_video(gen / "rate.mp4", frames, FPS, voice(loud, seed=15))
     rerun = evaluate(*args, "--overwrite", cwd=tmp_path)
     assert "error: mute.mp4:" in rerun.stderr and rerun.returncode == 2
-    assert "features: 4 computed, 7 from the cache" in rerun.stderr, rerun.stderr
+    # only the new rate.mp4's own features are computed; its reference's shape and the others' come from the cache
+    assert "features: 6 computed, 13 from the cache" in rerun.stderr, rerun.stderr
 
 
 def test_a_missing_metric_model_is_one_line_with_the_download_command(tmp_path):
