@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from memo.training.config import load_config
+from memo.settings.training import load_config
 from memo.training.loop import train
 
 

@@ -19,9 +19,9 @@ from memo.conditions.emotion import (
     format_emotion_spans,
     sample_emotion_labels,
 )
-from memo.config import FRAMINGS, WEIGHT_DTYPES
-from memo.models.emotion_classifier import EMOTION_NAMES
-from memo.speed import SPEEDS
+from memo.constants import EMOTION_NAMES
+from memo.sampling.speed import SPEEDS
+from memo.settings.inference import FRAMINGS, WEIGHT_DTYPES
 
 from .runtime import (
     MemoModel,
@@ -54,13 +54,32 @@ class LoadMemo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("STRING", {"default": "memoavatar/memo", "tooltip": "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo)."}),
+                "model": (
+                    "STRING",
+                    {
+                        "default": "memoavatar/memo",
+                        "tooltip": "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo).",
+                    },
+                ),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16"}),
                 "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
             },
             "optional": {
-                "settings": ("STRING", {"default": "", "multiline": True, "tooltip": "More settings of configs/inference.yaml, one key=value per line (e.g. vocal_separation=false)."}),
-                "speed": (list(SPEEDS), {"default": "exact", "tooltip": "exact: the published computation. fast: under a quarter of its compute, slightly different frames (README, Speed settings)."}),
+                "settings": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "More settings of configs/inference.yaml, one key=value per line (e.g. vocal_separation=false).",
+                    },
+                ),
+                "speed": (
+                    list(SPEEDS),
+                    {
+                        "default": "exact",
+                        "tooltip": "exact: the published computation. fast: under a quarter of its compute, slightly different frames (README, Speed settings).",
+                    },
+                ),
             },
         }
 
@@ -70,7 +89,9 @@ class LoadMemo:
     CATEGORY = CATEGORY
     DESCRIPTION = "Loads the MEMO networks, face analysis, vocal separation and the audio and emotion encoders."
 
-    def load(self, model: str, weight_dtype: str, device: str, settings: str = "", speed: str = "exact") -> tuple[MemoModel]:
+    def load(
+        self, model: str, weight_dtype: str, device: str, settings: str = "", speed: str = "exact"
+    ) -> tuple[MemoModel]:
         with shown_in_comfyui():
             return (load_memo(model, weight_dtype, device, settings, speed),)
 
@@ -84,7 +105,10 @@ class MemoEmotion:
             "required": {
                 "memo": ("MEMO_MODEL",),
                 "audio": ("AUDIO",),
-                "emotion": (EMOTIONS, {"default": "auto", "tooltip": "auto: read from the voice; else that emotion throughout."}),
+                "emotion": (
+                    EMOTIONS,
+                    {"default": "auto", "tooltip": "auto: read from the voice; else that emotion throughout."},
+                ),
                 "overrides": ("STRING", {"default": "", "multiline": True, "tooltip": OVERRIDES_TOOLTIP}),
             }
         }
@@ -149,7 +173,16 @@ class MemoGenerate:
                 "audio": ("AUDIO",),
                 "emotion": (EMOTIONS, {"default": "auto", "tooltip": "Ignored when emotion labels are connected."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
-                "guidance": ("FLOAT", {"default": 3.5, "min": 1.0, "max": 20.0, "step": 0.1, "tooltip": "Classifier-free guidance; 1 turns it off (twice as fast)."}),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 3.5,
+                        "min": 1.0,
+                        "max": 20.0,
+                        "step": 0.1,
+                        "tooltip": "Classifier-free guidance; 1 turns it off (twice as fast).",
+                    },
+                ),
                 "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED}),
                 "width": ("INT", SIZE),
                 "height": ("INT", SIZE),
@@ -195,9 +228,15 @@ class MemoGenerate:
             with on_device(memo, "conditions"):
                 prepared = generator.prepare_decoded(source, emotion, emotion_labels)
             clips: list[torch.Tensor] = []
-            total = len(prepared.features) // generator.config.num_generated_frames_per_clip * generator.config.speed_settings.steps
+            total = (
+                len(prepared.features)
+                // generator.config.num_generated_frames_per_clip
+                * generator.config.speed_settings.steps
+            )
             with on_device(memo, "all", width, height) as loaded:  # a fresh copy, to log the render device
-                loaded.with_settings(**settings).render_clips(reference, prepared, seed, clips.append, progress_bar(total))
+                loaded.with_settings(**settings).render_clips(
+                    reference, prepared, seed, clips.append, progress_bar(total)
+                )
         return frames_to_image(clips), audio, float(generator.config.fps)
 
 

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from memo.conditions.audio import DecodedAudio, audio_from_samples
-from memo.config import load_config
 from memo.errors import UserError
 from memo.generator import MemoGenerator, Progress
+from memo.io.audio import DecodedAudio, audio_from_samples
 from memo.loading import pick_device
+from memo.settings.inference import load_config
 
 logger = logging.getLogger("memo")
 

@@ -13,32 +13,33 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from PIL import Image
 
-from memo.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
-from memo.conditions.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
 from memo.conditions.face import Face, face_embedding
-from memo.conditions.framing import frame_portrait, load_image, to_model_tensor
-from memo.config import ConfigError, InferenceConfig, validate
+from memo.conditions.framing import frame_portrait, to_model_tensor
+from memo.constants import DTYPES, EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
+from memo.io.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
+from memo.io.image import load_image
 from memo.io.video import VideoWriter, check_output_path, probe_video
-from memo.loading import DTYPES, ConditionModels, locate_models, pick_device
-from memo.models.emotion_classifier import EMOTION_NAMES
+from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
-from memo.placement import (
+from memo.runtime.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
+from memo.runtime.placement import (
     apply_offload,
     condition_models_placement,
     effective_offload,
     generation_working_bytes,
     module_bytes,
 )
+from memo.settings.inference import ConfigError, InferenceConfig, validate
 
 logger = logging.getLogger("memo")
 
@@ -79,7 +80,7 @@ class PreparedAudio:
 
     @property
     def seconds(self) -> float:
-        return self.waveform.shape[0] / 16000
+        return self.waveform.shape[0] / SAMPLE_RATE
 
 
 class MemoGenerator:
@@ -127,7 +128,9 @@ class MemoGenerator:
             raise ConfigError(f"Unknown setting {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}.")
         fixed = sorted(set(settings) & LOAD_SETTINGS)
         if fixed:
-            raise ConfigError(f"{', '.join(fixed)} cannot change per call (it chooses the models); set it in the config.")
+            raise ConfigError(
+                f"{', '.join(fixed)} cannot change per call (it chooses the models); set it in the config."
+            )
         clone = copy.copy(self)
         clone.config = validate(dataclasses.replace(self.config, **settings))
         return clone
@@ -160,7 +163,15 @@ class MemoGenerator:
         width, height = config.size
         framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
-        logger.info("image: %s, %dx%d, %s, framed to %dx%d (%s)", Path(name).name, *image.size, where, width, height, config.framing)
+        logger.info(
+            "image: %s, %dx%d, %s, framed to %dx%d (%s)",
+            Path(name).name,
+            *image.size,
+            where,
+            width,
+            height,
+            config.framing,
+        )
         return PreparedImage(
             reference=to_model_tensor(framed),
             face_embedding=torch.as_tensor(embedding, dtype=torch.float32).reshape(1, -1),
@@ -176,7 +187,7 @@ class MemoGenerator:
         self, source: DecodedAudio, emotion: str | None = None, emotion_labels: torch.Tensor | None = None
     ) -> PreparedAudio:
         """:meth:`prepare_audio` for audio already decoded, from a file or from memory
-        (``conditions.audio.audio_from_samples``); ``source`` is also the sound track of the video.
+        (``memo.io.audio.audio_from_samples``); ``source`` is also the sound track of the video.
 
         ``emotion_labels``, one class id per 16 kHz sample (``conditions.emotion.sample_emotion_labels``, perhaps
         edited), replace the emotion setting; :class:`AudioError` if they do not cover this audio.
@@ -194,8 +205,8 @@ class MemoGenerator:
         if emotion_labels is not None:
             if emotion_labels.shape != waveform.shape:
                 raise AudioError(
-                    f"The emotion labels cover {emotion_labels.shape[-1] / 16000:.2f} s but the audio lasts "
-                    f"{waveform.shape[0] / 16000:.2f} s ({name}); label the same audio you generate from."
+                    f"The emotion labels cover {emotion_labels.shape[-1] / SAMPLE_RATE:.2f} s but the audio lasts "
+                    f"{waveform.shape[0] / SAMPLE_RATE:.2f} s ({name}); label the same audio you generate from."
                 )
             labels = frame_emotion_labels(emotion_labels, len(features))
             counts = torch.bincount(labels[: features.num_frames], minlength=len(EMOTION_NAMES))
@@ -211,13 +222,15 @@ class MemoGenerator:
         logger.info(
             "audio: %s, %.2f s, %s, %d frames at %d fps, emotion %s",
             name,
-            waveform.shape[0] / 16000,
+            waveform.shape[0] / SAMPLE_RATE,
             "vocals separated" if separator is not None else "no vocal separation",
             features.num_frames,
             config.fps,
             summary,
         )
-        return PreparedAudio(source=source, waveform=waveform, features=features, emotion_labels=labels, emotion=summary)
+        return PreparedAudio(
+            source=source, waveform=waveform, features=features, emotion_labels=labels, emotion=summary
+        )
 
     def render(
         self,
@@ -230,7 +243,9 @@ class MemoGenerator:
     ) -> Path:
         """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound."""
         width, height = self.config.size
-        with VideoWriter(output_path, self.config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=self.config.crf) as writer:
+        with VideoWriter(
+            output_path, self.config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=self.config.crf
+        ) as writer:
             self.render_clips(image, audio, seed, writer.write, progress)
         return output_path
 
@@ -250,7 +265,15 @@ class MemoGenerator:
         clips = len(audio.features) // config.num_generated_frames_per_clip
         speed = config.speed_settings
         logger.info(
-            "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s", clips, speed.steps, config.speed, speed.describe(), width, height, seed, self.device
+            "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s",
+            clips,
+            speed.steps,
+            config.speed,
+            speed.describe(),
+            width,
+            height,
+            seed,
+            self.device,
         )
         done = 0
 
@@ -293,7 +316,7 @@ class MemoGenerator:
     @contextlib.contextmanager
     def conditions_out_of_the_way(self) -> Iterator[None]:
         """Park the condition models on the CPU while the video is generated, unless there is room for them
-        (the rule of :func:`memo.placement.condition_models_placement`), and bring them back afterwards."""
+        (the rule of :func:`memo.runtime.placement.condition_models_placement`), and bring them back afterwards."""
         width, height = self.config.size
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         placement = condition_models_placement(

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import torch
 
-from memo.conditions.audio import VocalSeparator
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.conditions.face import FaceAnalyzer
-from memo.config import ConfigError, InferenceConfig
+from memo.conditions.vocals import VocalSeparator
 from memo.io.hub import MissingModelError, resolve_model_dir
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
 from memo.pipeline import NETWORKS
+from memo.settings.inference import ConfigError, InferenceConfig
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
 PUBLISHED_REPO = "memoavatar/memo"
@@ -110,8 +109,6 @@ def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles
     )
 
 
-
-
 @dataclass
 class ConditionModels:
     """The models that turn an image and an audio file into MEMO's conditions; emotion2vec loads on first use."""
@@ -127,7 +124,11 @@ class ConditionModels:
 
     @classmethod
     def load(
-        cls, files: ModelFiles, config: InferenceConfig, device: torch.device, face_det_size: tuple[int, int] = (640, 640)
+        cls,
+        files: ModelFiles,
+        config: InferenceConfig,
+        device: torch.device,
+        face_det_size: tuple[int, int] = (640, 640),
     ) -> ConditionModels:
         audio_encoder = Wav2VecAudioEncoder.from_pretrained(files.wav2vec, chunk_seconds=config.audio_chunk_seconds)
         face_analyzer = FaceAnalyzer.from_dir(

@@ -11,9 +11,9 @@ a long video never needs to be held whole.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,16 +23,16 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from memo.conditions.audio_features import AudioFeatures
+from memo.constants import NUM_EMOTIONS
 from memo.io.hub import resolve_model_dir
-from memo.guidance import conditional_memory, conditional_reference
-from memo.models.audio_module import NUM_EMOTIONS
 from memo.models.deep_cache import DeepFeatureCache
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.solvers import flow_scheduler
-from memo.speed import SOLVERS, plan_steps
+from memo.sampling.guidance import conditional_memory, conditional_reference
+from memo.sampling.solvers import flow_scheduler
+from memo.sampling.speed import SOLVERS, plan_steps
 
 NETWORKS = {
     "reference_net": ReferenceNet,
@@ -95,7 +95,7 @@ class MemoPipeline(DiffusionPipeline):
         vae: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         **hub_kwargs,
-    ) -> "MemoPipeline":
+    ) -> MemoPipeline:
         """Load the networks from a MEMO checkpoint in the published layout (a directory or a hub repo id).
 
         The VAE comes from ``vae``, else from the checkpoint's own ``vae/`` folder when it has one, else
@@ -166,7 +166,9 @@ class MemoPipeline(DiffusionPipeline):
         if total == 0 or total % frames_per_clip:
             raise ValueError(f"audio_features has {total} frames; it must be a positive multiple of {frames_per_clip}.")
         if emotion_labels.shape[0] < total:
-            raise ValueError(f"emotion_labels has {emotion_labels.shape[0]} frames, fewer than the {total} of the audio.")
+            raise ValueError(
+                f"emotion_labels has {emotion_labels.shape[0]} frames, fewer than the {total} of the audio."
+            )
         if num_frames is not None and not 0 < num_frames <= total:
             raise ValueError(f"num_frames must be in 1..{total}, got {num_frames}.")
         if latents is not None and len(latents) != total // frames_per_clip:
@@ -243,7 +245,9 @@ class MemoPipeline(DiffusionPipeline):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
         if not 0.0 <= guidance_window[0] <= guidance_window[1] <= 1.0:
-            raise ValueError(f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}.")
+            raise ValueError(
+                f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}."
+            )
         if deep_cache_interval < 1:
             raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
         if vae_tile_size is not None:
@@ -307,11 +311,24 @@ class MemoPipeline(DiffusionPipeline):
             for step, t in enumerate(scheduler.timesteps):
                 todo = plan[step]
                 if todo.batched or not guided:
-                    inputs = (clip_latents.repeat(batch, 1, 1, 1, 1), t, reference, image_tokens, audio_tokens, emotion, memory)
+                    inputs = (
+                        clip_latents.repeat(batch, 1, 1, 1, 1),
+                        t,
+                        reference,
+                        image_tokens,
+                        audio_tokens,
+                        emotion,
+                        memory,
+                    )
                     dropped = drop_reference
                 else:
                     if conditional is None:
-                        conditional = (conditional_reference(reference), image_tokens[1:], audio_tokens[1:], emotion[1:])
+                        conditional = (
+                            conditional_reference(reference),
+                            image_tokens[1:],
+                            audio_tokens[1:],
+                            emotion[1:],
+                        )
                         conditional += (conditional_memory(memory),)
                     inputs, dropped = (clip_latents, t, *conditional), drop_reference[1:]
                 noise_pred = self.diffusion_net(

@@ -9,7 +9,7 @@ The manifest format and the summary are described in ``memo/batch.py``.
 import os
 import sys
 
-from memo.batch import main
+from memo.apps.batch import main
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

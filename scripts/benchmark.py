@@ -36,22 +36,32 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from memo.compilation import compile_networks, compile_seconds
+from memo.bench.flops import clip_flops
 from memo.conditions.audio_features import Wav2VecAudioEncoder
-from memo.flops import clip_flops
+from memo.constants import DTYPES
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.pipeline import MemoPipeline
-from memo.placement import apply_offload
-from memo.speed import SPEEDS, SpeedSettings, preset, variants
+from memo.runtime.compilation import compile_networks, compile_seconds
+from memo.runtime.placement import apply_offload
+from memo.sampling.speed import SPEEDS, SpeedSettings, preset, variants
 from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, sample_size=256)
-TINY_VAE = dict(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2,
+    sample_size=256,
+)
+TINY_VAE = dict(
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+)
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,8 +72,12 @@ def synchronize(device: torch.device) -> None:
 
 
 PHASES = ("preprocessing (wav2vec2)", "reference net", "denoising steps", "VAE encode", "VAE decode")
-PHASE_METHODS = (("encode_frames", "VAE encode"), ("decode_latents", "VAE decode"),
-                 ("reference_net.forward", "reference net"), ("diffusion_net.forward", "denoising steps"))
+PHASE_METHODS = (
+    ("encode_frames", "VAE encode"),
+    ("decode_latents", "VAE decode"),
+    ("reference_net.forward", "reference net"),
+    ("diffusion_net.forward", "denoising steps"),
+)
 
 DENSE_BF16_TFLOPS = (
     # Dense (no 2:4 sparsity) bf16 tensor-core peaks, from NVIDIA's datasheets: the H100 and H200 datasheets
@@ -140,18 +154,39 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> tuple
     """Random-weight networks at the published sizes (``full``) or the tiny ones, built on ``device``."""
     with torch.device(device):
         if size == "full":
-            nets = dict(reference_net=ReferenceNet(), diffusion_net=DiffusionNet(), image_proj=ImageProjModel(),
-                        audio_proj=AudioProjModel(), vae=AutoencoderKL(**SD_VAE))
+            nets = dict(
+                reference_net=ReferenceNet(),
+                diffusion_net=DiffusionNet(),
+                image_proj=ImageProjModel(),
+                audio_proj=AudioProjModel(),
+                vae=AutoencoderKL(**SD_VAE),
+            )
             wav2vec = Wav2Vec2Model(Wav2Vec2Config())
         else:
-            nets = dict(reference_net=ReferenceNet(**UNET), diffusion_net=DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM),
-                        image_proj=ImageProjModel(cross_attention_dim=TOKEN_DIM),
-                        audio_proj=AudioProjModel(blocks=WAV2VEC_LAYERS, channels=WAV2VEC_DIM, intermediate_dim=32,
-                                                  output_dim=TOKEN_DIM, context_tokens=4),
-                        vae=AutoencoderKL(**TINY_VAE))
-            wav2vec = Wav2Vec2Model(Wav2Vec2Config(hidden_size=WAV2VEC_DIM, num_hidden_layers=WAV2VEC_LAYERS,
-                                                   num_attention_heads=2, intermediate_size=32, conv_dim=(16,) * 7,
-                                                   num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2))
+            nets = dict(
+                reference_net=ReferenceNet(**UNET),
+                diffusion_net=DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM),
+                image_proj=ImageProjModel(cross_attention_dim=TOKEN_DIM),
+                audio_proj=AudioProjModel(
+                    blocks=WAV2VEC_LAYERS,
+                    channels=WAV2VEC_DIM,
+                    intermediate_dim=32,
+                    output_dim=TOKEN_DIM,
+                    context_tokens=4,
+                ),
+                vae=AutoencoderKL(**TINY_VAE),
+            )
+            wav2vec = Wav2Vec2Model(
+                Wav2Vec2Config(
+                    hidden_size=WAV2VEC_DIM,
+                    num_hidden_layers=WAV2VEC_LAYERS,
+                    num_attention_heads=2,
+                    intermediate_size=32,
+                    conv_dim=(16,) * 7,
+                    num_conv_pos_embeddings=16,
+                    num_conv_pos_embedding_groups=2,
+                )
+            )
     pipe = MemoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **nets).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, Wav2VecAudioEncoder(wav2vec.eval(), Wav2Vec2FeatureExtractor()).to(device)
@@ -175,10 +210,19 @@ def generate(
     with around("preprocessing (wav2vec2)"):
         features = audio(waveform, args.fps, args.frames_per_clip)
     with around_phases(pipe, around):
-        pipe(torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1, torch.randn(1, 512), features,
-             torch.zeros(len(features), dtype=torch.long), num_frames=features.num_frames,
-             frames_per_clip=args.frames_per_clip, guidance_scale=3.5, seed=0,
-             vae_batch_size=vae_batch, output_type=None, **speed.pipeline_kwargs())
+        pipe(
+            torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1,
+            torch.randn(1, 512),
+            features,
+            torch.zeros(len(features), dtype=torch.long),
+            num_frames=features.num_frames,
+            frames_per_clip=args.frames_per_clip,
+            guidance_scale=3.5,
+            seed=0,
+            vae_batch_size=vae_batch,
+            output_type=None,
+            **speed.pipeline_kwargs(),
+        )
 
 
 def run_timed(
@@ -282,10 +326,19 @@ def run_variants(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
                 row["peak_allocated_gib"] = timer.peak_allocated.get(name, 0) / 2**30
                 row["peak_reserved_gib"] = timer.peak_reserved.get(name, 0) / 2**30
             phases[name] = row
-        results.append({"variant": spec, "compiled": compiled, "offload": offload, "compile_seconds": compile_s,
-                        "total_seconds": timer.total, "s_per_frame": timer.total / frames, "phases": phases,
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-                        "dense_bf16_peak_tflops": peak})
+        results.append(
+            {
+                "variant": spec,
+                "compiled": compiled,
+                "offload": offload,
+                "compile_seconds": compile_s,
+                "total_seconds": timer.total,
+                "s_per_frame": timer.total / frames,
+                "phases": phases,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                "dense_bf16_peak_tflops": peak,
+            }
+        )
         del pipe, audio
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -298,9 +351,13 @@ def print_variants(results: list[dict]) -> None:
         allocated = max((row.get("peak_allocated_gib", 0.0) for row in phases), default=0.0)
         reserved = max((row.get("peak_reserved_gib", 0.0) for row in phases), default=0.0)
         memory = f", peak {allocated:.2f} GiB allocated / {reserved:.2f} GiB reserved" if reserved else ""
-        print(f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, {result['s_per_frame']:.3f} s/frame"
-              f"{memory} (compiling: {result['compile_seconds']:.1f} s before timing)")
-        print(f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}{'alloc GiB':>11}{'reserved GiB':>14}")
+        print(
+            f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, {result['s_per_frame']:.3f} s/frame"
+            f"{memory} (compiling: {result['compile_seconds']:.1f} s before timing)"
+        )
+        print(
+            f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}{'alloc GiB':>11}{'reserved GiB':>14}"
+        )
         for name, row in result["phases"].items():
             gflop = f"{row['flops_per_frame'] / 1e9:.1f}" if "flops_per_frame" in row else "-"
             tflops = f"{row['tflops_per_s']:.1f}" if "tflops_per_s" in row else "-"
@@ -322,8 +379,10 @@ def flops_per_frame(args, speeds: dict[str, SpeedSettings]) -> dict[str, float]:
 def print_flops_table(args) -> None:
     """FLOPs per frame of exact, of each fast setting alone and of fast, and their share of exact's."""
     counted = flops_per_frame(args, variants(args.steps))
-    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, clips of {args.frames_per_clip} frames, "
-          f"{args.steps} exact steps, guidance 3.5: FLOPs per frame (torch FlopCounterMode, meta device)")
+    print(
+        f"\n{args.size} size, {args.resolution}x{args.resolution}, clips of {args.frames_per_clip} frames, "
+        f"{args.steps} exact steps, guidance 3.5: FLOPs per frame (torch FlopCounterMode, meta device)"
+    )
     for name, flops in counted.items():
         print(f"{name:36}{flops / 1e12:>10.2f} TFLOP{flops / counted['exact']:>8.1%} of exact")
 
@@ -335,12 +394,18 @@ def compare_speeds(args, pipe: MemoPipeline, audio: Wav2VecAudioEncoder) -> None
     frames = args.clips * args.frames_per_clip
     timed = {name: run_timed(pipe, audio, args, args.vae_batch_size, speed).total for name, speed in speeds.items()}
     first = args.speed[0]
-    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
-          f"{args.steps} exact steps, guidance on, {pipe.device} {args.dtype}")
-    print(f"{'speed':8}{'total s':>10}{'s/frame':>10}{'TFLOP/frame':>13}{'time vs ' + first:>16}{'FLOPs vs ' + first:>17}")
+    print(
+        f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
+        f"{args.steps} exact steps, guidance on, {pipe.device} {args.dtype}"
+    )
+    print(
+        f"{'speed':8}{'total s':>10}{'s/frame':>10}{'TFLOP/frame':>13}{'time vs ' + first:>16}{'FLOPs vs ' + first:>17}"
+    )
     for name in speeds:
-        print(f"{name:8}{timed[name]:>10.2f}{timed[name] / frames:>10.3f}{counted[name] / 1e12:>13.3f}"
-              f"{timed[first] / timed[name]:>15.2f}x{counted[name] / counted[first]:>17.1%}")
+        print(
+            f"{name:8}{timed[name]:>10.2f}{timed[name] / frames:>10.3f}{counted[name] / 1e12:>13.3f}"
+            f"{timed[first] / timed[name]:>15.2f}x{counted[name] / counted[first]:>17.1%}"
+        )
 
 
 def main() -> None:
@@ -388,8 +453,10 @@ def main() -> None:
         again = run_timed(pipe, audio, args, args.vae_batch_size)  # ours once more: drift shows here
         rows.append(("ours, again", again.seconds, again.total, peak_memory(again)))
 
-    print(f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
-          f"{args.steps} steps, guidance on, {device} {args.dtype}")
+    print(
+        f"\n{args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x {args.frames_per_clip} frames, "
+        f"{args.steps} steps, guidance on, {device} {args.dtype}"
+    )
     phases = list(PHASES)
     header = f"{'':16}" + "".join(f"{p:>26}" for p in phases) + f"{'total s':>10}{'s/frame':>10}  peak memory"
     print(header)
@@ -399,8 +466,10 @@ def main() -> None:
     if args.baseline:
         ours_split = {p: (rows[0][1].get(p, 0.0) + rows[2][1].get(p, 0.0)) / 2 for p in phases}
         ours_mean = (rows[0][2] + rows[2][2]) / 2
-        print(f"\nspeed-up over the original's settings (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
-              + ", ".join(f"{p} {rows[1][1].get(p, 0) / max(ours_split[p], 1e-9):.2f}x" for p in phases[1:]))
+        print(
+            f"\nspeed-up over the original's settings (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
+            + ", ".join(f"{p} {rows[1][1].get(p, 0) / max(ours_split[p], 1e-9):.2f}x" for p in phases[1:])
+        )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ from benchmark import (  # noqa: E402  (scripts/ is not a package)
     synchronize,
 )
 
-from memo.compilation import compile_networks  # noqa: E402
 from memo.models.diffusion_net import DiffusionNet  # noqa: E402
 from memo.models.projections import AudioProjModel, ImageProjModel  # noqa: E402
 from memo.models.reference_net import ReferenceNet  # noqa: E402
 from memo.models.temporal_memory import TemporalMemory  # noqa: E402
-from memo.placement import module_bytes  # noqa: E402
+from memo.runtime.compilation import compile_networks  # noqa: E402
+from memo.runtime.placement import module_bytes  # noqa: E402
 
 GIB = 2**30
 
@@ -60,18 +60,30 @@ def memory_budget(args) -> dict:
 
     dtype = DTYPES[args.dtype]
     with torch.device("meta"):
-        nets = dict(reference_net=ReferenceNet(), diffusion_net=DiffusionNet(), image_proj=ImageProjModel(),
-                    audio_proj=AudioProjModel(), vae=AutoencoderKL(**SD_VAE))
+        nets = dict(
+            reference_net=ReferenceNet(),
+            diffusion_net=DiffusionNet(),
+            image_proj=ImageProjModel(),
+            audio_proj=AudioProjModel(),
+            vae=AutoencoderKL(**SD_VAE),
+        )
         nets = {name: net.to(dtype) for name, net in nets.items()}
         batch, past, frames, side = 2, args.frames_per_clip, args.frames_per_clip, args.resolution // 8
         with torch.no_grad():
             latents = torch.empty(batch * (1 + past), 4, side, side, dtype=dtype)
             reference = nets["reference_net"](latents, 0.0, torch.empty(batch * (1 + past), 4, 768, dtype=dtype))
             memory = TemporalMemory()
-            nets["diffusion_net"](torch.empty(batch, 4, frames, side, side, dtype=dtype), torch.tensor(999.0),
-                                  reference, torch.empty(batch, 4, 768, dtype=dtype),
-                                  torch.empty(batch, frames, 32, 768, dtype=dtype), torch.tensor([9, 0]),
-                                  memory, True, (True, False))
+            nets["diffusion_net"](
+                torch.empty(batch, 4, frames, side, side, dtype=dtype),
+                torch.tensor(999.0),
+                reference,
+                torch.empty(batch, 4, 768, dtype=dtype),
+                torch.empty(batch, frames, 32, 768, dtype=dtype),
+                torch.tensor([9, 0]),
+                memory,
+                True,
+                (True, False),
+            )
     features = [f for group in (reference.down, [reference.mid], reference.up) for layer in group for f in layer]
     return {
         "dtype": args.dtype,
@@ -121,11 +133,17 @@ def frames_of(pipe, audio, args, device: torch.device) -> torch.Tensor:
     waveform = torch.randn(int(frames / args.fps * 16000) + 16000, generator=g) * 0.1
     features = audio(waveform, args.fps, args.frames_per_clip)
     with torch.no_grad():
-        return pipe(torch.rand(1, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
-                    torch.randn(1, 512, generator=g), features[slice(0, frames)],
-                    torch.zeros(frames, dtype=torch.long), frames_per_clip=frames,
-                    num_inference_steps=args.deviation_steps, guidance_scale=3.5, seed=0,
-                    vae_batch_size=args.vae_batch_size).frames
+        return pipe(
+            torch.rand(1, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
+            torch.randn(1, 512, generator=g),
+            features[slice(0, frames)],
+            torch.zeros(frames, dtype=torch.long),
+            frames_per_clip=frames,
+            num_inference_steps=args.deviation_steps,
+            guidance_scale=3.5,
+            seed=0,
+            vae_batch_size=args.vae_batch_size,
+        ).frames
 
 
 def deviation(args, device: torch.device) -> dict:
@@ -178,8 +196,10 @@ def main() -> None:
         (out / "summary.txt").write_text(log.getvalue())
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    say(f"gpu_check on {name}, torch {torch.__version__}: {args.size} size, {args.resolution}x{args.resolution}, "
-        f"{args.clips} clips x {args.frames_per_clip} frames, {args.steps} steps, {args.dtype}")
+    say(
+        f"gpu_check on {name}, torch {torch.__version__}: {args.size} size, {args.resolution}x{args.resolution}, "
+        f"{args.clips} clips x {args.frames_per_clip} frames, {args.steps} steps, {args.dtype}"
+    )
     parts = {
         "budget": lambda: memory_budget(args),
         "profile": lambda: profile_phases(args, device, out),

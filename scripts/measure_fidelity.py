@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -42,10 +41,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from memo.conditions.audio import audio_from_samples
+from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 from memo.pipeline import MemoPipeline
-from memo.speed import SpeedSettings, plan_steps, variants
+from memo.sampling.speed import SpeedSettings, plan_steps, variants
 from memo.tiny.pack import write_tiny_pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +148,9 @@ def prepare(work: Path, pack_config: Path) -> None:
                  "--output_dir", str(work / "prepared" / split), "--config", str(pack_config)])  # fmt: skip
         prepared = [line for line in (work / "prepared" / split / "metadata.jsonl").read_text().splitlines() if line]
         if not prepared:
-            raise SystemExit(f"prepare_data.py prepared no {split} clip; see {work / 'prepared' / split}/failures.jsonl.")
+            raise SystemExit(
+                f"prepare_data.py prepared no {split} clip; see {work / 'prepared' / split}/failures.jsonl."
+            )
 
 
 def finetune(work: Path, pack: Path, steps: int) -> Path:
@@ -216,7 +217,9 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int) -
     inputs, truth = held_out_inputs(work, clips)
     truth = truth.astype(np.float32) / 255
     noise = torch.randn(clips, 1, 4, FRAMES_PER_CLIP, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
-    common = dict(inputs, frames_per_clip=FRAMES_PER_CLIP, past_frames=PAST_FRAMES, guidance_scale=GUIDANCE, latents=noise)
+    common = dict(
+        inputs, frames_per_clip=FRAMES_PER_CLIP, past_frames=PAST_FRAMES, guidance_scale=GUIDANCE, latents=noise
+    )
     speeds = variants(steps)
 
     def generate(model: Path, speed: SpeedSettings) -> np.ndarray:
@@ -233,10 +236,15 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int) -
         frames = generate(checkpoint, speed)
         exact = frames if exact is None else exact
         results["settings"][name] = dict(
-            vs_truth=scores(frames, truth), vs_exact=scores(frames, exact), evaluations=evaluations(speed),
+            vs_truth=scores(frames, truth),
+            vs_exact=scores(frames, exact),
+            evaluations=evaluations(speed),
             seconds=time.perf_counter() - start,
         )
-        print(f"{name}: vs truth {results['settings'][name]['vs_truth']}, vs exact {results['settings'][name]['vs_exact']}", flush=True)
+        print(
+            f"{name}: vs truth {results['settings'][name]['vs_truth']}, vs exact {results['settings'][name]['vs_exact']}",
+            flush=True,
+        )
     return results
 
 
@@ -251,7 +259,9 @@ def table(results: dict) -> str:
     ]
     for name, row in results["settings"].items():
         vs_exact = "identical" if row is exact else f"{row['vs_exact'][0]:.2f} dB / {row['vs_exact'][1]:.3f}"
-        lines.append(f"| {name} | {row['evaluations']} | {row['vs_truth'][0]:.2f} dB / {row['vs_truth'][1]:.3f} | {vs_exact} |")
+        lines.append(
+            f"| {name} | {row['evaluations']} | {row['vs_truth'][0]:.2f} dB / {row['vs_truth'][1]:.3f} | {vs_exact} |"
+        )
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memo.cli import add_settings_arguments, report_error, setup_logging
+from memo.apps.cli import add_settings_arguments, report_error, setup_logging
 from memo.errors import UserError, as_path
 
 if TYPE_CHECKING:  # imported where used, so that --help and --merge start without torch
@@ -68,11 +68,11 @@ def prepare(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from memo.config import load_config
     from memo.data import store
     from memo.data.prepare import VideoPreparer, describe
+    from memo.errors import check_runtimes
     from memo.io.video import check_output_folder
-    from memo.runtimes import check_runtimes
+    from memo.settings.inference import load_config
 
     config = load_config(args.config, args.overrides)
     if args.misc_model_dir:

@@ -16,17 +16,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from memo.conditions.audio import (
-    SAMPLE_RATE,
-    AudioError,
-    VocalSeparator,
-    VocalSeparatorError,
-    check_min_duration,
-    is_silent,
-    load_audio,
-    rms_dbfs,
-    uvr_model_hash,
-)
+from memo.conditions.vocals import VocalSeparator, VocalSeparatorError, uvr_model_hash
+from memo.constants import SAMPLE_RATE
+from memo.io.audio import AudioError, check_min_duration, is_silent, load_audio, rms_dbfs
 from memo.tiny.separator import TINY_SEPARATOR_PARAMS, write_tiny_vocal_separator
 
 SECONDS = 1.7

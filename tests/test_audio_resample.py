@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import REPO
-from memo.conditions.audio import SAMPLE_RATE, AudioError, audio_from_samples, load_audio
+
+from memo.constants import SAMPLE_RATE
+from memo.io.audio import AudioError, audio_from_samples, load_audio
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 
@@ -17,7 +18,9 @@ SPEECH = REPO / "assets" / "examples" / "speech.wav"
 def test_in_memory_audio_matches_the_decoded_file(tmp_path):
     speech, rate = sf.read(SPEECH, dtype="float32")
     clip = speech[: rate * 2]
-    stereo = np.stack([np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), clip * g) for g in (1.0, 0.4)])
+    stereo = np.stack(
+        [np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), clip * g) for g in (1.0, 0.4)]
+    )
     path = tmp_path / "stereo.wav"
     sf.write(path, stereo.T, 44100, subtype="FLOAT")
 

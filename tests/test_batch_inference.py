@@ -116,8 +116,8 @@ def test_a_bad_manifest_is_refused_before_any_work(pack, inputs, tmp_path):
 
 
 def test_per_job_settings_share_the_loaded_models(pack):
-    from memo.config import ConfigError, load_config
     from memo.generator import MemoGenerator
+    from memo.settings.inference import ConfigError, load_config
 
     generator = MemoGenerator(load_config(pack / "inference.yaml"))
     job = generator.with_settings(resolution=128, emotion="sad", inference_steps=1)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import REPO
 from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
-from conftest import REPO
-from memo.conditions.audio import audio_from_samples
+from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter, probe_video
 
 PACK_DIR = REPO / "comfyui_memo"
@@ -66,7 +66,9 @@ def comfy_modules(models_dir: Path) -> dict[str, types.ModuleType]:
     management.InterruptProcessingException = InterruptProcessingException
     management.get_torch_device = lambda: torch.device("cpu")
     management.unet_offload_device = lambda: torch.device("cpu")
-    management.free_memory = lambda memory_required, device, keep_loaded=[]: management.calls.append(("free_memory", memory_required, device))
+    management.free_memory = lambda memory_required, device, keep_loaded=[]: management.calls.append(
+        ("free_memory", memory_required, device)
+    )
     management.soft_empty_cache = lambda force=False: management.calls.append(("soft_empty_cache",))
 
     def throw_exception_if_processing_interrupted():
@@ -111,7 +113,9 @@ def comfy(tmp_path_factory):
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
-        yield types.SimpleNamespace(models_dir=models_dir, management=stand_ins["comfy.model_management"], pack=load_custom_node(PACK_DIR))
+        yield types.SimpleNamespace(
+            models_dir=models_dir, management=stand_ins["comfy.model_management"], pack=load_custom_node(PACK_DIR)
+        )
     finally:
         for name, module in saved.items():
             if module is None:
@@ -332,20 +336,29 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
     with pytest.raises(error, match="must span seconds inside the audio"):
         run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="2-3: happy")
     other = torch.zeros(16000, dtype=torch.long)
-    with pytest.raises(error, match=r"cover 1.00 s but the audio lasts 1.10 s \(The AUDIO input\); label the same audio"):
+    with pytest.raises(
+        error, match=r"cover 1.00 s but the audio lasts 1.10 s \(The AUDIO input\); label the same audio"
+    ):
         run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE, emotion_labels=other)
     with pytest.raises(error, match="Unknown setting 'resolutoin' in Load MEMO's settings box"):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings=" resolutoin = 128")
-    with pytest.raises(error, match="Line 2 of Load MEMO's settings box sets 'device', which Load MEMO's own inputs decide"):
+    with pytest.raises(
+        error, match="Line 2 of Load MEMO's settings box sets 'device', which Load MEMO's own inputs decide"
+    ):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="# mine\ndevice = cuda")
     with pytest.raises(error, match="must look like key=value"):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="vocal_separation false")
-    with pytest.raises(error, match="Line 1 of Load MEMO's settings box sets 'offload', which does not apply in ComfyUI"):
+    with pytest.raises(
+        error, match="Line 1 of Load MEMO's settings box sets 'offload', which does not apply in ComfyUI"
+    ):
         run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="offload=model")
     if not torch.cuda.is_available():
         with pytest.raises(error, match="device=cuda but PyTorch finds no CUDA GPU here"):
             run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cuda", settings="")
-    for node, inputs in (("MemoFaceCrop", dict(width=64, height=64, framing="crop", allow_no_face=False)), ("MemoGenerate", dict(audio=audio, **GENERATE))):
+    for node, inputs in (
+        ("MemoFaceCrop", dict(width=64, height=64, framing="crop", allow_no_face=False)),
+        ("MemoGenerate", dict(audio=audio, **GENERATE)),
+    ):
         with pytest.raises(error, match=r"The IMAGE input holds no picture \(shape \(0, "):
             run(comfy, node, memo=memo, image=image[:0], **inputs)
     no_rate = {**audio, "sample_rate": 0}
@@ -384,7 +397,10 @@ def test_example_workflow_uses_core_nodes_and_these(comfy):
         for name, cls in comfy.pack.NODE_CLASS_MAPPINGS.items()
     }
     ours = {
-        name: ({k: v[0] if isinstance(v[0], str) else "COMBO" for k, v in spec.items()}, comfy.pack.NODE_CLASS_MAPPINGS[name].RETURN_TYPES)
+        name: (
+            {k: v[0] if isinstance(v[0], str) else "COMBO" for k, v in spec.items()},
+            comfy.pack.NODE_CLASS_MAPPINGS[name].RETURN_TYPES,
+        )
         for name, spec in specs.items()
     }
     definitions = {**core, **ours}
@@ -395,7 +411,9 @@ def test_example_workflow_uses_core_nodes_and_these(comfy):
         inputs, _ = definitions[node["class_type"]]
         assert set(node["inputs"]) <= set(inputs), node_id
         if node["class_type"] in specs:
-            assert set(comfy.pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(node["inputs"])
+            assert set(comfy.pack.NODE_CLASS_MAPPINGS[node["class_type"]].INPUT_TYPES()["required"]) <= set(
+                node["inputs"]
+            )
         for name, value in node["inputs"].items():
             if isinstance(value, list):
                 source, index = value

@@ -14,11 +14,11 @@ import os
 
 import pytest
 import torch
+from test_pipeline import FPC, make_inputs
 from torch._dynamo.utils import counters
 
-from memo.compilation import compile_enabled, compile_networks, use_inductor_cache
 from memo.pipeline import MemoPipeline
-from test_pipeline import FPC, make_inputs
+from memo.runtime.compilation import compile_enabled, compile_networks, use_inductor_cache
 
 
 def generate(pipe):
@@ -44,7 +44,13 @@ def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
 
 @pytest.mark.parametrize(
     "setting, device, expected",
-    [("auto", "cuda", True), ("auto", "cpu", False), ("auto", "mps", False), ("true", "cpu", True), ("false", "cuda", False)],
+    [
+        ("auto", "cuda", True),
+        ("auto", "cpu", False),
+        ("auto", "mps", False),
+        ("true", "cpu", True),
+        ("false", "cuda", False),
+    ],
 )
 def test_compile_setting(setting, device, expected):
     assert compile_enabled(setting, torch.device(device)) is expected

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memo.conditions.emotion import SAMPLE_RATE, audio_emotion_labels, emotion_windows, forced_emotion_labels
+from memo.conditions.emotion import audio_emotion_labels, emotion_windows, forced_emotion_labels
+from memo.constants import EMOTION_NAMES, SAMPLE_RATE
 from memo.models.emotion2vec import Emotion2VecEncoder
-from memo.models.emotion_classifier import EMOTION_NAMES, AudioEmotionClassifierModel
+from memo.models.emotion_classifier import AudioEmotionClassifierModel
 
 REFERENCE = Path(
     os.environ.get("MEMO_EMOTION2VEC_REFERENCE", Path(__file__).resolve().parents[2] / "shared/reference/emotion2vec")
@@ -134,7 +135,12 @@ def test_forced_emotion() -> None:
 
 
 def test_labels_as_text_spans_and_edited_back():
-    from memo.conditions.emotion import EmotionOverrideError, apply_emotion_overrides, emotion_spans, format_emotion_spans
+    from memo.conditions.emotion import (
+        EmotionOverrideError,
+        apply_emotion_overrides,
+        emotion_spans,
+        format_emotion_spans,
+    )
 
     labels = torch.tensor([4] * SAMPLE_RATE + [3] * (SAMPLE_RATE // 2))  # 1 s neutral, then 0.5 s happy
     text = format_emotion_spans(emotion_spans(labels))

@@ -116,8 +116,9 @@ def test_ordinary_portraits_have_exactly_one_face(analyzer, size):
     """As the real detector: one face on a head-and-shoulders photo or a video frame, whatever its size,
     including a fully textured picture (clothes and background around the small box are not a face)."""
     data = pytest.importorskip("skimage.data")
-    from memo.conditions.framing import load_image
     from conftest import REPO
+
+    from memo.io.image import load_image
 
     photos = [np.asarray(load_image(REPO / "assets" / "examples" / "portrait.jpg")), data.chelsea()]
     photos.append(np.repeat(data.camera()[..., None], 3, axis=2))  # the cameraman, greyscale

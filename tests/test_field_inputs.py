@@ -24,7 +24,7 @@ import soundfile
 from conftest import REPO
 from PIL import Image
 
-from memo.conditions.audio import decode_audio
+from memo.io.audio import decode_audio
 from memo.io.video import OutputLocationError, check_output_folder, probe_video
 
 FIELD = REPO.parent / "shared" / "field"
@@ -121,7 +121,9 @@ def sound_track(video: Path) -> tuple[np.ndarray, int]:
 def test_audio_decoded_once_is_the_sound_track(pack, tmp_path, kind):
     audio = audio_case(kind, tmp_path)
     out = tmp_path / "out"
-    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(out), *FAST)
+    result = run(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(out), *FAST
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     if kind != "wav24":  # the damage is reported without --verbose, with how much was lost
@@ -141,8 +143,8 @@ def test_audio_decoded_once_is_the_sound_track(pack, tmp_path, kind):
 
 def test_the_sound_track_never_rereads_the_file(pack, tmp_path):
     """The audio file is gone once its conditions are made: the video still gets its sound, from memory."""
-    from memo.config import load_config
     from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
 
     samples, rate = speech_clip(1.2)
     audio = tmp_path / "speech.wav"
@@ -337,7 +339,7 @@ def test_the_python_api_names_the_missing_runtime_too(pack, tmp_path):
     """Without the programs' up-front check, loading the face models names the missing onnxruntime too."""
     code = (
         "from memo.conditions.face import FaceAnalyzer\n"
-        "from memo.runtimes import MissingRuntimeError\n"
+        "from memo.errors import MissingRuntimeError\n"
         "try:\n"
         f"    FaceAnalyzer.from_dir({str(pack / 'misc' / 'face_analysis' / 'models')!r})\n"
         "except MissingRuntimeError as error:\n"
@@ -357,10 +359,10 @@ def test_batch_and_web_app_report_a_failing_job_with_the_same_message(pack, tmp_
     pytest.importorskip("gradio")
     import gradio as gr
 
-    from memo.batch import Job, run_jobs
-    from memo.config import load_config
+    from memo.apps.batch import Job, run_jobs
+    from memo.apps.web import WebApp
     from memo.generator import MemoGenerator
-    from memo.web import WebApp
+    from memo.settings.inference import load_config
 
     samples, rate = speech_clip(1.0)
     audio = tmp_path / "speech.wav"
@@ -375,7 +377,9 @@ def test_batch_and_web_app_report_a_failing_job_with_the_same_message(pack, tmp_
         [result] = run_jobs(generator, [Job(2, image, audio, tmp_path / "batch" / "out.mp4")], process=0)
         assert result["status"] == "failed"
         with pytest.raises(gr.Error) as caught:
-            app.generate(str(image), str(audio), "neutral", "64x64", 1, 1.0, 0, "crop", "exact", progress=lambda *a, **k: None)
+            app.generate(
+                str(image), str(audio), "neutral", "64x64", 1, 1.0, 0, "crop", "exact", progress=lambda *a, **k: None
+            )
         assert caught.value.message == result["reason"]
         assert image.name in result["reason"]
     assert not (tmp_path / "batch").exists() and not (tmp_path / "web").exists()

@@ -381,7 +381,7 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install():
 def test_config_rejects_unknown_and_bad_keys(tmp_path, data_dir):
     from omegaconf.errors import ConfigKeyError
 
-    from memo.training.config import load_config
+    from memo.settings.training import load_config
 
     path = tiny_config(tmp_path, data_dir)
     config = load_config(path, ["data.width=32", "learning_rate=2e-5"], exp_name="run")
@@ -537,7 +537,7 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
 def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
     """Training on a single clip lowers its loss, measured at fixed noise and timesteps before and after."""
     from memo.data import TalkingVideoDataset
-    from memo.training.config import load_config
+    from memo.settings.training import load_config
     from memo.training.flow_matching import FlowMatchingObjective
     from memo.training.loop import _Encoder, load_model_components, train
     from memo.training.model import MemoTrainingModel

@@ -7,15 +7,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from memo.conditions.framing import (
-    FACE_CENTER_FROM_TOP,
-    FACE_HEIGHT_SHARE,
-    ImageError,
-    crop_box,
-    frame_portrait,
-    load_image,
-    to_model_tensor,
-)
+from memo.conditions.framing import FACE_CENTER_FROM_TOP, FACE_HEIGHT_SHARE, crop_box, frame_portrait, to_model_tensor
+from memo.io.image import ImageError, load_image
 
 
 def picture_with_square(size=(800, 400), square=(350, 100, 450, 200)) -> Image.Image:

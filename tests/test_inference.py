@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from memo.io.video import probe_video
 
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -27,7 +27,9 @@ def speech(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "speech_cut.flac"
     clip = audio[: int(2.5 * rate)]
     stereo = np.stack([clip, clip * 0.5], axis=1)
-    upsampled = np.stack([np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), ch) for ch in stereo.T], 1)
+    upsampled = np.stack(
+        [np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), ch) for ch in stereo.T], 1
+    )
     soundfile.write(path, upsampled.astype(np.float32), 44100)
     return path
 
@@ -79,8 +81,15 @@ def test_existing_output_is_kept_unless_overwrite(pack, speech, tmp_path):
     assert_user_error(result, "already exists", "--overwrite")
     assert output.read_bytes() == b"precious"
     result = run(
-        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path),
-        "--overwrite", "inference_steps=1",
+        pack,
+        "--input_image",
+        str(EXAMPLE_IMAGE),
+        "--input_audio",
+        str(speech),
+        "--output_dir",
+        str(tmp_path),
+        "--overwrite",
+        "inference_steps=1",
     )
     assert result.returncode == 0, result.stderr
     assert probe_video(output).num_frames == 75
@@ -158,19 +167,23 @@ def test_silent_audio_warns_and_still_renders(pack, tmp_path):
         ("emotion=joyful", ["emotion", "joyful", "happy"]),
         ("resolution=100", ["multiple of 64"]),
         pytest.param(
-            "device=cuda", ["device=cuda", "no CUDA GPU"], marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")
+            "device=cuda",
+            ["device=cuda", "no CUDA GPU"],
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA"),
         ),
     ],
 )
 def test_bad_settings(pack, speech, tmp_path, override, fragments):
-    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path), override)
+    result = run(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path), override
+    )
     assert_user_error(result, *fragments)
     assert not any(tmp_path.iterdir())
 
 
 def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path):
-    from memo.config import load_config
     from memo.generator import GpuMemoryError, MemoGenerator
+    from memo.settings.inference import load_config
 
     generator = MemoGenerator(load_config(pack / "inference.yaml"))
 
@@ -184,8 +197,8 @@ def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path):
 
 
 def test_python_api_renders_many_pairs_with_one_load(pack, speech, tmp_path):
-    from memo.config import load_config
     from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
 
     generator = MemoGenerator(load_config(pack / "inference.yaml", ["inference_steps=1"]))
     first = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "a.mp4", emotion="sad")

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import torch
+from conftest import PUBLISHED
 from safetensors.torch import load_file
 
-from conftest import PUBLISHED
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
 from memo.models.projections import AudioProjModel, ImageProjModel

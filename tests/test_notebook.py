@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import nbformat
+from conftest import REPO
 from nbclient import NotebookClient
 
-from conftest import REPO
 from memo.io.video import probe_video
 
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
@@ -38,7 +38,9 @@ def test_quickstart_runs_top_to_bottom_and_makes_the_video(tmp_path, monkeypatch
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.setenv("MEMO_QUICKSTART_DIR", str(tmp_path))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
 
     info = probe_video(tmp_path / "portrait_speech.mp4")
     assert info.num_frames == math.ceil(1.0 * 30) and info.has_audio

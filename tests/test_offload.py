@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.hooks import HookRegistry
+from test_pipeline import FPC, make_inputs
 
-from memo.config import ConfigError, load_config
 from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import MemoPipeline
-from memo.placement import (
+from memo.runtime.placement import (
     apply_offload,
     condition_models_placement,
     effective_offload,
     generation_working_bytes,
     module_bytes,
 )
-from test_pipeline import FPC, make_inputs
+from memo.settings.inference import ConfigError, load_config
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)

@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import REFERENCE_CASES
 from safetensors.torch import load_file
 
-from conftest import REFERENCE_CASES
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
 

@@ -130,6 +130,17 @@ def test_one_timestep_per_batch_item_equals_separate_calls(tiny_pipeline):
         reference = reference_net(latents, 0.0, tokens.repeat_interleave(1 + FPC, 0))
         both = net(sample, torch.tensor([1000.0, 500.5]), reference, tokens, audio, emotion, TemporalMemory(), True)
         for i, t in enumerate((1000.0, 500.5)):
-            alone_reference = reference_net(latents[i * (1 + FPC) : (i + 1) * (1 + FPC)], 0.0, tokens[i : i + 1].repeat(1 + FPC, 1, 1))
-            alone = net(sample[i : i + 1], t, alone_reference, tokens[i : i + 1], audio[i : i + 1], emotion[i : i + 1], TemporalMemory(), True)
+            alone_reference = reference_net(
+                latents[i * (1 + FPC) : (i + 1) * (1 + FPC)], 0.0, tokens[i : i + 1].repeat(1 + FPC, 1, 1)
+            )
+            alone = net(
+                sample[i : i + 1],
+                t,
+                alone_reference,
+                tokens[i : i + 1],
+                audio[i : i + 1],
+                emotion[i : i + 1],
+                TemporalMemory(),
+                True,
+            )
             torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-4, atol=1e-5)

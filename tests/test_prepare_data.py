@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
-from memo.conditions.audio import decode_audio
 from memo.data.store import KINDS, shard_of, video_ids
+from memo.io.audio import decode_audio
 from memo.io.video import VideoWriter
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
@@ -242,9 +242,9 @@ def test_two_shards_merge_into_a_single_runs_videos(sharded_run, single_run, vid
     again = run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--merge", "--output_dir", str(out)])
     assert read_jsonl(out / "metadata.jsonl") == merged and "merged: 3 videos, 5 failures" in again.stderr
 
-    from memo.conditions.audio import load_audio
     from memo.conditions.audio_features import Wav2VecAudioEncoder
     from memo.data.prepare import fit_to_frames
+    from memo.io.audio import load_audio
 
     encoder = Wav2VecAudioEncoder.from_pretrained(pack / "wav2vec2")
     single = single_run["out"]
@@ -269,7 +269,7 @@ def test_frame_counts_match_the_training_decoder(single_run):
 def talking_head(path: Path, seconds: float, start: float, seed: int, size: int = 128) -> None:
     """An ordinary talking-head mp4: the example portrait, gently moving (pan and zoom) as a speaker does in
     front of a camera, with the example speech as its sound (H.264 + AAC at 30 fps)."""
-    from memo.conditions.framing import load_image
+    from memo.io.image import load_image
 
     portrait = load_image(REPO / "assets" / "examples" / "portrait.jpg")
     width, height = portrait.size

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +17,21 @@ from conftest import REPO
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_pipeline import FPC, make_inputs
 
-from memo.batch import ManifestError, load_jobs
-from memo.config import ConfigError, load_config
+from memo.apps.batch import ManifestError, load_jobs
 from memo.io.video import probe_video
 from memo.models.deep_cache import DeepFeatureCache
 from memo.models.temporal_memory import TemporalMemory
-from memo.solvers import flow_scheduler
-from memo.speed import SpeedSettings, plan_steps, preset
+from memo.sampling.solvers import flow_scheduler
+from memo.sampling.speed import SpeedSettings, plan_steps, preset
+from memo.settings.inference import ConfigError, load_config
 
 STEPS = 4
 
 
 def run(pipe, **overrides):
-    args = dict(make_inputs(), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=STEPS, guidance_scale=3.5, seed=4)
+    args = dict(
+        make_inputs(), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=STEPS, guidance_scale=3.5, seed=4
+    )
     return pipe(**{**args, **overrides})
 
 
@@ -190,7 +191,7 @@ def test_full_size_fast_costs_under_a_quarter_of_exact_at_512():
     sys.path.insert(0, str(REPO / "scripts"))
     from benchmark import build_pipeline
 
-    from memo.flops import clip_flops
+    from memo.bench.flops import clip_flops
 
     pipe, _ = build_pipeline("full", torch.device("meta"), torch.float32)
     exact = clip_flops(pipe, preset("exact"), 512, 512)
@@ -201,10 +202,10 @@ def test_full_size_fast_costs_under_a_quarter_of_exact_at_512():
 
 
 def test_counted_flops_match_a_whole_pipeline_call(tiny_pipeline):
-    """memo.flops sums per-call counts over the step plan; on the tiny nets it agrees with counting a real call."""
+    """memo.bench.flops sums per-call counts over the step plan; on the tiny nets it agrees with counting a real call."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from memo.flops import clip_flops
+    from memo.bench.flops import clip_flops
 
     for speed in (preset("exact", STEPS), SpeedSettings("unipc", 6, (0.0, 0.5), 2)):
         with FlopCounterMode(display=False) as counter:

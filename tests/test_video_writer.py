@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from memo.conditions.audio import DecodedAudio, decode_audio
+from memo.io.audio import DecodedAudio, decode_audio
 from memo.io.video import OutputExistsError, VideoWriter, check_output_path, probe_video
 
 FPS, SIZE = 30, 64

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from memo.constants import SAMPLE_RATE
 from memo.io.hub import resolve_model_dir
 
-SAMPLE_RATE = 16000
 WINDOW = 2
 """Each frame sees the features of WINDOW frames on either side."""
 
@@ -87,7 +87,7 @@ class Wav2VecAudioEncoder:
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | os.PathLike = "facebook/wav2vec2-base-960h", **kwargs
-    ) -> "Wav2VecAudioEncoder":
+    ) -> Wav2VecAudioEncoder:
         """Load from a local directory or a hub repo id (only the files needed are fetched).
 
         ``chunk_seconds`` and ``context_seconds`` are passed on; the rest goes to the hub.
@@ -99,7 +99,7 @@ class Wav2VecAudioEncoder:
         model = Wav2Vec2Model.from_pretrained(directory)
         return cls(model, Wav2Vec2FeatureExtractor.from_pretrained(directory), **options)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Wav2VecAudioEncoder":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Wav2VecAudioEncoder:
         self.model.to(device=device, dtype=dtype)
         return self
 
@@ -128,7 +128,11 @@ class Wav2VecAudioEncoder:
         first = layers[0]
         group_norm = getattr(first, "layer_norm", None)
         whole_sequence_norm = isinstance(group_norm, torch.nn.GroupNorm)
-        stats = self._first_layer_stats(normalised, first.conv, stride, field, chunk_frames) if whole_sequence_norm else None
+        stats = (
+            self._first_layer_stats(normalised, first.conv, stride, field, chunk_frames)
+            if whole_sequence_norm
+            else None
+        )
         outputs = []
         for start in range(0, total, chunk_frames):
             stop = min(start + chunk_frames, total)
@@ -181,7 +185,9 @@ class Wav2VecAudioEncoder:
         outputs = []
         for start in range(0, num_frames, chunk):
             stop = min(start + chunk, num_frames)
-            lo, hi = (0, num_frames) if chunk >= num_frames else (max(0, start - context), min(num_frames, stop + context))
+            lo, hi = (
+                (0, num_frames) if chunk >= num_frames else (max(0, start - context), min(num_frames, stop + context))
+            )
             outputs.append(self._encode(projected[:, lo:hi])[start - lo : stop - lo].cpu())
         return torch.cat(outputs)
 

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from memo.constants import EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
 from memo.models.emotion2vec import Emotion2VecEncoder
-from memo.models.emotion_classifier import EMOTION_NAMES, AudioEmotionClassifierModel
-
-SAMPLE_RATE = 16000
+from memo.models.emotion_classifier import AudioEmotionClassifierModel
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from memo.errors import UserError
-from memo.runtimes import import_runtime
+
+from memo.errors import UserError, import_runtime
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from memo.constants import NUM_EMOTIONS
+
 logger = logging.getLogger(__name__)
 
-NUM_EMOTIONS = 9
 FEATURE_KEYS = {"audio_emb": "audio_emb", "face_emb": "face_emb", "audio_emotion": "emotion"}
 """Metadata field -> the tensor name inside its safetensors file."""
 

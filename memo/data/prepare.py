@@ -1,6 +1,6 @@
 """Training features of one talking video, computed by inference's own stages (``scripts/prepare_data.py``).
 
-Per video: the 16 kHz audio track (``conditions.audio.load_audio``), its vocals (``VocalSeparator``, when
+Per video: the 16 kHz audio track (``memo.io.audio.load_audio``), its vocals (``VocalSeparator``, when
 ``vocal_separation`` is on), wav2vec2 features with one window per video frame
 (``Wav2VecAudioEncoder.for_frames``), the identity embedding of the one face in the first frame
 (``FaceAnalyzer``) and per-frame emotion labels (``audio_emotion_labels``). Models are found by
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memo.conditions.audio import SAMPLE_RATE, load_audio
 from memo.conditions.emotion import audio_emotion_labels
-from memo.config import InferenceConfig
+from memo.constants import SAMPLE_RATE
+from memo.io.audio import load_audio
 from memo.io.video import VideoInfo, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
+from memo.settings.inference import InferenceConfig
 
 logger = logging.getLogger("memo")
 

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING
 import av
 import numpy as np
 import torch
+
 from memo.errors import UserError, as_path
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from memo.conditions.audio import DecodedAudio
+    from memo.io.audio import DecodedAudio
 
 _AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
 
@@ -153,7 +154,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
 class VideoWriter:
     """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically.
 
-    ``audio`` is the user's audio as decoded for the conditions (:func:`memo.conditions.audio.decode_audio`);
+    ``audio`` is the user's audio as decoded for the conditions (:func:`memo.io.audio.decode_audio`);
     its samples become the AAC track, cut to the video's length. The output's folder is created with the
     file (and removed again if writing fails and it is left empty); :func:`check_output_path` is checked first.
     """
@@ -272,7 +273,7 @@ class VideoWriter:
 class _AudioTrack:
     """The decoded input audio as an AAC stream of the output, encoded only as far as the video has got.
 
-    The samples come from memory (the :class:`~memo.conditions.audio.DecodedAudio` the audio conditions were
+    The samples come from memory (the :class:`~memo.io.audio.DecodedAudio` the audio conditions were
     made from), at the file's own rate when AAC allows it (else 48 kHz), in mono or stereo.
     """
 

@@ -18,8 +18,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
-NUM_EMOTIONS = 9
-"""Emotion classes; label ``NUM_EMOTIONS`` is the dropped (unconditional) emotion."""
+from memo.constants import NUM_EMOTIONS
 
 
 class EmotionAdaLayerNorm(nn.Module):

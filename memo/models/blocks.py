@@ -136,14 +136,24 @@ class LayerStack(nn.Module):
         reference = _reference_frame(feature, ctx.batch)
         if hasattr(self, "attentions"):
             x, ctx.audio = self._run(
-                self._spatial_audio, i, x, reference, ctx.image_tokens, ctx.audio, ctx.emotion, ctx.batch, ctx.drop_reference
+                self._spatial_audio,
+                i,
+                x,
+                reference,
+                ctx.image_tokens,
+                ctx.audio,
+                ctx.emotion,
+                ctx.batch,
+                ctx.drop_reference,
             )
         if hasattr(self, "motion_modules"):
             past = _past_frames(feature, ctx.batch, x.shape[-2:]) if ctx.update_memory else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # A recomputation must not fold the past frames into the caller's memory a second time, so the
                 # checkpointed call works on a copy of this layer's memory entries and hands back the new ones.
-                names = [m.memory_name for m in self.motion_modules[i].modules() if isinstance(m, MemoryLinearAttention)]
+                names = [
+                    m.memory_name for m in self.motion_modules[i].modules() if isinstance(m, MemoryLinearAttention)
+                ]
                 held = {name: ctx.memory.states[name] for name in names if name in ctx.memory.states}
                 x, states = self._run(self._temporal, i, x, past, ctx.batch, ctx.memory.decay, held)
                 ctx.memory.states.update(states)
@@ -173,7 +183,15 @@ class DownBlock3D(LayerStack):
         self._build_conditioning(net, spec, spec.out_channels, channels)
         self.downsamplers = (
             nn.ModuleList(
-                [Downsample2D(spec.out_channels, use_conv=True, out_channels=spec.out_channels, padding=net.downsample_padding, name="op")]
+                [
+                    Downsample2D(
+                        spec.out_channels,
+                        use_conv=True,
+                        out_channels=spec.out_channels,
+                        padding=net.downsample_padding,
+                        name="op",
+                    )
+                ]
             )
             if spec.resample
             else None

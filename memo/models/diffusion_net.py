@@ -40,7 +40,9 @@ class DiffusionNet(ModelMixin, ConfigMixin):
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         """Check and drop the published settings this class does not take (see ``published_config``)."""
-        config_dict = strip_fixed_settings(cls.__name__, config_dict, DIFFUSION_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads",))
+        config_dict = strip_fixed_settings(
+            cls.__name__, config_dict, DIFFUSION_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads",)
+        )
         return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
@@ -56,7 +58,12 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             "CrossAttnDownBlock3D",
             "DownBlock3D",
         ),
-        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+        ),
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         downsample_padding: int = 1,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from memo.constants import SAMPLE_RATE
 from memo.io.hub import resolve_model_dir
 
 DEFAULT_REPO = "emotion2vec/emotion2vec_plus_large"
@@ -422,7 +423,7 @@ class Emotion2VecEncoder(nn.Module):
         if wav.shape[-1] < self.min_samples:
             raise ValueError(
                 f"waveform of {wav.shape[-1]} samples is shorter than the encoder's minimum of "
-                f"{self.min_samples} samples ({self.min_samples / 16000 * 1000:.0f} ms at 16 kHz)"
+                f"{self.min_samples} samples ({self.min_samples / SAMPLE_RATE * 1000:.0f} ms at 16 kHz)"
             )
         audio = self.modality_encoders["AUDIO"]
         parameter = audio.project_features[2].weight

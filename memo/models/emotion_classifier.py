@@ -9,7 +9,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-EMOTION_NAMES = ("angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown")
+from memo.constants import EMOTION_NAMES
 
 
 class AudioEmotionClassifierModel(ModelMixin, ConfigMixin):

@@ -12,14 +12,18 @@ class ImageProjModel(ModelMixin, ConfigMixin):
     """A 512-d face-recognition embedding projected to ``clip_extra_context_tokens`` layer-normed tokens."""
 
     @register_to_config
-    def __init__(self, cross_attention_dim: int = 768, clip_embeddings_dim: int = 512, clip_extra_context_tokens: int = 4):
+    def __init__(
+        self, cross_attention_dim: int = 768, clip_embeddings_dim: int = 512, clip_extra_context_tokens: int = 4
+    ):
         super().__init__()
         self.proj = nn.Linear(clip_embeddings_dim, clip_extra_context_tokens * cross_attention_dim)
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, face_embeds: torch.Tensor) -> torch.Tensor:
         """(batch, clip_embeddings_dim) -> (batch, tokens, cross_attention_dim)."""
-        tokens = self.proj(face_embeds).reshape(-1, self.config.clip_extra_context_tokens, self.config.cross_attention_dim)
+        tokens = self.proj(face_embeds).reshape(
+            -1, self.config.clip_extra_context_tokens, self.config.cross_attention_dim
+        )
         return self.norm(tokens)
 
 

@@ -50,6 +50,7 @@ DIFFUSION_NET_FIXED_SETTINGS: dict[str, Any] = {
 
 REFERENCE_NET_FIXED_SETTINGS: dict[str, Any] = {**UNET_FIXED_SETTINGS, "mid_block_type": "UNetMidBlock2DCrossAttn"}
 
+
 def strip_fixed_settings(
     class_name: str, config: dict[str, Any], fixed: dict[str, Any], irrelevant: tuple[str, ...] = ()
 ) -> dict[str, Any]:

@@ -69,7 +69,9 @@ class ReferenceNet(ModelMixin, ConfigMixin):
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
         """Check and drop the published settings this class does not take (see ``published_config``)."""
-        config_dict = strip_fixed_settings(cls.__name__, config_dict, REFERENCE_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads", "out_channels"))
+        config_dict = strip_fixed_settings(
+            cls.__name__, config_dict, REFERENCE_NET_FIXED_SETTINGS, ("addition_embed_type_num_heads", "out_channels")
+        )
         return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
@@ -84,7 +86,12 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             "CrossAttnDownBlock2D",
             "DownBlock2D",
         ),
-        up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         downsample_padding: int = 1,
@@ -176,7 +183,9 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(fn, *args)
         return fn(*args)
 
-    def _attend(self, attention: Transformer2DModel, x: torch.Tensor, context: torch.Tensor, features: list[torch.Tensor]):
+    def _attend(
+        self, attention: Transformer2DModel, x: torch.Tensor, context: torch.Tensor, features: list[torch.Tensor]
+    ):
         x, new_features = self._run(_transformer_step, attention, x, context)
         features.extend(new_features)
         return x
@@ -189,7 +198,9 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             return x
         return self._attend(attention, x, context, features)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> ReferenceFeatures:
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor
+    ) -> ReferenceFeatures:
         """latents: (N, 4, h, w); context: (N, tokens, dim) image tokens, one set per latent."""
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
         temb = self.time_embedding(self.time_proj(timesteps).to(latents.dtype))

@@ -51,7 +51,9 @@ class SpatialBlock(nn.Module):
             attended = torch.cat(
                 [
                     self.attn1(item) if dropped else self.attn1(item, encoder_hidden_states=item_joined)
-                    for dropped, item, item_joined in zip(drop_reference, normed.split(per_item), joined.split(per_item))
+                    for dropped, item, item_joined in zip(
+                        drop_reference, normed.split(per_item), joined.split(per_item)
+                    )
                 ]
             )
         x = attended + x

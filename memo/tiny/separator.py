@@ -3,7 +3,7 @@
 Same ONNX contract as the real MDX-Net model (input named ``input``, spectrogram chunks
 [batch, 4, dim_f, dim_t] in, the same shape out), a few hundred weights instead of 66 MB, and smaller
 spectrogram settings so separation takes well under a second per ten seconds of audio on a CPU. Its
-parameters go in ``Kim_Vocal_2.params.json`` beside it, where :class:`memo.conditions.audio.VocalSeparator`
+parameters go in ``Kim_Vocal_2.params.json`` beside it, where :class:`memo.conditions.vocals.VocalSeparator`
 looks before UVR's hash-keyed table (which cannot know a random file).
 """
 

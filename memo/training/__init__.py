@@ -1,6 +1,6 @@
 """Finetuning MEMO on prepared talking videos (the entry point is ``finetune.py``).
 
-* :mod:`memo.training.config` — defaults, loading, overrides and checks of the configuration;
+* :mod:`memo.settings.training` — defaults, loading, overrides and checks of the configuration;
 * :mod:`memo.training.flow_matching` — timestep sampling, noising, the weighted x0 loss, robust filtering;
 * :mod:`memo.training.conditioning` — image / audio / emotion dropout for classifier-free guidance;
 * :mod:`memo.training.model` — the four networks as one module predicting a batch's velocity;

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memo.models.audio_module import NUM_EMOTIONS
+from memo.constants import NUM_EMOTIONS
 
 
 @dataclass

@@ -29,6 +29,7 @@ from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
 from memo.io.hub import resolve_model_dir
 from memo.models.diffusion_net import DiffusionNet
@@ -58,7 +59,6 @@ NETWORKS = {
     "image_proj": ImageProjModel,
     "audio_proj": AudioProjModel,
 }
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_model_components(
@@ -130,7 +130,7 @@ def train(config: DictConfig) -> dict:
         OmegaConf.save(config, output_dir / "config.yaml")
 
     # Networks, trainable parts, memory savers.
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     networks, vae, source = load_model_components(config.model_name_or_path, config.vae, weight_dtype)
     counts = select_trainable(
         networks, {name: bool(config[f"train_{name}"]) for name in NETWORKS}, list(config.trainable_modules or [])

@@ -40,7 +40,7 @@ def write_mp4(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
 def _reference_image(entry: dict, image_path: str | None, height: int, width: int) -> torch.Tensor:
     """(1, 3, H, W) in [-1, 1]: the image file, else the video's first frame."""
     if image_path:
-        from memo.conditions.framing import load_image
+        from memo.io.image import load_image
 
         frame = torch.from_numpy(np.asarray(load_image(image_path)).copy())[None]
     else:

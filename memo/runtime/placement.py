@@ -49,7 +49,9 @@ def effective_offload(offload: str, device: torch.device) -> str:
     a CPU it is meaningless and becomes ``none`` (with a warning), never an error, so that one config file
     serves GPU and CPU machines."""
     if offload != "none" and device.type == "cpu":
-        logger.warning("offload=%s has no effect on the CPU (there is no accelerator memory to save); ignoring it.", offload)
+        logger.warning(
+            "offload=%s has no effect on the CPU (there is no accelerator memory to save); ignoring it.", offload
+        )
         return "none"
     return offload
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
-from memo.config import FRAMINGS, load_config
-from memo.errors import UserError, as_path, failure_message
+from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
+from memo.constants import EMOTION_NAMES
+from memo.errors import UserError, as_path, check_runtimes, failure_message
 from memo.generator import MemoGenerator
 from memo.io.video import check_output_folder
-from memo.models.emotion_classifier import EMOTION_NAMES
-from memo.runtimes import check_runtimes
-from memo.speed import SPEEDS
+from memo.sampling.speed import SPEEDS
+from memo.settings.inference import FRAMINGS, load_config
 
 logger = logging.getLogger("memo")
 

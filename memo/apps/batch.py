@@ -27,12 +27,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from memo.cli import add_settings_arguments, output_name, report_error, setup_logging
-from memo.config import ConfigError, InferenceConfig, load_config
-from memo.errors import UserError, as_path, failure_message
+from memo.apps.cli import add_settings_arguments, output_name, report_error, setup_logging
+from memo.errors import UserError, as_path, check_runtimes, failure_message
 from memo.generator import LOAD_SETTINGS, MemoGenerator
 from memo.io.video import check_output_folder
-from memo.runtimes import check_runtimes
+from memo.settings.inference import ConfigError, InferenceConfig, load_config
 
 logger = logging.getLogger("memo")
 

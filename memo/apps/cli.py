@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
-        from memo.conditions.audio import check_audio
-        from memo.conditions.framing import load_image
-        from memo.config import load_config
+        from memo.errors import check_runtimes
+        from memo.io.audio import check_audio
+        from memo.io.image import load_image
         from memo.io.video import check_output_path
-        from memo.runtimes import check_runtimes
+        from memo.settings.inference import load_config
 
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")

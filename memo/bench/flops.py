@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memo.guidance import conditional_memory, conditional_reference
 from memo.models.deep_cache import DeepFeatureCache
 from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import MemoPipeline
-from memo.speed import SpeedSettings, plan_steps
+from memo.sampling.guidance import conditional_memory, conditional_reference
+from memo.sampling.speed import SpeedSettings, plan_steps
 
 
 def _count(fn) -> tuple[int, object]:
@@ -92,12 +92,24 @@ def clip_flops(
         if key not in kinds:
             items = 2 if batched else 1
             own = items == batch
-            features, held = (reference, memory) if own else (conditional_reference(reference), conditional_memory(memory))
+            features, held = (
+                (reference, memory) if own else (conditional_reference(reference), conditional_memory(memory))
+            )
             audio = audio_tokens.repeat(items, 1, 1, 1).to(dtype)
             kinds[key], _ = _count(
-                lambda: net(make(items, 4, frames_per_clip, h, w), 500.0, features, image_tokens[-items:], audio,
-                            torch.zeros(items, dtype=torch.long), held, update_memory=update,
-                            drop_reference=drop[-items:], deep_cache=cache, shallow=not whole)  # fmt: skip
+                lambda: net(
+                    make(items, 4, frames_per_clip, h, w),
+                    500.0,
+                    features,
+                    image_tokens[-items:],
+                    audio,
+                    torch.zeros(items, dtype=torch.long),
+                    held,
+                    update_memory=update,
+                    drop_reference=drop[-items:],
+                    deep_cache=cache,
+                    shallow=not whole,
+                )  # fmt: skip
             )
         return kinds[key]
 

@@ -78,7 +78,7 @@ class StepPlan:
 
 def speed_problems(settings: dict) -> list[str]:
     """What is wrong with the speed settings in ``settings`` (a mapping of setting name to value; None =
-    from the preset), as sentences for a :class:`~memo.config.ConfigError`."""
+    from the preset), as sentences for a :class:`~memo.settings.inference.ConfigError`."""
     problems = []
     if settings["speed"] not in SPEEDS:
         problems.append(f"speed must be one of {', '.join(SPEEDS)}, got {settings['speed']!r}")

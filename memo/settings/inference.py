@@ -14,13 +14,13 @@ from dataclasses import dataclass, fields
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from memo.constants import DTYPES, EMOTION_NAMES
 from memo.errors import UserError
-from memo.models.emotion_classifier import EMOTION_NAMES
-from memo.speed import SpeedSettings, resolve_speed, speed_problems
+from memo.sampling.speed import SpeedSettings, resolve_speed, speed_problems
 
 logger = logging.getLogger("memo")
 
-WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+WEIGHT_DTYPES = tuple(DTYPES)
 FRAMINGS = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPILE_CHOICES = ("auto", "true", "false")
@@ -122,7 +122,9 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(f"emotion must be 'auto' or one of {', '.join(EMOTION_NAMES)}, got {config.emotion!r}")
     positive = ("fps", "num_generated_frames_per_clip", "num_init_past_frames", "num_past_frames", "inference_steps")
     positive += ("vae_batch_size",)
-    problems += [f"{name} must be positive, got {getattr(config, name)}" for name in positive if getattr(config, name) <= 0]
+    problems += [
+        f"{name} must be positive, got {getattr(config, name)}" for name in positive if getattr(config, name) <= 0
+    ]
     if config.num_generated_frames_per_clip > 32:
         problems.append("num_generated_frames_per_clip must be at most 32 (the temporal position table)")
     if not 0 <= config.crf <= 51:
@@ -177,9 +179,7 @@ def load_config(
                 logger.warning("Ignoring %s from %s: %s.", key, origin, LEGACY_KEYS[key])
                 del layer[key]
             elif key not in known:
-                raise ConfigError(
-                    f"Unknown setting {key!r} in {origin}. Known settings: {', '.join(sorted(known))}."
-                )
+                raise ConfigError(f"Unknown setting {key!r} in {origin}. Known settings: {', '.join(sorted(known))}.")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(InferenceConfig), *layers)
     except OmegaConfBaseException as error:

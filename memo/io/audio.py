@@ -1,0 +1,299 @@
+"""Decoding the user's audio: any format, once, at its own rate; the 16 kHz mono copy; checks for bad input.
+
+Decoding uses PyAV, which ships FFmpeg's libraries, so every container and codec FFmpeg reads works (wav,
+mp3, m4a/aac, flac, ogg, the audio track of a video...) without a system ``ffmpeg``. The file is decoded
+once, at its own rate and channels (:class:`DecodedAudio`); the 16 kHz mono copy the audio models take is
+made from those samples by FFmpeg's resampler (as the original MEMO does with the ``ffmpeg`` command), and
+the output video's sound track is encoded from the same samples (``memo.io.video``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memo.constants import SAMPLE_RATE
+from memo.errors import UserError, as_path
+
+logger = logging.getLogger("memo")
+
+
+class AudioError(UserError, ValueError):
+    """The input audio cannot be used; the message names the file and what to do about it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedAudio:
+    """The user's audio, decoded once at its own sample rate: the one source of every use of the sound.
+
+    ``samples`` is a float32 array (channels, frames) in [-1, 1] at ``rate`` Hz with FFmpeg channel layout
+    ``layout``; ``lost_seconds`` is how much of the file was skipped as damaged (0 for an undamaged file).
+    :meth:`mono` gives the 16 kHz copy the audio models take; the mp4 writer encodes its sound track from
+    ``samples`` (``memo.io.video.VideoWriter``), so the file is never read again. Memory: 4 bytes per sample
+    and channel, about 21 MB a minute for 44.1 kHz stereo.
+    """
+
+    samples: np.ndarray
+    rate: int
+    layout: str
+    path: Path  # the file, or the name of audio that came from memory (audio_from_samples)
+    lost_seconds: float = 0.0
+
+    @property
+    def channels(self) -> int:
+        return self.samples.shape[0]
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[1] / self.rate
+
+    def mono(self, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+        """(samples,) float32 mono at ``sample_rate``, clipped to [-1, 1].
+
+        The channels are averaged (plain (L+R)/2, as librosa gives the original MEMO, rather than FFmpeg's
+        layout-dependent downmix gains), then FFmpeg's resampler converts the rate, as the original MEMO's
+        ``ffmpeg`` command does.
+        """
+        import av
+
+        if int(sample_rate) != sample_rate or sample_rate <= 0:
+            raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
+        mixed = self.samples.mean(axis=0, dtype=np.float32)
+        if sample_rate != self.rate:
+            resampler = av.AudioResampler(format="fltp", layout="mono", rate=int(sample_rate))
+            pieces = []
+            for start in range(0, mixed.shape[0], _RESAMPLE_BLOCK):
+                frame = av.AudioFrame.from_ndarray(mixed[None, start : start + _RESAMPLE_BLOCK], "fltp", "mono")
+                frame.sample_rate = self.rate
+                pieces += [out.to_ndarray()[0] for out in resampler.resample(frame)]
+            pieces += [out.to_ndarray()[0] for out in resampler.resample(None)]
+            mixed = np.concatenate(pieces).astype(np.float32, copy=False) if pieces else mixed[:0]
+        np.clip(mixed, -1.0, 1.0, out=mixed)
+        return torch.from_numpy(mixed)
+
+
+_RESAMPLE_BLOCK = 1 << 16
+
+
+def decode_audio(path: str | os.PathLike) -> DecodedAudio:
+    """Decode the first audio stream of ``path`` once, at the file's own sample rate and channel layout.
+
+    Damaged packets inside an otherwise readable file are skipped, as the ``ffmpeg`` command does, with a
+    warning (shown by default) that says how much audio was lost. A stream whose rate or layout changes
+    midway is converted to those of its first frame. Raises :class:`AudioError` when the file is missing,
+    cannot be decoded, has no audio stream or decodes to no samples. Nothing is written anywhere.
+    """
+    path = as_path(path, "The audio path")
+    container, stream = _open_audio(path)
+    with container:
+        chunks, target, damage = _decode_stream(container, stream)
+
+    if not chunks or not sum(chunk.shape[1] for chunk in chunks):
+        if damage.first_error is not None:
+            raise AudioError(
+                f"Cannot decode the audio of {path} ({_reason(damage.first_error)}). The file may be damaged; "
+                "convert it to WAV, MP3 or M4A and try again."
+            ) from damage.first_error
+        raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
+    samples = np.concatenate(chunks, axis=1)
+    np.clip(samples, -1.0, 1.0, out=samples)
+    rate, layout = target
+    if damage.skipped:
+        lost = f"about {damage.lost_seconds:.2f} s of audio lost" if damage.lost_seconds else "length lost unknown"
+        logger.warning(
+            "audio: %s is damaged: skipped %d unreadable part(s) (%s; %s); using the %.2f s that decode.",
+            path,
+            damage.skipped,
+            _reason(damage.first_error),
+            lost,
+            samples.shape[1] / rate,
+        )
+    return DecodedAudio(samples=samples, rate=rate, layout=layout, path=path, lost_seconds=damage.lost_seconds)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode ``path`` to a (samples,) float32 mono tensor at ``sample_rate``, in [-1, 1].
+
+    Shorthand for ``decode_audio(path).mono(sample_rate)``; raises :class:`AudioError` as
+    :func:`decode_audio` does. When the sound track is needed too, decode once and keep the
+    :class:`DecodedAudio`.
+    """
+    if int(sample_rate) != sample_rate or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
+    return decode_audio(path).mono(sample_rate)
+
+
+def audio_from_samples(samples: torch.Tensor | np.ndarray, rate: int, name: str = "The audio") -> DecodedAudio:
+    """Audio a host program already holds (ComfyUI's AUDIO, a notebook's array) as the :class:`DecodedAudio` a
+    file decodes to, so it takes the same path: the 16 kHz copy from :meth:`DecodedAudio.mono`, the mp4's sound
+    from the samples themselves.
+
+    ``samples``: (channels, samples) or (samples,) floats in [-1, 1] at ``rate`` Hz (louder samples are
+    clipped). ``name`` stands for the audio in messages. Raises :class:`AudioError` naming it when there are no
+    samples, some are NaN or infinite, or the rate is not a positive whole number; ValueError for a wrong shape.
+    """
+    import av
+
+    array = torch.as_tensor(samples).detach().to("cpu", torch.float32).numpy()
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2:
+        raise ValueError(f"Expected audio of shape (channels, samples) or (samples,), got {tuple(array.shape)}.")
+    if int(rate) != rate or rate <= 0:
+        raise AudioError(f"{name} has sample rate {rate!r}; it must be a positive whole number of Hz.")
+    if array.shape[1] == 0:
+        raise AudioError(f"{name} holds no audio samples. Pass audio with sound in it.")
+    if not np.isfinite(array).all():
+        raise AudioError(f"{name} contains NaN or infinite samples; check what produced it.")
+    array = np.clip(array, -1.0, 1.0)
+    layout = av.AudioLayout(f"{array.shape[0]}c").name  # FFmpeg's default layout for that many channels
+    return DecodedAudio(samples=np.ascontiguousarray(array), rate=int(rate), layout=layout, path=Path(name))
+
+
+def _open_audio(path: Path):
+    """Open ``path`` and its first audio stream, or raise :class:`AudioError` saying what is wrong with it."""
+    import av
+
+    if not path.exists():
+        raise AudioError(f"Audio file not found: {path}. Check the path and file name.")
+    if path.is_dir():
+        raise AudioError(f"The audio path {path} is a folder; pass the audio file itself.")
+    if path.stat().st_size == 0:
+        raise AudioError(f"The audio file {path} is empty (0 bytes); it may not have finished copying.")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise AudioError(
+            f"Cannot read {path} as audio ({_reason(e)}). The file may be damaged or not an audio/video file; "
+            "convert it to WAV, MP3 or M4A and try again."
+        ) from e
+    if not container.streams.audio:
+        kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+        container.close()
+        raise AudioError(
+            f"{path} has no audio stream (it contains {kinds}). Pass a file with a sound track, "
+            "for example a WAV, MP3 or M4A file, or a video with sound."
+        )
+    return container, container.streams.audio[0]
+
+
+def check_audio(path: str | os.PathLike) -> Path:
+    """Fail early, cheaply, on audio that :func:`decode_audio` would refuse: a missing, empty or unreadable
+    file, or one without an audio stream (only the container's header is read). Returns the path."""
+    path = as_path(path, "The audio path")
+    container, _ = _open_audio(path)
+    container.close()
+    return path
+
+
+@dataclass
+class _Damage:
+    """What decoding had to skip: how many packets, their total duration, and the first error."""
+
+    skipped: int = 0
+    lost_seconds: float = 0.0
+    first_error: Exception | None = None
+
+    def add(self, error: Exception, seconds: float = 0.0) -> None:
+        self.skipped += 1
+        self.lost_seconds += seconds
+        self.first_error = self.first_error or error
+
+
+def _decode_stream(container, stream) -> tuple[list[np.ndarray], tuple[int, str], _Damage]:
+    """Decode ``stream`` into float32 (channels, samples) chunks at the rate and layout of its first frame.
+
+    A resampler is used only to convert the sample format (and a rate or layout that changes mid-stream);
+    it is rebuilt whenever the incoming setup changes, as FFmpeg's resampler takes one input setup.
+    """
+    import av
+
+    chunks: list[np.ndarray] = []
+    damage = _Damage()
+    target: tuple[int, str] | None = None
+    resampler = None
+    setup = None
+
+    def take(frames) -> None:
+        for out in frames:
+            planes = out.to_ndarray()  # (channels, samples), planar float
+            if planes.shape[-1]:
+                chunks.append(planes.reshape(-1, planes.shape[-1]).astype(np.float32, copy=False))
+
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except (av.error.FFmpegError, ValueError) as e:
+                seconds = float(packet.duration * packet.time_base) if packet.duration and packet.time_base else 0.0
+                damage.add(e, seconds)
+                continue
+            for frame in frames:
+                if target is None:
+                    target = (frame.sample_rate, frame.layout.name)
+                key = (frame.format.name, frame.layout.name, frame.layout.nb_channels, frame.sample_rate)
+                if key != setup:
+                    if resampler is not None:
+                        take(resampler.resample(None))
+                    resampler = av.AudioResampler(format="fltp", layout=target[1], rate=target[0])
+                    setup = key
+                take(resampler.resample(frame))
+    except (av.error.FFmpegError, ValueError) as e:  # the container itself breaks off (truncated file)
+        damage.add(e)
+    if resampler is not None:
+        take(resampler.resample(None))
+    return chunks, target or (stream.rate or SAMPLE_RATE, "mono"), damage
+
+
+def _reason(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return text.rstrip(".")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks the caller reports
+
+
+def rms_dbfs(waveform: torch.Tensor) -> float:
+    """Root-mean-square level in dB relative to full scale (a full-scale sine is about -3 dBFS); -inf for
+    silence or an empty waveform."""
+    if waveform.numel() == 0:
+        return -math.inf
+    rms = float(waveform.detach().double().pow(2).mean().sqrt())
+    return 20.0 * math.log10(rms) if rms > 0 else -math.inf
+
+
+def is_silent(waveform: torch.Tensor, threshold_dbfs: float = -60.0) -> bool:
+    """Whether the whole waveform's RMS level is at or below ``threshold_dbfs`` (empty counts as silent).
+    Meant for a warning: silent audio still makes a (still-mouthed) video."""
+    return rms_dbfs(waveform) <= threshold_dbfs
+
+
+def duration_seconds(waveform: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> float:
+    """Length of a (samples,) waveform in seconds."""
+    return waveform.shape[-1] / sample_rate
+
+
+def check_min_duration(
+    waveform: torch.Tensor, fps: float, path: str | os.PathLike | None = None, sample_rate: int = SAMPLE_RATE
+) -> None:
+    """Raise :class:`AudioError` if the audio is shorter than one video frame at ``fps``."""
+    seconds = duration_seconds(waveform, sample_rate)
+    if seconds * fps < 1:
+        name = f"The audio {path}" if path is not None else "The audio"
+        raise AudioError(
+            f"{name} lasts {seconds:.3f} s, shorter than one video frame at {fps:g} fps ({1 / fps:.3f} s). "
+            "Use a longer audio clip."
+        )

@@ -1,0 +1,1 @@
+"""Where things run: device placement and offload, torch.compile."""

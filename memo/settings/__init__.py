@@ -1,0 +1,1 @@
+"""Settings: the typed settings of inference and training, read from YAML with key=value overrides."""
