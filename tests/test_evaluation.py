@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import REPO
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from memo.conditions.audio import audio_from_samples
 from memo.evaluation import metrics as m
 from memo.evaluation.models import INCEPTION, MetricModels
+from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import BRIGHT_LEVEL, LOUD_RMS, write_tiny_metric_models
@@ -238,16 +237,40 @@ def test_make_eval_set_batch_inference_evaluate_loop(pack, tmp_path):
     made = run("make_eval_set.py", str(videos), "set", "--size", "64")
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in (tmp_path / "set" / "reference").iterdir()) == [
-        "speaker0.mp4", "speaker0.png", "speaker1.mp4", "speaker1.png"
+        "speaker0.mp4",
+        "speaker0.png",
+        "speaker1.mp4",
+        "speaker1.png",
     ]
     rendered = run(
-        "batch_inference.py", "--manifest", "set/manifest.csv", "--output_dir", "generated",
-        "--config", str(pack / "inference.yaml"), "inference_steps=1",
+        "batch_inference.py",
+        "--manifest",
+        "set/manifest.csv",
+        "--output_dir",
+        "generated",
+        "--config",
+        str(pack / "inference.yaml"),
+        "inference_steps=1",
     )
     assert rendered.returncode == 0, rendered.stderr
     scored = run(
-        "evaluate.py", "--generated", "generated", "--reference", "set/reference", "--audio", "set/audio",
-        "--metrics", "fid", "fvd", "sync", "csim", "motion", "--models", str(pack), "--out", "report.json",
+        "evaluate.py",
+        "--generated",
+        "generated",
+        "--reference",
+        "set/reference",
+        "--audio",
+        "set/audio",
+        "--metrics",
+        "fid",
+        "fvd",
+        "sync",
+        "csim",
+        "motion",
+        "--models",
+        str(pack),
+        "--out",
+        "report.json",
     )
     assert scored.returncode == 0, scored.stderr
     report = json.loads((tmp_path / "report.json").read_text())

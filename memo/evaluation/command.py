@@ -19,13 +19,15 @@ logger = logging.getLogger("memo")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Score generated talking videos against references: FID, FVD, Sync-C/Sync-D/offset, CSIM.",
-        epilog="The protocol, the figures published for MEMO and its peers, and the model downloads: docs/evaluation.md.",
+        epilog="Protocol, published figures of MEMO and its peers, model downloads: docs/evaluation.md.",
     )
     parser.add_argument("--generated", required=True, help="folder of generated videos (NAME.mp4)")
     parser.add_argument("--reference", required=True, help="folder of reference videos NAME.mp4 (+ NAME.png portraits)")
     parser.add_argument("--audio", help="folder of NAME.wav for the Sync metrics (default: each video's own sound)")
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(DEFAULT_METRICS), help="what to compute")
-    parser.add_argument("--models", help=f"folder holding metrics/ and misc/face_analysis/models (default {default_models_dir()})")
+    parser.add_argument(
+        "--models", help=f"folder holding metrics/ and misc/face_analysis/models (default {default_models_dir()})"
+    )
     parser.add_argument("--out", default="report.json", help="JSON report to write (a Markdown table goes beside it)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--cache", help="feature cache folder (default: .feature_cache beside the report)")
@@ -46,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         audio = as_path(args.audio, "--audio") if args.audio else None
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         models = MetricModels(as_path(args.models, "--models") if args.models else default_models_dir(), device)
-        cache_dir = None if args.no_cache else (as_path(args.cache, "--cache") if args.cache else out.parent / ".feature_cache")
+        cache_dir = (
+            None if args.no_cache else (as_path(args.cache, "--cache") if args.cache else out.parent / ".feature_cache")
+        )
         pairs, problems = pair_videos(generated, reference, audio)
         evaluation = evaluate(pairs, tuple(args.metrics), models, FeatureCache(cache_dir))
     except UserError as error:

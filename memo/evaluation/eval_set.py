@@ -19,10 +19,10 @@ import numpy as np
 import soundfile
 from PIL import Image
 
-from memo.conditions.audio import audio_from_samples
 from memo.errors import UserError, as_path
 from memo.evaluation.metrics import SYNC_SAMPLE_RATE, VideoReadError, read_video, resample_frames
 from memo.evaluation.run import VIDEO_SUFFIXES
+from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 
 DEFAULT_FPS = 30.0
@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="keep at most this many seconds of each video")
     args = parser.parse_args(argv)
     try:
-        count, problems = make_eval_set(as_path(args.videos, "VIDEOS_DIR"), as_path(args.out, "OUT_DIR"), args.fps, args.size, args.seconds)
+        count, problems = make_eval_set(
+            as_path(args.videos, "VIDEOS_DIR"), as_path(args.out, "OUT_DIR"), args.fps, args.size, args.seconds
+        )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr)
     out = Path(args.out)
     if count:
-        print(f"Wrote {count} videos to {out}. Render them with: python scripts/batch_inference.py --manifest "
-              f"{out / 'manifest.csv'} --output_dir GENERATED; then score them with: python scripts/evaluate.py "
-              f"--generated GENERATED --reference {out / 'reference'} --audio {out / 'audio'}")
+        print(
+            f"Wrote {count} videos to {out}. Render them with: python scripts/batch_inference.py --manifest "
+            f"{out / 'manifest.csv'} --output_dir GENERATED; then score them with: python scripts/evaluate.py "
+            f"--generated GENERATED --reference {out / 'reference'} --audio {out / 'audio'}"
+        )
     return 2 if problems or not count else 0

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memo.conditions.audio import AudioError, decode_audio
 from memo.conditions.face import FaceAnalyzer
+from memo.constants import SAMPLE_RATE
 from memo.errors import UserError
+from memo.io.audio import AudioError, decode_audio
 from memo.models.syncnet import CROP_SIZE, FPS, MFCC_PER_FRAME, MFCC_WINDOW, VIDEO_WINDOW, SyncNet
 
-SYNC_SAMPLE_RATE = 16000
+SYNC_SAMPLE_RATE = SAMPLE_RATE
 """SyncNet's audio rate (Hz); MFCCs at 100 Hz from 25 ms windows (python_speech_features' defaults)."""
 SYNC_MAX_OFFSET = 15
 """Largest audio-video offset searched, in frames at 25 fps (syncnet_python's ``--vshift`` default)."""
@@ -230,7 +231,8 @@ def audio_embeddings(net: SyncNet, coefficients: np.ndarray, count: int, batch_s
     out = []
     for start in range(0, count, batch_size):
         windows = [
-            cc[:, i * MFCC_PER_FRAME : i * MFCC_PER_FRAME + MFCC_WINDOW] for i in range(start, min(count, start + batch_size))
+            cc[:, i * MFCC_PER_FRAME : i * MFCC_PER_FRAME + MFCC_WINDOW]
+            for i in range(start, min(count, start + batch_size))
         ]
         out.append(net.forward_audio(torch.stack(windows).unsqueeze(1).to(device)).cpu())
     return torch.cat(out)
@@ -254,7 +256,9 @@ def sync_scores(lip: torch.Tensor, audio: torch.Tensor, max_offset: int = SYNC_M
     lip, audio = lip[:count], audio[:count]
     padded = F.pad(audio, (0, 0, max_offset, max_offset))
     shifts = 2 * max_offset + 1
-    dists = torch.stack([F.pairwise_distance(lip[i : i + 1].expand(shifts, -1), padded[i : i + shifts]) for i in range(count)])
+    dists = torch.stack(
+        [F.pairwise_distance(lip[i : i + 1].expand(shifts, -1), padded[i : i + shifts]) for i in range(count)]
+    )
     mean = dists.mean(dim=0)
     minimum, index = torch.min(mean, dim=0)
     return SyncResult(int(max_offset - index), float(torch.median(mean) - minimum), float(minimum))

@@ -15,18 +15,19 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from memo.conditions.audio import AudioError, decode_audio
 from memo.errors import UserError
 from memo.evaluation import metrics as m
 from memo.evaluation.models import MetricModels
+from memo.io.audio import AudioError, decode_audio
 from memo.models.syncnet import FPS
 
 logger = logging.getLogger("memo")
@@ -173,7 +174,8 @@ def evaluate(
         if name in metrics:
             models.path(network)
     fingerprints = {
-        net: models.fingerprint(net) for metric, net in (("fid", "inception"), ("fvd", "i3d"), ("sync", "syncnet"))
+        net: models.fingerprint(net)
+        for metric, net in (("fid", "inception"), ("fvd", "i3d"), ("sync", "syncnet"))
         if metric in metrics
     }
     if "csim" in metrics or "sync" in metrics or "motion" in metrics:
@@ -209,13 +211,19 @@ def _score_pair(pair, metrics, models, cache, fingerprints, pooled, problems) ->
         problems.append(f"error: {pair.generated.name}: {text}")
 
     try:
-        shape = {k: cache.get(p, "shape", "", lambda d=d: _shape(d.get())) for k, p, d in (("g", pair.generated, gen), ("r", pair.reference, ref))}
+        shape = {
+            k: cache.get(p, "shape", "", lambda d=d: _shape(d.get()))
+            for k, p, d in (("g", pair.generated, gen), ("r", pair.reference, ref))
+        }
     except m.VideoReadError as error:
         problem(f"{error} Not scored.")
         return scores, failed
     gen_fps, ref_fps = float(shape["g"]["fps"]), float(shape["r"]["fps"])
     if abs(gen_fps - ref_fps) > 1e-3:
-        problem(f"frame rate {gen_fps:g} fps differs from the reference's {ref_fps:g} fps; render at the reference's rate. Not scored.")
+        problem(
+            f"frame rate {gen_fps:g} fps differs from the reference's {ref_fps:g} fps; "
+            "render at the reference's rate. Not scored."
+        )
         return scores, failed
     if int(shape["g"]["frames"]) != int(shape["r"]["frames"]):
         problems.append(
@@ -225,15 +233,23 @@ def _score_pair(pair, metrics, models, cache, fingerprints, pooled, problems) ->
     scores["frames"] = int(shape["g"]["frames"])
     if "fid" in metrics:
         fp = fingerprints["inception"]
-        a = cache.get(pair.generated, "inception", fp, lambda: {"f": m.inception_features(models.inception(), gen.get().frames)})["f"]
-        b = cache.get(pair.reference, "inception", fp, lambda: {"f": m.inception_features(models.inception(), ref.get().frames)})["f"]
+        a = cache.get(
+            pair.generated, "inception", fp, lambda: {"f": m.inception_features(models.inception(), gen.get().frames)}
+        )["f"]
+        b = cache.get(
+            pair.reference, "inception", fp, lambda: {"f": m.inception_features(models.inception(), ref.get().frames)}
+        )["f"]
         scores["fid"] = _clean(m.fid(a, b))
         pooled["gen_fid"].append(a)
         pooled["ref_fid"].append(b)
     if "fvd" in metrics:
         fp = fingerprints["i3d"]
-        a = cache.get(pair.generated, "i3d", fp, lambda: {"f": m.i3d_features(models.i3d(), m.clips(gen.get().frames))})["f"]
-        b = cache.get(pair.reference, "i3d", fp, lambda: {"f": m.i3d_features(models.i3d(), m.clips(ref.get().frames))})["f"]
+        a = cache.get(
+            pair.generated, "i3d", fp, lambda: {"f": m.i3d_features(models.i3d(), m.clips(gen.get().frames))}
+        )["f"]
+        b = cache.get(
+            pair.reference, "i3d", fp, lambda: {"f": m.i3d_features(models.i3d(), m.clips(ref.get().frames))}
+        )["f"]
         if len(a) and len(b):
             scores["fvd"] = _clean(m.fvd(a, b))
             pooled["gen_fvd"].append(a)
@@ -249,7 +265,9 @@ def _score_pair(pair, metrics, models, cache, fingerprints, pooled, problems) ->
     if "csim" in metrics and faces is not None:
         portrait = _portrait_embedding(pair, models, cache, fingerprints["face"], ref)
         if portrait is None:
-            problem(f"no face found in the reference portrait {(pair.portrait or pair.reference).name}; CSIM not scored.")
+            problem(
+                f"no face found in the reference portrait {(pair.portrait or pair.reference).name}; CSIM not scored."
+            )
         else:
             scores["csim"] = _clean(m.csim(portrait, faces["embeddings"]))
     if "sync" in metrics and faces is not None:
@@ -258,12 +276,25 @@ def _score_pair(pair, metrics, models, cache, fingerprints, pooled, problems) ->
         except (AudioError, ValueError) as error:
             problem(f"{error}; Sync not scored.")
     if "motion" in metrics and faces is not None:
-        scores["motion"] = _clean(float(cache.get(pair.generated, "motion", fingerprints["face"], lambda: {"v": np.array(m.motion(gen.get().frames, faces["boxes"]))})["v"]))
+        scores["motion"] = _clean(
+            float(
+                cache.get(
+                    pair.generated,
+                    "motion",
+                    fingerprints["face"],
+                    lambda: {"v": np.array(m.motion(gen.get().frames, faces["boxes"]))},
+                )["v"]
+            )
+        )
     return scores, failed
 
 
 def _shape(video: m.Video) -> dict[str, np.ndarray]:
-    return {"fps": np.array(video.fps), "frames": np.array(len(video.frames)), "audio": np.array(video.audio is not None)}
+    return {
+        "fps": np.array(video.fps),
+        "frames": np.array(len(video.frames)),
+        "audio": np.array(video.audio is not None),
+    }
 
 
 def _faces(models: MetricModels, frames: np.ndarray) -> dict[str, np.ndarray]:
@@ -273,9 +304,11 @@ def _faces(models: MetricModels, frames: np.ndarray) -> dict[str, np.ndarray]:
 
 def _portrait_embedding(pair, models, cache, fingerprint, ref) -> np.ndarray | None:
     if pair.portrait is not None:
+
         def compute():
             image = np.asarray(Image.open(pair.portrait).convert("RGB"))
             return _faces(models, image[None])
+
         stored = cache.get(pair.portrait, "portrait", fingerprint, compute)
     else:
         stored = cache.get(pair.reference, "portrait", fingerprint, lambda: _faces(models, ref.get().frames[:1]))
@@ -320,7 +353,11 @@ def _sync(pair, models, cache, fingerprint, gen, faces, shape) -> dict[str, Any]
 
 def markdown(evaluation: Evaluation) -> str:
     """A Markdown table: one row per video and one for the set, a column per figure present."""
-    columns = [c for c in ("fid", "fvd", "sync_c", "sync_d", "sync_offset", "csim", "motion") if c in evaluation.set or any(c in v for v in evaluation.videos.values())]
+    columns = [
+        c
+        for c in ("fid", "fvd", "sync_c", "sync_d", "sync_offset", "csim", "motion")
+        if c in evaluation.set or any(c in v for v in evaluation.videos.values())
+    ]
     header = "| video | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
 
@@ -331,13 +368,20 @@ def markdown(evaluation: Evaluation) -> str:
 
     for name, scores in evaluation.videos.items():
         lines.append(f"| {name} | " + " | ".join(cell(scores.get(c)) for c in columns) + " |")
-    lines.append(f"| **set** ({evaluation.set.get('videos', 0)}) | " + " | ".join(cell(evaluation.set.get(c)) for c in columns) + " |")
+    lines.append(
+        f"| **set** ({evaluation.set.get('videos', 0)}) | "
+        + " | ".join(cell(evaluation.set.get(c)) for c in columns)
+        + " |"
+    )
     return "\n".join(lines)
 
 
 def write_report(evaluation: Evaluation, path: Path) -> None:
     """Write the JSON report to ``path`` and the Markdown table beside it (``.md``), each atomically."""
-    for target, text in ((path, json.dumps(evaluation.as_json(), indent=2) + "\n"), (path.with_suffix(".md"), markdown(evaluation) + "\n")):
+    for target, text in (
+        (path, json.dumps(evaluation.as_json(), indent=2) + "\n"),
+        (path.with_suffix(".md"), markdown(evaluation) + "\n"),
+    ):
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=target.suffix)
         with os.fdopen(handle, "w") as out:
