@@ -2,8 +2,10 @@
 
 The pack mirrors the published layouts: the MEMO networks and ``misc/`` (face analysis, vocal separator,
 emotion classifier) as in the ``memoavatar/memo`` repo, and ``vae/``, ``wav2vec2/`` and ``emotion2vec/``
-as their own repos. ``inference.yaml`` points every model setting at it, so ``inference.py`` runs end to
-end with no download, in seconds on a CPU. The videos it makes are noise: it exercises code, not quality.
+as their own repos, and ``metrics/``: stand-ins of the evaluation's Inception, I3D and SyncNet
+(:mod:`memo.tiny.metric_models`), so ``scripts/evaluate.py --models PACK`` runs too. ``inference.yaml``
+points every model setting at it, so ``inference.py`` runs end to end with no download, in seconds on a
+CPU. The videos it makes are noise: it exercises code, not quality.
 """
 
 from __future__ import annotations
