@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from memo.conditions.face import FaceAnalyzer
 from memo.constants import SAMPLE_RATE
-from memo.errors import UserError
+from memo.errors import UserError, import_runtime
 from memo.io.audio import AudioError, decode_audio
 from memo.models.syncnet import CROP_SIZE, FPS, MFCC_PER_FRAME, MFCC_WINDOW, VIDEO_WINDOW, SyncNet
 
@@ -98,11 +98,10 @@ def inception_features(extractor, frames: np.ndarray, batch_size: int = 32) -> n
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """FID between two (N, 2048) feature sets, with torch-fidelity's own statistics and distance functions."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
-    stats_a = fid_features_to_statistics(torch.from_numpy(features_a))
-    stats_b = fid_features_to_statistics(torch.from_numpy(features_b))
-    return float(fid_statistics_to_metric(stats_a, stats_b, verbose=False)[KEY_METRIC_FID])
+    library = import_runtime("torch_fidelity.metric_fid")
+    stats_a = library.fid_features_to_statistics(torch.from_numpy(features_a))
+    stats_b = library.fid_features_to_statistics(torch.from_numpy(features_b))
+    return float(library.fid_statistics_to_metric(stats_a, stats_b, verbose=False)[library.KEY_METRIC_FID])
 
 
 # ---------------------------------------------------------------- FVD
@@ -120,8 +119,7 @@ def clips(frames: np.ndarray, length: int = FVD_CLIP_FRAMES, stride: int = FVD_C
 def i3d_features(net, video_clips: np.ndarray, batch_size: int = 4) -> np.ndarray:
     """(N, 400) float32 I3D logits of (N, 16, H, W, 3) uint8 clips, through cd-fvd's preprocessing (bilinear
     resize to 224x224, values to [-1, 1])."""
-    from cdfvd.third_party.i3d.utils import preprocess_i3d
-
+    preprocess_i3d = import_runtime("cdfvd.third_party.i3d.utils").preprocess_i3d
     device = next(net.parameters()).device
     out = [np.zeros((0, 400), dtype=np.float32)]
     for start in range(0, len(video_clips), batch_size):
@@ -132,12 +130,11 @@ def i3d_features(net, video_clips: np.ndarray, batch_size: int = 4) -> np.ndarra
 
 def fvd(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """FVD between two (N, 400) I3D feature sets, with cd-fvd's feature statistics and Fréchet distance."""
-    from cdfvd.fvd import cdfvd
-    from cdfvd.utils.metric_utils import FeatureStats
-
+    cdfvd = import_runtime("cdfvd.fvd").cdfvd
+    feature_stats = import_runtime("cdfvd.utils.metric_utils").FeatureStats
     stats = []
     for features in (features_a, features_b):
-        stat = FeatureStats(capture_mean_cov=True)
+        stat = feature_stats(capture_mean_cov=True)
         stat.append(features.astype(np.float32))
         stats.append(stat)
     # compute_fvd_from_stats uses its instance only for stats it is not given, so no I3D is loaded here.
@@ -204,9 +201,11 @@ def face_crops(frames: np.ndarray, boxes: np.ndarray, size: int = CROP_SIZE) -> 
 
 def mfcc(audio: np.ndarray) -> np.ndarray:
     """(13, F) MFCCs at 100 Hz of 16 kHz mono audio in [-1, 1], on the int16 scale SyncNet was trained on."""
-    import python_speech_features
-
-    return python_speech_features.mfcc(audio.astype(np.float64) * 32768.0, SYNC_SAMPLE_RATE).T.astype(np.float32)
+    return (
+        import_runtime("python_speech_features")
+        .mfcc(audio.astype(np.float64) * 32768.0, SYNC_SAMPLE_RATE)
+        .T.astype(np.float32)
+    )
 
 
 @torch.no_grad()

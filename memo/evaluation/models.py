@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from memo.conditions.face import FaceAnalyzer
+from memo.errors import import_runtime
 from memo.io.hub import MissingModelError, require_model_file, resolve_model_dir
 from memo.models.syncnet import SyncNet
 
@@ -105,9 +106,8 @@ class MetricModels:
     def inception(self):
         """torch-fidelity's ``FeatureExtractorInceptionV3`` with the pool3 ('2048') output, on ``device``."""
         if "inception" not in self._loaded:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-            extractor = FeatureExtractorInceptionV3(
+            module = import_runtime("torch_fidelity.feature_extractor_inceptionv3")
+            extractor = module.FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(self.path("inception"))
             )
             self._loaded["inception"] = extractor.to(self.device)
@@ -116,9 +116,7 @@ class MetricModels:
     def i3d(self):
         """cd-fvd's ``InceptionI3d`` (400 Kinetics logits, the StyleGAN-V / TATS FVD features), on ``device``."""
         if "i3d" not in self._loaded:
-            from cdfvd.third_party.i3d.pytorch_i3d import InceptionI3d
-
-            net = InceptionI3d(400, in_channels=3)
+            net = import_runtime("cdfvd.third_party.i3d.pytorch_i3d").InceptionI3d(400, in_channels=3)
             state = torch.load(self.path("i3d"), map_location="cpu", weights_only=True)
             net.load_state_dict({k: v.float() for k, v in state.items()})
             self._loaded["i3d"] = net.eval().requires_grad_(False).to(self.device)

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 from pathlib import Path
 from unittest import mock
@@ -21,7 +23,11 @@ from unittest import mock
 import torch
 from torch import nn
 
+from memo.errors import EVAL_INSTALL
+from memo.evaluation.models import I3D, INCEPTION, SYNCNET
 from memo.models.syncnet import SyncNet
+
+logger = logging.getLogger("memo")
 
 LOUD_RMS = 0.15
 """RMS (fraction of full scale) above which the SyncNet stand-in hears sound (its ramp: 0.137 .. 0.183)."""
@@ -115,10 +121,15 @@ def write_tiny_syncnet(path: Path) -> None:
 
 
 def write_tiny_metric_models(folder: Path) -> None:
-    """All three into ``folder`` (the model folder's ``metrics/``), under the published file names."""
-    from memo.evaluation.models import I3D, INCEPTION, SYNCNET
-
+    """All three into ``folder`` (the model folder's ``metrics/``), under the published file names; the Inception
+    and I3D ones only when torch-fidelity / cd-fvd (the ``eval`` extra) are installed, with a warning if not."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_tiny_inception(folder / INCEPTION.file)
-    write_tiny_i3d(folder / I3D.file)
     write_tiny_syncnet(folder / SYNCNET.file)
+    for write, weights, runtime in (
+        (write_tiny_inception, INCEPTION, "torch_fidelity"),
+        (write_tiny_i3d, I3D, "cdfvd"),
+    ):
+        if importlib.util.find_spec(runtime) is None:
+            logger.warning("tiny pack: no %s stand-in (%s is not installed: %s)", weights.file, runtime, EVAL_INSTALL)
+        else:
+            write(folder / weights.file)
