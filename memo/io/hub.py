@@ -216,3 +216,20 @@ def download_all(
         repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir))
         for repo, files in patterns.items()
     }
+
+
+def require_model_file(path: str | os.PathLike, what: str, url: str, licence: str) -> Path:
+    """``path`` when it is a file; otherwise a :class:`MissingModelError` in one line naming ``what`` the file
+    is, the command that downloads it from ``url`` into place, and its ``licence``.
+
+    For model files published outside the Hugging Face hub (metric networks), which are never fetched
+    implicitly: evaluation must give the same numbers offline as online.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    raise MissingModelError(
+        f"{what} is missing: {path} does not exist. Download it once with "
+        f"`mkdir -p {path.parent} && curl -L -o {path} {url}` (licence: {licence}), "
+        f"or give --models a folder that holds it (a tiny random stand-in: scripts/make_tiny_checkpoint.py)."
+    )
