@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from memo.errors import interrupted_status, stop_on_signals
 from memo.settings.training import load_config
 from memo.training.loop import train
 
@@ -26,8 +28,16 @@ def main(argv: list[str] | None = None) -> dict:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
     config = load_config(args.config, args.overrides, exp_name=args.exp_name)
-    return train(config)
+    with stop_on_signals():
+        return train(config)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as stop:
+        what, status = interrupted_status(stop)
+        print(
+            f"{what}; the checkpoints saved so far are kept (resume_from_checkpoint=latest goes on).", file=sys.stderr
+        )
+        sys.exit(status)

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError, as_path
+from memo.errors import UserError, as_path, interrupted_status, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -73,9 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
+    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130/143/129 stopped by
+    SIGINT/SIGTERM/SIGHUP, with the partial output removed)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from memo.errors import check_runtimes
         from memo.io.audio import check_audio
@@ -102,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             logger.exception("error")
         return report_error(error)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        what, status = interrupted_status(stop)
+        print(f"{what}; no output was written.", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

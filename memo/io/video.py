@@ -2,8 +2,9 @@
 
 Frames are encoded as each clip finishes, and the sound track is encoded alongside only as far as the video
 has got, from the samples the audio conditions were made from (decoded once, never re-read from the file).
-Everything goes to a hidden file beside the output, renamed onto it once complete; a failure anywhere
-removes the hidden file (and the folders made for it) and leaves an existing output untouched.
+Everything goes to a hidden file beside the output (:class:`memo.io.partial.Partial`), renamed onto it once
+complete; a failure anywhere removes the hidden file (and the folders made for it) and leaves an existing
+output untouched, and a run killed outright leaves one that the next writer in that folder removes.
 :func:`check_output_path` checks the location before any work, creating nothing.
 """
 
@@ -14,7 +15,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memo.errors import UserError, as_path
+from memo.io.partial import Partial
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -182,11 +183,16 @@ class VideoWriter:
         self.num_frames = 0
         self._closed = False
         self._audio: _AudioTrack | None = None
-        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial.mp4")
         self._created = _make_folders(self.path.parent)
         try:
-            self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+            self._partial = Partial(self.path, suffix=".mp4")
         except BaseException:
+            self._remove_created_folders()
+            raise
+        try:
+            self._container = av.open(str(self._partial.path), "w", format="mp4", options={"movflags": "+faststart"})
+        except BaseException:
+            self._partial.discard()
             self._remove_created_folders()
             raise
         try:
@@ -249,7 +255,7 @@ class VideoWriter:
             self._container.close()
             if not self.overwrite and self.path.exists():
                 raise OutputExistsError(f"Output {str(self.path)!r} appeared while writing; pass --overwrite.")
-            os.replace(self._tmp, self.path)
+            self._partial.publish()
         except BaseException:
             self.abort()
             raise
@@ -260,7 +266,7 @@ class VideoWriter:
         self._closed = True
         with contextlib.suppress(av.FFmpegError, OSError):
             self._container.close()
-        self._tmp.unlink(missing_ok=True)
+        self._partial.discard()
         self._remove_created_folders()
 
     def _remove_created_folders(self) -> None:
