@@ -102,6 +102,9 @@ class DecodedAudio:
 KEPT_ENERGY = 0.25
 """The least share of the channels' mean energy the average must keep (6 dB down): below it the channels
 cancel, as for a phase-inverted channel (average 0). Two unrelated channels keep 0.5, identical ones 1."""
+EQUALLY_LOUD = 0.8
+"""Channels within this share of the loudest one's energy (1 dB) count as equally loud: the first is taken, so
+(x, -x) gives x even when rounding made -x a hair louder."""
 DEAD_CHANNEL = 1e-4
 """A channel with under this share of the loudest channel's energy (40 dB down) is dead (a disconnected input,
 an empty track): averaging it in would only halve the voice's level."""
@@ -125,13 +128,18 @@ class Downmix:
 
 
 def _channel_names(layout: str, count: int) -> list[str]:
+    """The channels' names for messages: from ``layout``, or FFmpeg's default order for ``count`` channels when
+    the layout gives none (a WAV's "2 channels"); plain left and right for stereo."""
     import av
 
-    try:
-        names = [channel.description for channel in av.AudioLayout(layout).channels]
-    except (ValueError, av.error.FFmpegError):
-        names = []
-    return names if len(names) == count else [f"channel {i + 1}" for i in range(count)]
+    for name in (layout, f"{count}c"):
+        try:
+            names = [channel.description for channel in av.AudioLayout(name).channels]
+        except (ValueError, av.error.FFmpegError):
+            continue
+        if len(names) == count and "none" not in names:
+            return ["left", "right"] if names == ["front left", "front right"] else names
+    return [f"channel {i + 1}" for i in range(count)]
 
 
 def _energies(samples: np.ndarray) -> np.ndarray:
@@ -183,8 +191,8 @@ def choose_downmix(samples: np.ndarray, rate: int, layout: str = "") -> Downmix:
     it (the alternative, a mix that undoes the fault, would need a guess at what the fault was):
 
     * channels that cancel: their average keeps under :data:`KEPT_ENERGY` of their mean energy (a
-      phase-inverted channel keeps none). The loudest channel is used alone (the first of equals), so
-      (x, -x) gives exactly what mono x gives.
+      phase-inverted channel keeps none). The loudest channel is used alone (the first of equally loud
+      ones, :data:`EQUALLY_LOUD`), so (x, -x) gives exactly what mono x gives.
     * dead channels (:data:`DEAD_CHANNEL`): averaged in, they halve the level; the live ones are averaged.
     * one channel a delayed copy of the other (:data:`DELAY_CORRELATION`, :data:`DELAY_RANGE`): the average
       is comb-filtered (notches every 1/delay Hz through the voice). The leading channel is used, since the
@@ -204,7 +212,7 @@ def choose_downmix(samples: np.ndarray, rate: int, layout: str = "") -> Downmix:
     live = [c for c in range(count) if energy[c] >= DEAD_CHANNEL * energy.max()]
     kept = gram[np.ix_(live, live)].sum() / (len(live) * energy[live].sum())
     if kept < KEPT_ENERGY:
-        loudest = live[int(np.argmax(energy[live]))]
+        loudest = next(c for c in live if energy[c] >= EQUALLY_LOUD * energy.max())
         return Downmix(
             (loudest,),
             f"its channels cancel out when averaged (the average keeps {100 * kept:.0f}% of their energy: "
