@@ -13,7 +13,8 @@ import argparse
 import logging
 import sys
 
-from memo.errors import interrupted_status, stop_on_signals
+from memo.apps.cli import report_stop
+from memo.errors import stop_on_signals
 from memo.settings.training import load_config
 from memo.training.loop import train
 
@@ -36,8 +37,4 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt as stop:
-        what, status = interrupted_status(stop)
-        print(
-            f"{what}; the checkpoints saved so far are kept (resume_from_checkpoint=latest goes on).", file=sys.stderr
-        )
-        sys.exit(status)
+        sys.exit(report_stop(stop, "the checkpoints saved so far are kept (resume_from_checkpoint=latest goes on)."))

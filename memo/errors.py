@@ -67,13 +67,6 @@ class Interrupted(KeyboardInterrupt):
         super().__init__("interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {name}")
 
 
-def interrupted_status(error: KeyboardInterrupt) -> tuple[str, int]:
-    """What stopped the run, in words, and the exit status to return (130 for a plain KeyboardInterrupt)."""
-    if isinstance(error, Interrupted):
-        return str(error), error.status
-    return "interrupted (Ctrl-C)", 128 + signal.SIGINT
-
-
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[list[int]]:
     """While inside, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (a second one

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memo.apps.cli import add_settings_arguments, report_error, setup_logging
-from memo.errors import UserError, as_path, interrupted_status, stop_on_signals
+from memo.apps.cli import add_settings_arguments, report_error, report_stop, setup_logging
+from memo.errors import UserError, as_path, stop_on_signals
 
 if TYPE_CHECKING:  # imported where used, so that --help and --merge start without torch
     from memo.data.prepare import PreparedVideo, VideoPreparer
@@ -154,9 +154,7 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as error:
         return report_error(error)
     except KeyboardInterrupt as stop:
-        what, status = interrupted_status(stop)
-        print(f"{what}; finished videos are kept, run again to go on.", file=sys.stderr)
-        return status
+        return report_stop(stop, "finished videos are kept, run again to go on.")
 
 
 if __name__ == "__main__":

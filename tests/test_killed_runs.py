@@ -32,7 +32,8 @@ FAST = ("inference_steps=1", "cfg_scale=1", "vocal_separation=false", "emotion=n
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from memo.errors import interrupted_status, stop_on_signals
+    from memo.apps.cli import report_stop
+    from memo.errors import stop_on_signals
     from memo.io.partial import Partial
     target, directory = sys.argv[1], sys.argv[2] == "dir"
     try:
@@ -42,7 +43,7 @@ HOLDER = textwrap.dedent(
             print(partial.path, flush=True)
             time.sleep(120)
     except KeyboardInterrupt as stop:
-        sys.exit(interrupted_status(stop)[1])
+        sys.exit(report_stop(stop, "the partial is removed."))
     """
 )
 
@@ -164,11 +165,11 @@ def speech(folder: Path, name: str, seconds: float) -> Path:
 
 @pytest.mark.e2e
 def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
-    """A (SIGTERM) and C (SIGHUP) remove their partials and say so; B (kill -9) leaves one, which D, the next
-    run into the folder, removes while C's, still being written, is kept."""
+    """A (SIGTERM) and C (SIGHUP) remove their partials and say so; B (kill -9) leaves one, which C, the next
+    run into the folder, removes; D, run while C writes, leaves C's partial alone."""
     out = tmp_path / "out"
     names = {key: f"portrait_{key}.mp4" for key in "abcd"}
-    audio = {key: speech(tmp_path, f"{key}.wav", 0.4 if key == "d" else 3.0) for key in "abcd"}
+    audio = {key: speech(tmp_path, f"{key}.wav", {"c": 8.0, "d": 0.4}.get(key, 3.0)) for key in "abcd"}
     a, b = start(pack, audio["a"], out), start(pack, audio["b"], out)
     wait_for_partial(a, out, names["a"])
     a.send_signal(signal.SIGTERM)
@@ -182,16 +183,17 @@ def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
     assert b.returncode == -signal.SIGKILL and left.exists()
     assert partials(out) == [left.name]
 
-    c = start(pack, audio["c"], out)
+    c = start(pack, audio["c"], out)  # the next run into the folder: removes B's partial as it starts writing
     running = wait_for_partial(c, out, names["c"])
-    d = start(pack, audio["d"], out)
+    assert not left.exists()
+    d = start(pack, audio["d"], out)  # one more while C writes: C's partial is a running job's
     _, d_log = d.communicate(timeout=900)
     assert d.returncode == 0, d_log
-    assert "removed 1 partial file(s)" in d_log and left.name in d_log
-    assert not left.exists() and running.exists() and c.poll() is None, d_log  # C still at work, untouched
+    assert running.exists() and c.poll() is None and "removed" not in d_log, d_log  # C still at work, untouched
     assert probe_video(out / names["d"]).num_frames == 12
     c.send_signal(signal.SIGHUP)
     _, c_log = c.communicate(timeout=120)
     assert c.returncode == 129, c_log
+    assert f"removed 1 partial file(s) left in {out} by runs that were killed: {left.name}" in c_log
     assert c_log.strip().splitlines()[-1] == "stopped by SIGHUP; no output was written.", c_log
     assert sorted(os.listdir(out)) == [names["d"]]

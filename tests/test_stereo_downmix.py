@@ -145,8 +145,9 @@ def test_inverted_stereo_renders_the_frames_of_its_voice(pack, tmp_path):
         assert runs[name].returncode == 0, runs[name].stderr
     assert "channels cancel out when averaged" in runs["inverted"].stderr
     assert "silent" not in runs["inverted"].stderr and "warning" not in runs["voice"].stderr.lower()
-    voice_frames, inverted_frames = frames(tmp_path / "out" / "portrait_voice.mp4"), frames(
-        tmp_path / "out" / "portrait_inverted.mp4"
+    voice_frames, inverted_frames = (
+        frames(tmp_path / "out" / "portrait_voice.mp4"),
+        frames(tmp_path / "out" / "portrait_inverted.mp4"),
     )
     assert voice_frames.shape[0] == 15 and np.array_equal(inverted_frames, voice_frames)
     track = sound(tmp_path / "out" / "portrait_inverted.mp4")  # the sound as given: both channels, opposite

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,8 +27,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from memo.apps.cli import add_settings_arguments, output_name, report_error, setup_logging
-from memo.errors import UserError, as_path, check_runtimes, failure_message, interrupted_status, stop_on_signals
+from memo.apps.cli import add_settings_arguments, output_name, report_error, report_stop, setup_logging
+from memo.errors import UserError, as_path, check_runtimes, failure_message, stop_on_signals
 from memo.generator import LOAD_SETTINGS, MemoGenerator
 from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
@@ -223,12 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return _run(args, start)
     except KeyboardInterrupt as stop:
-        what, status = interrupted_status(stop)
-        print(
-            f"{what}; finished videos are kept and the one being rendered was removed: run again to go on.",
-            file=sys.stderr,
-        )
-        return status
+        return report_stop(stop, "finished videos are kept, the one being rendered was removed: run again to go on.")
 
 
 def _run(args: argparse.Namespace, start: float) -> int:

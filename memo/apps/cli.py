@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError, as_path, interrupted_status, stop_on_signals
+from memo.errors import Interrupted, UserError, as_path, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -51,6 +52,16 @@ def report_error(error: UserError) -> int:
     """Print a user error as one ``error:`` line on stderr; returns its exit status, 2."""
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+def report_stop(stop: KeyboardInterrupt, after: str) -> int:
+    """Print what stopped the run (``stopped by SIGTERM``, ``interrupted (Ctrl-C)``) and ``after`` (what was kept)
+    as one line on stderr, if it still exists (a closed terminal's is gone); returns the exit status a shell
+    gives for that signal, 128 + its number (130 for a plain KeyboardInterrupt)."""
+    what, status = (str(stop), stop.status) if isinstance(stop, Interrupted) else ("interrupted (Ctrl-C)", 130)
+    with contextlib.suppress(OSError):
+        print(f"{what}; {after}", file=sys.stderr)
+    return status
 
 
 def output_name(image: Path, audio: Path) -> str:
@@ -109,9 +120,7 @@ def _run(args: argparse.Namespace) -> int:
             logger.exception("error")
         return report_error(error)
     except KeyboardInterrupt as stop:
-        what, status = interrupted_status(stop)
-        print(f"{what}; no output was written.", file=sys.stderr)
-        return status
+        return report_stop(stop, "no output was written.")
 
 
 if __name__ == "__main__":

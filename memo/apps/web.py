@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
+from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
     Interrupted,
@@ -28,7 +28,6 @@ from memo.errors import (
     as_path,
     check_runtimes,
     failure_message,
-    interrupted_status,
     stop_on_signals,
 )
 from memo.generator import MemoGenerator
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
     if stopped:
-        what, status = interrupted_status(Interrupted(stopped[0]))
-        print(f"{what}; the server is closed (a video it was rendering is removed at its next start).", file=sys.stderr)
-        return status
+        return report_stop(
+            Interrupted(stopped[0]), "the server is closed (a video being rendered is removed next start)."
+        )
     return 0
