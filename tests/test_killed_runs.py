@@ -197,3 +197,22 @@ def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
     assert f"removed 1 partial file(s) left in {out} by runs that were killed: {left.name}" in c_log
     assert c_log.strip().splitlines()[-1] == "stopped by SIGHUP; no output was written.", c_log
     assert sorted(os.listdir(out)) == [names["d"]]
+
+
+@pytest.mark.e2e
+def test_batch_terminated_mid_job_keeps_nothing_of_it(pack, tmp_path):
+    """The batch runner had no handler at all (a traceback on Ctrl-C); now SIGTERM is one line, exit 143, and
+    the job being rendered leaves nothing, so a rerun renders it afresh."""
+    speech(tmp_path, "talk.wav", 3.0)
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"image,audio\n{EXAMPLE_IMAGE},talk.wav\n")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "scripts" / "batch_inference.py"), "--manifest", str(manifest)]
+    command += ["--output_dir", str(out), "--config", str(pack / "inference.yaml"), *FAST]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for_partial(process, out, "portrait_talk.mp4")
+    process.send_signal(signal.SIGTERM)
+    _, log = process.communicate(timeout=120)
+    assert process.returncode == 143, log
+    assert log.strip().splitlines()[-1].startswith("stopped by SIGTERM; finished videos are kept"), log
+    assert "Traceback" not in log and not out.exists()  # the folder made for the video went with it

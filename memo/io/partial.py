@@ -10,7 +10,7 @@ the next :class:`Partial` created in that folder removes it. Whether a partial's
 told by an advisory ``flock`` the writer holds on the partial (a file, or the folder itself) from creating it
 to publishing it: the kernel drops it when the process dies, however it dies, so a partial whose lock can be
 taken is abandoned, and the partial of a job still running, in this process or another, on this machine or
-(over NFSv4, which forwards ``flock``) another, is never touched. The pid in the name only tells a person
+(over NFS, where Linux turns ``flock`` into a lock the server keeps) another, is never touched. The pid in the name only tells a person
 whose it was. Without ``fcntl`` (Windows) leftovers are not removed.
 """
 
@@ -101,20 +101,30 @@ def remove_abandoned(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_CLEANED: set[str] = set()
+"""Folders this process has removed abandoned partials from."""
+
+
 class Partial:
     """A hidden temporary file or folder beside ``target``, locked while this process writes it.
 
     ``suffix`` ends the temporary name (``.mp4`` lets writers that go by the extension pick the format);
     ``directory`` makes an (empty) folder instead of an (empty) file. Writers open :attr:`path` themselves
-    (writing into the existing file or folder keeps the lock, which is on it, not on a name). Creating one
-    first removes abandoned partials in the same folder (:func:`remove_abandoned`). The target's folder must
-    exist. Use as a context manager: leaving the block without :meth:`publish` discards the partial.
+    (writing into the existing file or folder keeps the lock, which is on it, not on a name). The target's
+    folder must exist. Use as a context manager: leaving the block without :meth:`publish` discards the partial.
+
+    The first partial a process creates in a folder first removes the abandoned ones there
+    (:func:`remove_abandoned`), so the next run into a folder cleans up after a killed one; later ones skip
+    that, so writing many files into a big folder lists it once.
     """
 
     def __init__(self, target: str | os.PathLike, suffix: str = "", directory: bool = False) -> None:
         self.target = Path(target)
         self.directory = directory
-        remove_abandoned(self.target.parent)
+        folder = os.path.abspath(self.target.parent)
+        if folder not in _CLEANED:  # once per folder and process: a folder of many files is listed once
+            _CLEANED.add(folder)
+            remove_abandoned(folder)
         while True:
             self.path = self.target.with_name(
                 f".{self.target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}"
