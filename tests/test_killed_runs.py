@@ -178,7 +178,7 @@ def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
     _, a_log = a.communicate(timeout=120)
     b.wait(timeout=120)
     assert a.returncode == 143, a_log
-    assert a_log.strip().splitlines()[-1] == "stopped by SIGTERM; no output was written.", a_log
+    assert "stopped by SIGTERM; no output was written.\n" in a_log, a_log
     assert "Traceback" not in a_log and not (out / names["a"]).exists()
     assert b.returncode == -signal.SIGKILL and left.exists()
     assert partials(out) == [left.name]
@@ -195,7 +195,7 @@ def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
     _, c_log = c.communicate(timeout=120)
     assert c.returncode == 129, c_log
     assert f"removed 1 partial file(s) left in {out} by runs that were killed: {left.name}" in c_log
-    assert c_log.strip().splitlines()[-1] == "stopped by SIGHUP; no output was written.", c_log
+    assert "stopped by SIGHUP; no output was written.\n" in c_log, c_log  # after a tqdm bar, on its line
     assert sorted(os.listdir(out)) == [names["d"]]
 
 
@@ -214,5 +214,5 @@ def test_batch_terminated_mid_job_keeps_nothing_of_it(pack, tmp_path):
     process.send_signal(signal.SIGTERM)
     _, log = process.communicate(timeout=120)
     assert process.returncode == 143, log
-    assert log.strip().splitlines()[-1].startswith("stopped by SIGTERM; finished videos are kept"), log
+    assert "stopped by SIGTERM; finished videos are kept" in log, log
     assert "Traceback" not in log and not out.exists()  # the folder made for the video went with it
