@@ -10,8 +10,8 @@ the next :class:`Partial` created in that folder removes it. Whether a partial's
 told by an advisory ``flock`` the writer holds on the partial (a file, or the folder itself) from creating it
 to publishing it: the kernel drops it when the process dies, however it dies, so a partial whose lock can be
 taken is abandoned, and the partial of a job still running, in this process or another, on this machine or
-(over NFS, where Linux turns ``flock`` into a lock the server keeps) another, is never touched. The pid in the name only tells a person
-whose it was. Without ``fcntl`` (Windows) leftovers are not removed.
+(over NFS, where Linux turns ``flock`` into a lock the server keeps) another, is never touched. The pid in
+the name only tells a person whose it was. Without ``fcntl`` (Windows) leftovers are not removed.
 """
 
 from __future__ import annotations
