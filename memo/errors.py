@@ -13,9 +13,13 @@ with :func:`check_runtimes` before any model loads; code that imports them goes 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +46,49 @@ def failure_message(error: BaseException) -> str:
     if isinstance(error, UserError):
         return str(error)
     return f"unexpected {type(error).__name__}: {error} (the log has the details)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""Ctrl-C, what ``kill``, ``timeout``, job schedulers and ``docker stop`` send, and a closed terminal."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; raised where the program is, so every ``with`` block and ``finally``
+    cleans up (partial outputs are removed) as for Ctrl-C, which it is for SIGINT. ``status`` is the exit
+    status a shell gives a process killed by that signal: 128 + its number (130, 143, 129)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.status = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__("interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (a second one
+    while cleaning up is ignored); the previous handlers come back on leaving. Yields a list that receives
+    the signal's number, for callers under a library that catches the exception itself (Gradio's server
+    loop). Elsewhere than in the main thread (where Python cannot install handlers) nothing changes."""
+    stopping: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield stopping
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 # --------------------------------------------------------------------------------------------------

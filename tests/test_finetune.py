@@ -460,6 +460,7 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
 
     # checkpoint-2 and the final checkpoint-3, each in the published layout plus accelerate's state.
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(run_dir.glob(".checkpoint-*"))  # each was written under a hidden name and renamed once done
     checkpoint = run_dir / "checkpoint-3"
     for name in ("reference_net", "diffusion_net", "image_proj", "audio_proj"):
         assert (checkpoint / name / "config.json").is_file()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError, as_path
+from memo.errors import Interrupted, UserError, as_path, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -70,6 +71,16 @@ def report_error(error: UserError) -> int:
     return 2
 
 
+def report_stop(stop: KeyboardInterrupt, after: str) -> int:
+    """Print what stopped the run (``stopped by SIGTERM``, ``interrupted (Ctrl-C)``) and ``after`` (what was kept)
+    as one line on stderr, if it still exists (a closed terminal's is gone); returns the exit status a shell
+    gives for that signal, 128 + its number (130 for a plain KeyboardInterrupt)."""
+    what, status = (str(stop), stop.status) if isinstance(stop, Interrupted) else ("interrupted (Ctrl-C)", 130)
+    with contextlib.suppress(OSError):
+        print(f"{what}; {after}", file=sys.stderr)
+    return status
+
+
 def output_name(image: Path, audio: Path) -> str:
     """``<image stem>_<audio stem>.mp4``, as the original release names its outputs."""
     return f"{image.stem}_{audio.stem}.mp4"
@@ -90,9 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
+    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130/143/129 stopped by
+    SIGINT/SIGTERM/SIGHUP, with the partial output removed)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from memo.errors import check_runtimes
         from memo.io.audio import check_audio
@@ -119,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             logger.exception("error")
         return report_error(error)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "no output was written.")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from memo.apps.cli import HelpSettingsAction
-from memo.errors import UserError
+from memo.apps.cli import HelpSettingsAction, report_stop
+from memo.errors import UserError, stop_on_signals
 
 logger = logging.getLogger("memo")
 
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None, description: str = "Finetune MEMO on pre
         preflight(config)
         from memo.training.loop import train
 
-        train(config)
+        with stop_on_signals():
+            train(config)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "the checkpoints saved so far are kept (resume_from_checkpoint=latest goes on).")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -19,10 +20,18 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
+from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
 from memo.constants import EMOTION_NAMES
-from memo.errors import UserError, as_path, check_runtimes, failure_message
+from memo.errors import (
+    Interrupted,
+    UserError,
+    as_path,
+    check_runtimes,
+    failure_message,
+    stop_on_signals,
+)
 from memo.generator import MemoGenerator
+from memo.io.partial import remove_abandoned
 from memo.io.video import check_output_folder
 from memo.sampling.speed import SPEEDS
 from memo.settings.inference import FRAMINGS, load_config
@@ -217,16 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(args.output_dir)  # videos a killed app was writing
     demo = WebApp(generator, args.output_dir).build()
     try:
-        demo.queue().launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            allowed_paths=[str(EXAMPLE_IMAGE.parent), str(args.output_dir.resolve())],
-            show_error=True,
-        )
+        with stop_on_signals() as stopped:
+            demo.queue().launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                allowed_paths=[str(EXAMPLE_IMAGE.parent), str(args.output_dir.resolve())],
+                show_error=True,
+            )
     except OSError as error:
         print(f"error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
+    if stopped:
+        return report_stop(
+            Interrupted(stopped[0]), "the server is closed (a video being rendered is removed next start)."
+        )
     return 0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from memo.io.hub import VOCAL_SEPARATOR_FILE
+from memo.io.partial import write_atomically
 
 MODEL_FILENAME = VOCAL_SEPARATOR_FILE
 
@@ -72,12 +73,6 @@ def write_tiny_vocal_separator(directory: str | os.PathLike, seed: int = 0) -> N
             opset_version=13,
             dynamo=False,
         )
-    _write_atomically(directory / MODEL_FILENAME, buffer.getvalue())
+    write_atomically(directory / MODEL_FILENAME, buffer.getvalue())
     sidecar = directory / f"{Path(MODEL_FILENAME).stem}.params.json"
-    _write_atomically(sidecar, (json.dumps(TINY_SEPARATOR_PARAMS, indent=2) + "\n").encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    write_atomically(sidecar, (json.dumps(TINY_SEPARATOR_PARAMS, indent=2) + "\n").encode())

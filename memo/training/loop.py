@@ -15,6 +15,7 @@ several machines, with or without DeepSpeed, as ``accelerate launch`` sets it up
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -25,13 +26,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
+from memo.io.partial import Partial
 from memo.loading import ModelLocator, locate_checkpoint
 from memo.pipeline import NETWORKS
 from memo.settings.training import dataloader_workers
@@ -301,14 +309,24 @@ def train(config: DictConfig) -> dict:
     )
 
     def save_checkpoint(step: int) -> Path:
+        """Every process writes its part into one hidden partial folder; the main process renames it onto
+        ``checkpoint-<step>`` once all are done, so a killed run never leaves a checkpoint ``latest`` would
+        pick up half-written (the next run removes the partial, memo.io.partial)."""
         path = output_dir / f"checkpoint-{step}"
-        if accelerator.is_main_process:
-            for removed in prune_checkpoints(output_dir, config.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}")
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            write_training_state(path, step)
+        with contextlib.ExitStack() as stack:
+            names = [None]
+            if accelerator.is_main_process:
+                for removed in prune_checkpoints(output_dir, config.checkpoints_total_limit):
+                    logger.info(f"Removed old checkpoint {removed}")
+                partial = stack.enter_context(Partial(path, directory=True))
+                names = [str(partial.path)]
+            names = broadcast_object_list(names)
+            accelerator.save_state(names[0])
+            if accelerator.is_main_process:
+                write_training_state(names[0], step)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                partial.publish()
         accelerator.wait_for_everyone()
         logger.info(f"Saved checkpoint {path}")
         return path
