@@ -17,12 +17,17 @@ import torch
 
 from memo.conditions.face import FaceAnalyzer
 from memo.errors import import_runtime
-from memo.io.hub import MissingModelError, require_model_file, resolve_model_dir
+from memo.io.hub import (
+    FACE_MODELS_FOLDER,
+    MEMO_REPO,
+    MissingModelError,
+    require_model_file,
+    resolve_model_dir,
+)
 from memo.models.syncnet import SyncNet
 
-FACE_MODELS = "misc/face_analysis/models"
-"""The face-analysis folder inside a model folder (as in memoavatar/memo)."""
-FACE_REPO = "memoavatar/memo"
+FACE_MODELS = FACE_MODELS_FOLDER
+FACE_REPO = MEMO_REPO
 """Where the face models come from when the model folder has none."""
 
 
