@@ -242,7 +242,8 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int) -
             seconds=time.perf_counter() - start,
         )
         print(
-            f"{name}: vs truth {results['settings'][name]['vs_truth']}, vs exact {results['settings'][name]['vs_exact']}",
+            f"{name}: vs truth {results['settings'][name]['vs_truth']}, "
+            f"vs exact {results['settings'][name]['vs_exact']}",
             flush=True,
         )
     return results

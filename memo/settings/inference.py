@@ -27,7 +27,9 @@ COMPILE_CHOICES = ("auto", "true", "false")
 OFFLOAD_CHOICES = ("none", "model", "group")
 
 LEGACY_KEYS = {
-    "enable_xformers_memory_efficient_attention": "attention always runs through PyTorch's scaled_dot_product_attention",
+    "enable_xformers_memory_efficient_attention": (
+        "attention always runs through PyTorch's scaled_dot_product_attention"
+    ),
 }
 """Keys of the original release's config that have no effect here: accepted with a warning."""
 

@@ -152,5 +152,6 @@ def check_config(config: DictConfig) -> None:
         raise ValueError("data.data_dirs lists no prepared data.")
     if not any(config[f"train_{name}"] for name in ("reference_net", "diffusion_net", "image_proj", "audio_proj")):
         raise ValueError(
-            "Nothing to train: set at least one of train_reference_net, train_diffusion_net, train_image_proj, train_audio_proj."
+            "Nothing to train: set at least one of train_reference_net, train_diffusion_net, train_image_proj,"
+            " train_audio_proj."
         )
