@@ -30,6 +30,7 @@ from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
+from memo.runtime.memory import new_memory, vae_frames
 from memo.sampling.guidance import conditional_memory, conditional_reference
 from memo.sampling.solvers import flow_scheduler
 from memo.sampling.speed import SOLVERS, plan_steps
@@ -274,8 +275,9 @@ class MemoPipeline(DiffusionPipeline):
         image_tokens = image_tokens.to(dtype)
         drop_reference = (True, False) if guided else None  # the unconditional half does not see the reference
         reference_image = reference_image.to(device, self.vae.dtype)
-        memory = memory if memory is not None else TemporalMemory()
+        memory = memory if memory is not None else new_memory(self)
         memory.reset()
+        vae_batch_size = vae_frames(self, vae_batch_size)
 
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)

@@ -86,6 +86,7 @@ class InferenceConfig:
     # GPU speed and memory (memo/compilation.py, memo/placement.py).
     compile: str = "auto"
     offload: str = "none"
+    fp8_weights: bool = False
     vae_tile_size: int = 768
 
     @property
