@@ -308,8 +308,8 @@ class MemoGenerator:
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
-                f"offload={self.offload}. {self.mode_that_fits(width, height)}Or try a smaller resolution "
-                "(e.g. resolution=384); close other programs using the GPU."
+                f"offload={self.offload}. {self.mode_that_fits(width, height)}Or try vae_batch_size=1, a smaller "
+                "resolution (e.g. resolution=384), fp8_weights=true; close other programs using the GPU."
             ) from error
         if self.compiled and compile_seconds() > compile_before:
             logger.info("generate: %.1f s of it compiling the networks", compile_seconds() - compile_before)

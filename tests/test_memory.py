@@ -78,3 +78,17 @@ def test_memory_modes_give_the_video_of_none(tiny_checkpoint, none_video, offloa
     assert len(memory) > 0 and all(kv.device == CPU for kv, _ in memory.states.values())
     assert video.shape == none_video.shape
     torch.testing.assert_close(video, none_video, rtol=1e-3, atol=1e-3)
+
+
+def test_the_mode_that_fits_comes_from_the_counted_table():
+    from memo.runtime.memory import MEMORY_TABLE, counted_peak_bytes, fitting_mode
+
+    gib, bf16 = 2**30, torch.bfloat16
+    assert counted_peak_bytes("group", 512, 512, bf16) == MEMORY_TABLE["peak_bytes"]["group"]["512"]
+    peaks = [counted_peak_bytes(mode, 512, 512, bf16) for mode in ("none", "model", "group")]
+    assert peaks == sorted(peaks, reverse=True)  # each lower mode needs less
+    assert fitting_mode(24 * gib, 512, 512, bf16) == "none"
+    assert fitting_mode(8 * gib, 512, 512, bf16) == "model"
+    assert fitting_mode(4 * gib, 512, 512, bf16) == "group"
+    assert fitting_mode(1 * gib, 768, 768, bf16) is None
+    assert counted_peak_bytes("none", 512, 512, torch.float32) == 2 * peaks[0]
