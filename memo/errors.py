@@ -49,10 +49,14 @@ def failure_message(error: BaseException) -> str:
 
 ONNXRUNTIME_INSTALL = 'pip install -e ".[gpu]" (or ".[cpu]" on a machine without CUDA)'
 INSIGHTFACE_INSTALL = 'pip install --no-deps "insightface>=0.7.3"'
+EVAL_INSTALL = 'pip install -e ".[eval]"'
 INSTALL = {
     "onnxruntime": (ONNXRUNTIME_INSTALL, "face analysis and vocal separation run on it"),
     "insightface": (INSIGHTFACE_INSTALL, "face analysis"),
     "audio_separator": (f"{ONNXRUNTIME_INSTALL}, or turn it off with vocal_separation=false", "vocal separation"),
+    "torch_fidelity": (EVAL_INSTALL, "FID"),
+    "cdfvd": (EVAL_INSTALL, "FVD"),
+    "python_speech_features": (EVAL_INSTALL, "the Sync metrics"),
 }
 """Import name -> (how to install it, what needs it)."""
 

@@ -32,6 +32,7 @@ from memo.errors import UserError, as_path, check_runtimes, failure_message
 from memo.generator import LOAD_SETTINGS, MemoGenerator
 from memo.io.video import check_output_folder
 from memo.settings.inference import ConfigError, InferenceConfig, load_config
+from memo.settings.schema import closest
 
 logger = logging.getLogger("memo")
 
@@ -110,7 +111,7 @@ def load_jobs(
             why = (
                 "chooses the models; set it in the config"
                 if key in LOAD_SETTINGS
-                else "is neither a file column nor a setting"
+                else "is neither a file column nor a setting" + closest(key, [*FILE_COLUMNS, *sorted(settings_names)])
             )
             problems.append(f"{where}: column {key!r} {why}")
         missing = [key for key in ("image", "audio") if not isinstance(cells.get(key), str)]
@@ -120,7 +121,9 @@ def load_jobs(
             continue
         try:
             config = load_config(
-                config_path, [*overrides, *(as_override(k, v) for k, v in cells.items() if k in settings_names)]
+                config_path,
+                [*overrides, *(as_override(k, v) for k, v in cells.items() if k in settings_names)],
+                source="the overrides and this row",
             )
         except ConfigError as error:
             problems.append(f"{where}: {error}")

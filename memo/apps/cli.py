@@ -11,12 +11,24 @@ from pathlib import Path
 
 from memo.errors import UserError, as_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
 EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
 DEFAULT_CONFIG = REPO / "configs" / "inference.yaml"
 
 logger = logging.getLogger("memo")
+
+
+class HelpSettingsAction(argparse.Action):
+    """``--help-settings``: print every setting (generated from the settings model) and exit."""
+
+    def __init__(self, option_strings, dest, text, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.text())
+        parser.exit()
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -42,7 +54,12 @@ def add_settings_arguments(
     config_help: str = "YAML settings (default: %(default)s)",
 ) -> None:
     """``--config``, ``--verbose`` and ``key=value`` overrides, as every program of the project takes them."""
+    from memo.settings.inference import settings_help
+
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument(
+        "--help-settings", action=HelpSettingsAction, text=settings_help, help="list every setting and exit"
+    )
     parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 

@@ -109,20 +109,22 @@ class WebApp:
         audio: str | None,
         emotion: str,
         size: str,
-        steps: float,
-        guidance: float,
+        inference_steps: float,
+        cfg_scale: float,
         seed: float | None,
         framing: str,
         speed: str,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
     ) -> str:
-        """Render the video and return its path."""
+        """Render the video and return its path. The inputs carry the settings' names (the page's API too);
+        ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
         if not image:
             raise gr.Error("Upload a portrait image first, or click 'Use the example'.", print_exception=False)
         if not audio:
             raise gr.Error("Upload or record the speech first, or click 'Use the example'.", print_exception=False)
         with shown_in_page("Generation"):
-            settings = {"inference_steps": int(steps), "cfg_scale": float(guidance), "framing": framing, "speed": speed}
+            settings = {"inference_steps": int(inference_steps), "cfg_scale": float(cfg_scale)}
+            settings |= {"framing": framing, "speed": speed}
             settings |= {"emotion": emotion, **parse_size(size)} | ({} if seed is None else {"seed": int(seed)})
             generator = self.generator.with_settings(**settings)
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -156,8 +158,8 @@ class WebApp:
                         )
                         framing = gr.Radio(list(FRAMINGS), value=config.framing, label="Framing")
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
-                        guidance = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
+                        inference_steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
+                        cfg_scale = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
                         seed = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
                         speed = gr.Radio(
                             list(SPEEDS),
@@ -180,7 +182,7 @@ class WebApp:
             )
             run.click(
                 self.generate,
-                inputs=[image, audio, emotion, size, steps, guidance, seed, framing, speed],
+                inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed],
                 outputs=video,
                 api_name="generate",
                 concurrency_limit=1,

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODEL_FILENAME = "Kim_Vocal_2.onnx"
+from memo.io.hub import VOCAL_SEPARATOR_FILE
+
+MODEL_FILENAME = VOCAL_SEPARATOR_FILE
 
 TINY_SEPARATOR_PARAMS = {
     "compensate": 1.0,

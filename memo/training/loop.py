@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -31,12 +32,10 @@ from torch.utils.data import DataLoader
 
 from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
-from memo.io.hub import resolve_model_dir
-from memo.models.diffusion_net import DiffusionNet
-from memo.models.projections import AudioProjModel, ImageProjModel
-from memo.models.reference_net import ReferenceNet
+from memo.loading import ModelLocator, locate_checkpoint
+from memo.pipeline import NETWORKS
+from memo.settings.training import dataloader_workers
 from memo.training.checkpointing import (
-    EXTRA_FOLDERS,
     checkpoint_step,
     load_networks,
     prune_checkpoints,
@@ -53,12 +52,15 @@ from memo.training.validation import render_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
-NETWORKS = {
-    "reference_net": ReferenceNet,
-    "diffusion_net": DiffusionNet,
-    "image_proj": ImageProjModel,
-    "audio_proj": AudioProjModel,
-}
+
+def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> tuple[Path, Path]:
+    """The local folders of the checkpoint and the VAE, found or fetched as inference finds them
+    (:func:`memo.loading.locate_checkpoint`); one :class:`~memo.io.hub.MissingModelError` lists what cannot be
+    had, with the command that downloads it. Cheap once downloaded, so it runs before anything else starts."""
+    locator = ModelLocator()
+    root, vae_dir = locate_checkpoint(locator, model_name_or_path, vae_name_or_path)
+    locator.check()
+    return root, vae_dir
 
 
 def load_model_components(
@@ -66,10 +68,8 @@ def load_model_components(
 ) -> tuple[dict, AutoencoderKL, Path]:
     """The four networks of a checkpoint in the published layout (a directory or a hub id), the VAE (in
     ``vae_dtype``), and the local directory the networks came from."""
-    patterns = [f"{name}/*" for name in NETWORKS] + [f"{folder}/*" for folder in EXTRA_FOLDERS]
-    root = resolve_model_dir(model_name_or_path, patterns)
+    root, vae_dir = locate_training_models(model_name_or_path, vae_name_or_path)
     networks = {name: network.from_pretrained(root / name) for name, network in NETWORKS.items()}
-    vae_dir = resolve_model_dir(vae_name_or_path, ["config.json", "diffusion_pytorch_model.safetensors"])
     return networks, AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype), root
 
 
@@ -177,7 +177,7 @@ def train(config: DictConfig) -> dict:
         list(data.data_dirs),
         width=data.width,
         height=data.height,
-        n_sample_frames=data.n_sample_frames,
+        n_sample_frames=data.num_generated_frames_per_clip,
         num_past_frames=data.num_past_frames,
         dynamic_past_frames=data.dynamic_past_frames,
         past_first_frame_ratio=data.past_first_frame_ratio,
@@ -188,7 +188,7 @@ def train(config: DictConfig) -> dict:
         max_attempts=data.max_attempts,
         length_tolerance=data.length_tolerance,
     )
-    workers = int(data.num_workers)
+    workers = dataloader_workers(data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dataloader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -331,11 +331,11 @@ def train(config: DictConfig) -> dict:
                         output_dir / "validation" / f"step-{step}.mp4",
                         width=data.width,
                         height=data.height,
-                        frames_per_clip=data.n_sample_frames,
+                        frames_per_clip=data.num_generated_frames_per_clip,
                         past_frames=data.num_past_frames,
                         num_frames=validation.num_frames,
-                        num_inference_steps=validation.num_inference_steps,
-                        guidance_scale=validation.guidance_scale,
+                        num_inference_steps=validation.inference_steps,
+                        guidance_scale=validation.cfg_scale,
                         seed=validation.seed,
                         reference_image=validation.reference_image,
                     )
