@@ -360,11 +360,13 @@ def print_variants(results: list[dict]) -> None:
         reserved = max((row.get("peak_reserved_gib", 0.0) for row in phases), default=0.0)
         memory = f", peak {allocated:.2f} GiB allocated / {reserved:.2f} GiB reserved" if reserved else ""
         print(
-            f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, {result['s_per_frame']:.3f} s/frame"
+            f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, "
+            f"{result['s_per_frame']:.3f} s/frame"
             f"{memory} (compiling: {result['compile_seconds']:.1f} s before timing)"
         )
         print(
-            f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}{'alloc GiB':>11}{'reserved GiB':>14}"
+            f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}"
+            f"{'alloc GiB':>11}{'reserved GiB':>14}"
         )
         for name, row in result["phases"].items():
             gflop = f"{row['flops_per_frame'] / 1e9:.1f}" if "flops_per_frame" in row else "-"
@@ -480,7 +482,8 @@ def main() -> None:
         ours_split = {p: (rows[0][1].get(p, 0.0) + rows[2][1].get(p, 0.0)) / 2 for p in phases}
         ours_mean = (rows[0][2] + rows[2][2]) / 2
         print(
-            f"\nspeed-up over the original's settings (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
+            "\nspeed-up over the original's settings (against the mean of our two runs): "
+            f"{rows[1][2] / ours_mean:.2f}x overall; "
             + ", ".join(f"{p} {rows[1][1].get(p, 0) / max(ours_split[p], 1e-9):.2f}x" for p in phases[1:])
         )
 

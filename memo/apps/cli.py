@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError, as_path
+from memo.errors import Interrupted, UserError, as_path, stop_on_signals
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
 EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
 DEFAULT_CONFIG = REPO / "configs" / "inference.yaml"
 
 logger = logging.getLogger("memo")
+
+
+class HelpSettingsAction(argparse.Action):
+    """``--help-settings``: print every setting (generated from the settings model) and exit."""
+
+    def __init__(self, option_strings, dest, text, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.text())
+        parser.exit()
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -42,7 +55,12 @@ def add_settings_arguments(
     config_help: str = "YAML settings (default: %(default)s)",
 ) -> None:
     """``--config``, ``--verbose`` and ``key=value`` overrides, as every program of the project takes them."""
+    from memo.settings.inference import settings_help
+
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument(
+        "--help-settings", action=HelpSettingsAction, text=settings_help, help="list every setting and exit"
+    )
     parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
@@ -53,9 +71,27 @@ def report_error(error: UserError) -> int:
     return 2
 
 
+def report_stop(stop: KeyboardInterrupt, after: str) -> int:
+    """Print what stopped the run (``stopped by SIGTERM``, ``interrupted (Ctrl-C)``) and ``after`` (what was kept)
+    as one line on stderr, if it still exists (a closed terminal's is gone); returns the exit status a shell
+    gives for that signal, 128 + its number (130 for a plain KeyboardInterrupt)."""
+    what, status = (str(stop), stop.status) if isinstance(stop, Interrupted) else ("interrupted (Ctrl-C)", 130)
+    with contextlib.suppress(OSError):
+        print(f"{what}; {after}", file=sys.stderr)
+    return status
+
+
 def output_name(image: Path, audio: Path) -> str:
     """``<image stem>_<audio stem>.mp4``, as the original release names its outputs."""
     return f"{image.stem}_{audio.stem}.mp4"
+
+
+def model_settings(pack_config: Path) -> list[str]:
+    """The tiny pack's settings as ``key=value`` overrides: its models, and the small size and step count they
+    are made for."""
+    from omegaconf import OmegaConf
+
+    return [f"{key}={value}" for key, value in OmegaConf.to_container(OmegaConf.load(pack_config)).items()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,13 +105,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="check the installation offline: render with a tiny pack of RANDOM weights, built on first use "
+        "(the video is noise; the name ends in _tiny.mp4); the config's model settings are replaced by the pack's",
+    )
     return parser.parse_args(argv)
 
 
+TINY_NOTICE = (
+    "--tiny: the weights are RANDOM (a tiny stand-in pack in %s), so the video is noise: this checks the "
+    "installation, it is not a MEMO result. Run without --tiny for the published weights."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
+    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130/143/129 stopped by
+    SIGINT/SIGTERM/SIGHUP, with the partial output removed)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from memo.errors import check_runtimes
         from memo.io.audio import check_audio
@@ -86,9 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
         output_dir = as_path(args.output_dir, "--output_dir")
-        config = load_config(args.config, args.overrides)
+        name = output_name(image, audio)
+        if args.tiny:
+            from memo.tiny.pack import cached_tiny_pack
+
+            pack_config = cached_tiny_pack()
+            logger.warning(TINY_NOTICE, pack_config.parent)
+            config = load_config(args.config, [*model_settings(pack_config), *args.overrides])
+            name = f"{Path(name).stem}_tiny.mp4"
+        else:
+            config = load_config(args.config, args.overrides)
         check_runtimes(config.vocal_separation)
-        output = check_output_path(output_dir / output_name(image, audio), args.overwrite)
+        output = check_output_path(output_dir / name, args.overwrite)
         load_image(image)
         check_audio(audio)
         # Nothing has been written yet: the output folder is made when the video is (memo.io.video.VideoWriter).
@@ -97,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 
         generator = MemoGenerator(config)
         generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
+        if args.tiny:
+            logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0
     except UserError as error:
         if args.verbose:
             logger.exception("error")
         return report_error(error)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "no output was written.")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ class TemporalMemory:
     def _entry(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.states:
             raise RuntimeError(
-                f"Temporal memory has no entry for {name!r}: the first denoising step of a video must update the memory."
+                f"Temporal memory has no entry for {name!r}: "
+                "the first denoising step of a video must update the memory."
             )
         return self.states[name]
 

@@ -2,20 +2,30 @@
 
 The pack mirrors the published layouts: the MEMO networks and ``misc/`` (face analysis, vocal separator,
 emotion classifier) as in the ``memoavatar/memo`` repo, and ``vae/``, ``wav2vec2/`` and ``emotion2vec/``
-as their own repos. ``inference.yaml`` points every model setting at it, so ``inference.py`` runs end to
-end with no download, in seconds on a CPU. The videos it makes are noise: it exercises code, not quality.
+as their own repos, and ``metrics/``: stand-ins of the evaluation's Inception, I3D and SyncNet
+(:mod:`memo.tiny.metric_models`), so ``scripts/evaluate.py --models PACK`` runs too. ``inference.yaml``
+points every model setting at it, so ``inference.py`` runs end to end with no download, in seconds on a
+CPU. The videos it makes are noise: it exercises code, not quality.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
 from memo.tiny.face_models import write_tiny_face_models
+from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
 from memo.tiny.separator import write_tiny_vocal_separator
+
+CACHE_DIR = Path("~/.cache/memo").expanduser()
+"""Where :func:`cached_tiny_pack` keeps the pack it builds (beside the inductor cache of ``memo.runtime``)."""
 
 TINY_SETTINGS = {
     "resolution": 64,
@@ -31,14 +41,15 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     write_memo_networks(root)
-    write_tiny_face_models(root / "misc" / "face_analysis" / "models")
-    write_tiny_vocal_separator(root / "misc" / "vocal_separator")
-    write_vae(root / "vae")
+    write_tiny_face_models(root / FACE_MODELS_FOLDER)
+    write_tiny_vocal_separator(root / VOCAL_SEPARATOR_FOLDER)
+    write_vae(root / CHECKPOINT_VAE_FOLDER)
     write_wav2vec2(root / "wav2vec2")
     write_emotion2vec(root / "emotion2vec")
+    write_tiny_metric_models(root / "metrics")
     config = {
         "model_name_or_path": str(root),
-        "vae": str(root / "vae"),
+        "vae": str(root / CHECKPOINT_VAE_FOLDER),
         "wav2vec": str(root / "wav2vec2"),
         "emotion2vec": str(root / "emotion2vec"),
         **TINY_SETTINGS,
@@ -46,3 +57,34 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     config_path = root / "inference.yaml"
     OmegaConf.save(OmegaConf.create(config), config_path)
     return config_path
+
+
+def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
+    """The tiny pack in ``cache_dir`` (default :data:`CACHE_DIR`), built there on first use; returns its config.
+
+    The folder is named after a digest of the code that writes the pack, so a changed pack is built anew
+    rather than an old one reused. It is built in a temporary folder beside it and renamed when complete:
+    an interrupted build leaves no half pack behind.
+    """
+    source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
+    root = Path(cache_dir or CACHE_DIR).expanduser() / f"tiny-pack-{hashlib.sha256(source).hexdigest()[:12]}"
+    config = root / "inference.yaml"
+    if config.is_file():
+        return config
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".tiny-pack-", dir=root.parent))
+    try:
+        write_tiny_pack(building)
+        # The config names the pack's folders: write it again for where the pack will live.
+        written = OmegaConf.load(building / "inference.yaml")
+        for key in ("model_name_or_path", "vae", "wav2vec", "emotion2vec"):
+            written[key] = str(root / Path(written[key]).relative_to(building.resolve()))
+        OmegaConf.save(written, building / "inference.yaml")
+        try:
+            building.rename(root)
+        except OSError:  # another process finished first: use its pack
+            if not config.is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return config
