@@ -36,6 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.bench.flops import audio_features_flops, clip_flops
+from memo.bench.memory import SD_VAE_CONFIG
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.constants import DTYPES, SAMPLE_RATE
 from memo.models.diffusion_net import DiffusionNet
@@ -47,13 +48,7 @@ from memo.runtime.placement import apply_offload
 from memo.sampling.speed import SPEEDS, SpeedSettings, preset, variants
 from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
 
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    sample_size=256,
-)
+SD_VAE = SD_VAE_CONFIG
 TINY_VAE = dict(
     block_out_channels=(16, 32, 32, 32),
     down_block_types=("DownEncoderBlock2D",) * 4,
