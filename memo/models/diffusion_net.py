@@ -188,6 +188,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             update_memory=update_memory,
             drop_reference=drop_reference,
             audio=audio_tokens.flatten(0, 1).float(),
+            item=reference.item,
         )
 
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
