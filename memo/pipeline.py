@@ -3,7 +3,7 @@
 The video is generated clip by clip. Each clip conditions on the reference image and the last frames
 generated so far (the reference image itself for the first clip): they are VAE-encoded, run once through
 the reference net, and denoised against with flow-matching Euler steps and classifier-free guidance (or,
-opt-in, with fewer or cheaper steps: ``speed.py``). The temporal memory of past frames is carried from
+opt-in, with fewer or cheaper steps: ``sampling/speed.py``). The temporal memory of past frames is carried from
 clip to clip; finished clips are decoded in batches and can be handed to a callback as they come, so that
 a long video never needs to be held whole.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 from memo.conditions.audio_features import AudioFeatures
 from memo.constants import NUM_EMOTIONS
 from memo.io.hub import resolve_model_dir
-from memo.models.deep_cache import DeepFeatureCache
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.sampling.guidance import conditional_memory, conditional_reference
+from memo.sampling.deep_cache import DeepFeatureCache
+from memo.sampling.guidance import ClipConditions, combine_guidance
 from memo.sampling.solvers import flow_scheduler
-from memo.sampling.speed import SOLVERS, plan_steps
+from memo.sampling.speed import SOLVERS, StepPlan, plan_steps
 
 NETWORKS = {
     "reference_net": ReferenceNet,
@@ -52,6 +52,34 @@ class MemoPipelineOutput(BaseOutput):
     when the frames were only handed to ``callback_on_clip_end``."""
 
     frames: torch.Tensor | np.ndarray | None
+
+
+@dataclass
+class ClipState:
+    """What one clip carries through its denoising steps.
+
+    Attributes:
+        index: the clip's position in the video, from 0.
+        latents: (1, C, frames, h, w) the clip's latents, noise at first.
+        conditions: the diffusion net's conditions for the clip, both guidance halves when guided; its
+            ``memory`` is the temporal memory shared by the clips.
+        deep_cache: the deep features of the clip's last whole step, or None without the cache.
+    """
+
+    index: int
+    latents: torch.Tensor
+    conditions: ClipConditions
+    deep_cache: DeepFeatureCache | None = None
+    _conditional: ClipConditions | None = field(default=None, repr=False)
+
+    def conditions_for(self, batched: bool) -> ClipConditions:
+        """The conditions of a step: all items for a batched step (or an unguided clip), else the
+        conditional half, made at its first use (after step 0, which is batched, has written the memory)."""
+        if batched or self.conditions.batch == 1:
+            return self.conditions
+        if self._conditional is None:
+            self._conditional = self.conditions.conditional_half()
+        return self._conditional
 
 
 def clip_emotion(labels: torch.Tensor) -> int:
@@ -151,10 +179,16 @@ class MemoPipeline(DiffusionPipeline):
         face_embedding: torch.Tensor,
         audio_features: torch.Tensor | AudioFeatures,
         emotion_labels: torch.Tensor,
+        *,
         frames_per_clip: int,
         num_frames: int | None,
         latents: torch.Tensor | Sequence[torch.Tensor] | None,
+        output_type: str | None = "pt",
+        solver: str = "euler",
+        guidance_window: tuple[float, float] = (0.0, 1.0),
+        deep_cache_interval: int = 1,
     ) -> None:
+        """Raise ``ValueError`` naming the argument for any input :meth:`__call__` cannot take."""
         if reference_image.dim() != 4 or reference_image.shape[:2] != (1, 3):
             raise ValueError(f"reference_image must be (1, 3, H, W) in [-1, 1], got {tuple(reference_image.shape)}.")
         height, width = reference_image.shape[-2:]
@@ -173,6 +207,142 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be in 1..{total}, got {num_frames}.")
         if latents is not None and len(latents) != total // frames_per_clip:
             raise ValueError(f"latents must hold the noise of {total // frames_per_clip} clips, got {len(latents)}.")
+        if output_type not in ("pt", "np", None):
+            raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+        if not 0.0 <= guidance_window[0] <= guidance_window[1] <= 1.0:
+            raise ValueError(
+                f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}."
+            )
+        if deep_cache_interval < 1:
+            raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
+
+    def encode_image_tokens(self, face_embedding: torch.Tensor, guided: bool) -> torch.Tensor:
+        """(1, 512) face embedding -> (batch, n, dim) identity tokens in the diffusion net's dtype; with
+        ``guided``, the unconditional tokens (of a zero embedding) first."""
+        face_embedding = face_embedding.to(self._execution_device, self.image_proj.dtype)
+        image_tokens = self.image_proj(face_embedding)
+        if guided:
+            image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
+        return image_tokens.to(self.diffusion_net.dtype)
+
+    def encode_clip_conditions(
+        self,
+        *,
+        reference_image: torch.Tensor,
+        past: torch.Tensor,
+        image_tokens: torch.Tensor,
+        audio: torch.Tensor,
+        emotion_labels: torch.Tensor,
+        memory: TemporalMemory,
+        vae_batch_size: int,
+    ) -> ClipConditions:
+        """A clip's conditions, for as many items as ``image_tokens`` has (2: unconditional, conditional).
+
+        Args:
+            reference_image: (1, 3, H, W) in [-1, 1], in the VAE's dtype and on the execution device.
+            past: (P, 3, H, W) in [-1, 1], the frames the clip continues from.
+            image_tokens: from :meth:`encode_image_tokens`.
+            audio: (frames, 5, layers, dim) the clip's audio features.
+            emotion_labels: (frames,) the clip's per-frame emotion labels.
+            memory: the temporal memory of the video.
+            vae_batch_size: frames per VAE encode call.
+        """
+        device, dtype = self._execution_device, self.diffusion_net.dtype
+        guided = image_tokens.shape[0] == 2
+        pixels = torch.cat([reference_image, past.to(reference_image.dtype)])
+        reference_latents = self.encode_frames(pixels, vae_batch_size).to(dtype)
+        context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
+        reference = self.reference_net(reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), 0.0, context)
+        audio_tokens = self.audio_proj(audio[None].to(device, self.audio_proj.dtype)).to(dtype)
+        emotion = torch.tensor([clip_emotion(emotion_labels)], device=device)
+        if guided:
+            audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
+            emotion = torch.cat([torch.full_like(emotion, NUM_EMOTIONS), emotion])
+        return ClipConditions(
+            reference=reference,
+            image_tokens=image_tokens,
+            audio_tokens=audio_tokens,
+            emotion=emotion,
+            memory=memory,
+            drop_reference=(True, False) if guided else None,  # the unconditional half does not see the reference
+        )
+
+    def prepare_latents(
+        self,
+        *,
+        shape: tuple[int, ...],
+        latents: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The clip's initial noise of ``shape`` (1, C, frames, h, w): ``latents`` reshaped, else drawn."""
+        device, dtype = self._execution_device, self.diffusion_net.dtype
+        if latents is not None:
+            return latents.reshape(shape).to(device, dtype)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        conditions: ClipConditions,
+        *,
+        update_memory: bool,
+        whole: bool = True,
+        deep_cache: DeepFeatureCache | None = None,
+    ) -> torch.Tensor:
+        """One diffusion-net call on (1, C, frames, h, w) ``latents``, repeated for each item of ``conditions``:
+        the whole net (keeping its deep features in ``deep_cache`` when there is one), or with ``whole=False``
+        only its outer layers on the features kept. Returns (batch, C, frames, h, w)."""
+        batch = conditions.batch
+        sample = latents if batch == 1 else latents.repeat(batch, 1, 1, 1, 1)
+        inputs = dict(sample=sample, timestep=timestep, **conditions.as_kwargs())
+        if not whole:
+            if deep_cache is None:
+                raise ValueError("A step of the outer layers only needs a deep_cache.")
+            return self.diffusion_net(**inputs, update_memory=False, deep_features=deep_cache.load(batch))
+        if deep_cache is None:
+            return self.diffusion_net(**inputs, update_memory=update_memory)
+        noise_pred, deep = self.diffusion_net(
+            **inputs, update_memory=update_memory, keep_deep_features=deep_cache.outer_layers
+        )
+        deep_cache.store(deep, batch)
+        return noise_pred
+
+    def denoise(
+        self,
+        state: ClipState,
+        *,
+        scheduler: SchedulerMixin,
+        plan: list[StepPlan],
+        guidance_scale: float,
+        callback_on_step_end: StepCallback | None,
+        progress: tqdm,
+    ) -> torch.Tensor:
+        """Run the clip's solver steps as ``plan`` says; returns the denoised (1, C, frames, h, w) latents."""
+        latents = state.latents
+        for step, t in enumerate(scheduler.timesteps):
+            todo = plan[step]
+            noise_pred = self.predict_noise(
+                latents,
+                t,
+                state.conditions_for(todo.batched),
+                update_memory=step == 0,
+                whole=todo.whole,
+                deep_cache=state.deep_cache,
+            )
+            velocity = combine_guidance(
+                noise_pred, guided=todo.guided, batched=todo.batched, guidance_scale=guidance_scale
+            )
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents, "noise_pred": noise_pred}
+                replaced = callback_on_step_end(self, state.index, step, t, tensors) or {}
+                latents = replaced.get("latents", latents)
+            state.latents = latents
+            progress.update()
+        return latents
 
     @torch.no_grad()
     def __call__(
@@ -228,55 +398,46 @@ class MemoPipeline(DiffusionPipeline):
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
-            solver: "euler" (as published) or "unipc" (second-order multistep flow solver; ``solvers.py``).
+            solver: "euler" (as published) or "unipc" (second-order multistep flow solver; ``sampling/solvers.py``).
             guidance_window: (start, end) fractions of the steps that are guided; the conditional pass alone
                 runs on the others (``speed.plan_steps``, ``guidance.py``).
             deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
-                cached deep features in between (``models/deep_cache.py``); 1 turns the cache off.
+                cached deep features in between (``sampling/deep_cache.py``); 1 turns the cache off.
 
-        The defaults are the exact, published computation; see ``memo/speed.py`` for the speed settings.
+        The defaults are the exact, published computation; see ``memo/sampling/speed.py`` for the speed settings.
         """
         # 1. Check inputs.
         self.check_inputs(
-            reference_image, face_embedding, audio_features, emotion_labels, frames_per_clip, num_frames, latents
+            reference_image,
+            face_embedding,
+            audio_features,
+            emotion_labels,
+            frames_per_clip=frames_per_clip,
+            num_frames=num_frames,
+            latents=latents,
+            output_type=output_type,
+            solver=solver,
+            guidance_window=guidance_window,
+            deep_cache_interval=deep_cache_interval,
         )
-        if output_type not in ("pt", "np", None):
-            raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
-        if not 0.0 <= guidance_window[0] <= guidance_window[1] <= 1.0:
-            raise ValueError(
-                f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}."
-            )
-        if deep_cache_interval < 1:
-            raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
         if vae_tile_size is not None:
             self.use_vae_tiles(vae_tile_size)
         device = self._execution_device
-        dtype = self.diffusion_net.dtype
-        total = len(audio_features)
-        num_clips = total // frames_per_clip
-        num_frames = num_frames or total
-        height, width = reference_image.shape[-2:]
+        num_clips = len(audio_features) // frames_per_clip
+        num_frames = num_frames or len(audio_features)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         plan = plan_steps(num_inference_steps, guidance_scale > 1.0, guidance_window, deep_cache_interval)
-        guided = any(step.batched for step in plan)  # the conditions hold both halves
-        batch = 2 if guided else 1
         scheduler = flow_scheduler(solver, self.scheduler)
-        deep_cache = DeepFeatureCache() if deep_cache_interval > 1 else None
 
         # 2. Encode the conditions that hold for the whole video.
-        face_embedding = face_embedding.to(device, self.image_proj.dtype)
-        image_tokens = self.image_proj(face_embedding)
-        if guided:
-            image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
-        image_tokens = image_tokens.to(dtype)
-        drop_reference = (True, False) if guided else None  # the unconditional half does not see the reference
+        guided = any(step.batched for step in plan)  # the conditions hold both halves
+        image_tokens = self.encode_image_tokens(face_embedding, guided=guided)
         reference_image = reference_image.to(device, self.vae.dtype)
         memory = memory if memory is not None else TemporalMemory()
         memory.reset()
 
+        height, width = reference_image.shape[-2:]
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
         kept: list[torch.Tensor] = []
@@ -285,71 +446,40 @@ class MemoPipeline(DiffusionPipeline):
         for clip in range(num_clips):
             progress.set_description(f"clip {clip + 1}/{num_clips}")
             window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
+            # 2, per clip: the reference features (image + past frames), audio tokens and emotion.
+            conditions = self.encode_clip_conditions(
+                reference_image=reference_image,
+                past=history[-past_frames:],
+                image_tokens=image_tokens,
+                audio=audio_features[window],
+                emotion_labels=emotion_labels[window],
+                memory=memory,
+                vae_batch_size=vae_batch_size,
+            )
 
-            # 3. The clip's conditions: reference features, audio tokens, emotion.
-            pixels = torch.cat([reference_image, history[-past_frames:].to(reference_image.dtype)])
-            reference_latents = self.encode_frames(pixels, vae_batch_size).to(dtype)
-            context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
-            reference = self.reference_net(reference_latents.repeat(batch, 1, 1, 1), 0.0, context)
-            audio = audio_features[window][None].to(device, self.audio_proj.dtype)
-            audio_tokens = self.audio_proj(audio).to(dtype)
-            emotion = torch.tensor([clip_emotion(emotion_labels[window])], device=device)
-            if guided:
-                audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
-                emotion = torch.cat([torch.full_like(emotion, NUM_EMOTIONS), emotion])
-
-            # 4. Denoise the clip.
-            if latents is not None:
-                clip_latents = latents[clip].reshape(latent_shape).to(device, dtype)
-            else:
-                clip_latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+            # 3. Prepare the clip's latents.
+            state = ClipState(
+                index=clip,
+                latents=self.prepare_latents(
+                    shape=latent_shape,
+                    latents=None if latents is None else latents[clip],
+                    generator=generator,
+                ),
+                conditions=conditions,
+                deep_cache=DeepFeatureCache() if deep_cache_interval > 1 else None,
+            )
             scheduler.set_timesteps(num_inference_steps, device=device)
             scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
-            if deep_cache is not None:
-                deep_cache.reset()
-            conditional = None  # the conditional half's conditions, made after step 0 has written the memory
-            for step, t in enumerate(scheduler.timesteps):
-                todo = plan[step]
-                if todo.batched or not guided:
-                    inputs = (
-                        clip_latents.repeat(batch, 1, 1, 1, 1),
-                        t,
-                        reference,
-                        image_tokens,
-                        audio_tokens,
-                        emotion,
-                        memory,
-                    )
-                    dropped = drop_reference
-                else:
-                    if conditional is None:
-                        conditional = (
-                            conditional_reference(reference),
-                            image_tokens[1:],
-                            audio_tokens[1:],
-                            emotion[1:],
-                        )
-                        conditional += (conditional_memory(memory),)
-                    inputs, dropped = (clip_latents, t, *conditional), drop_reference[1:]
-                noise_pred = self.diffusion_net(
-                    *inputs,
-                    update_memory=step == 0,
-                    drop_reference=dropped,
-                    deep_cache=deep_cache,
-                    shallow=not todo.whole,
-                )
-                guided_pred = noise_pred
-                if todo.guided:
-                    uncond, cond = noise_pred.chunk(2)
-                    guided_pred = uncond + guidance_scale * (cond - uncond)
-                elif todo.batched:
-                    guided_pred = noise_pred.chunk(2)[1]
-                clip_latents = scheduler.step(guided_pred, t, clip_latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    tensors = {"latents": clip_latents, "noise_pred": noise_pred}
-                    replaced = callback_on_step_end(self, clip, step, t, tensors) or {}
-                    clip_latents = replaced.get("latents", clip_latents)
-                progress.update()
+
+            # 4. Denoise the clip.
+            clip_latents = self.denoise(
+                state,
+                scheduler=scheduler,
+                plan=plan,
+                guidance_scale=guidance_scale,
+                callback_on_step_end=callback_on_step_end,
+                progress=progress,
+            )
 
             # 5. Decode, hand out, and keep the last frames as the next clip's past.
             frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)

@@ -19,8 +19,9 @@ from test_pipeline import FPC, make_inputs
 
 from memo.apps.batch import ManifestError, load_jobs
 from memo.io.video import probe_video
-from memo.models.deep_cache import DeepFeatureCache
+from memo.models.diffusion_net import DeepFeatures
 from memo.models.temporal_memory import TemporalMemory
+from memo.sampling.deep_cache import DeepFeatureCache
 from memo.sampling.solvers import flow_scheduler
 from memo.sampling.speed import SpeedSettings, plan_steps, preset
 from memo.settings.inference import ConfigError, load_config
@@ -114,15 +115,18 @@ def test_shallow_step_on_its_own_features_equals_the_whole_step(tiny_pipeline):
         memory = TemporalMemory()
         plain = net(*args, memory, update_memory=True, drop_reference=drop)
         cache = DeepFeatureCache()
-        whole = net(*args, memory, update_memory=False, drop_reference=drop, deep_cache=cache)
+        whole, deep = net(*args, memory, update_memory=False, drop_reference=drop, keep_deep_features=2)
+        cache.store(deep, 2)
         again = net(*args, memory, update_memory=False, drop_reference=drop)
-        shallow = net(*args, memory, update_memory=False, drop_reference=drop, deep_cache=cache, shallow=True)
+        shallow = net(*args, memory, update_memory=False, drop_reference=drop, deep_features=cache.load(2))
     assert torch.equal(whole, again)  # keeping the features does not change the whole step
     torch.testing.assert_close(shallow, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, whole)  # the memory, written by the first call, is only read after it
     with pytest.raises(RuntimeError, match="holds a batch of 1"):
-        cache.store(cache.hidden[:FPC], cache.audio[:FPC], 1)
-        net(*args, memory, update_memory=False, drop_reference=drop, deep_cache=cache, shallow=True)
+        cache.store(DeepFeatures(deep.hidden[:FPC], deep.audio[:FPC], 2), 1)
+        cache.load(2)
+    with pytest.raises(ValueError, match="neither updates the memory"):
+        net(*args, memory, update_memory=True, drop_reference=drop, deep_features=deep)
 
 
 def test_plan_steps():

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memo.models.deep_cache import DeepFeatureCache
 from memo.models.temporal_memory import TemporalMemory
-from memo.pipeline import MemoPipeline
-from memo.sampling.guidance import conditional_memory, conditional_reference
-from memo.sampling.speed import SpeedSettings, plan_steps
+from memo.pipeline import ClipState, MemoPipeline
+from memo.sampling.deep_cache import DeepFeatureCache
+from memo.sampling.guidance import ClipConditions
+from memo.sampling.speed import SpeedSettings, StepPlan, plan_steps
 
 
 def _count(fn) -> tuple[int, object]:
@@ -66,8 +66,7 @@ def clip_flops(
     plan = plan_steps(speed.steps, guidance_scale > 1.0, speed.guidance_window, speed.deep_cache_interval)
     batch = 2 if any(step.batched for step in plan) else 1
     h, w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
-    net = pipe.diffusion_net
-    tokens_dim = net.config.cross_attention_dim
+    tokens_dim = pipe.diffusion_net.config.cross_attention_dim
     audio_proj = pipe.audio_proj.config
 
     def make(*shape, dtype=dtype):
@@ -82,38 +81,33 @@ def clip_flops(
     context = image_tokens.repeat(1 + past_frames, 1, 1)
     reference_flops, reference = _count(lambda: pipe.reference_net(latents, 0.0, context))
 
-    memory = TemporalMemory()
-    cache = DeepFeatureCache() if speed.deep_cache_interval > 1 else None
+    audio = audio_tokens.repeat(batch, 1, 1, 1).to(dtype)
+    emotion = torch.zeros(batch, dtype=torch.long, device=device)
+    drop = (True, False) if batch == 2 else None
+    state = ClipState(
+        index=1,
+        latents=make(1, 4, frames_per_clip, h, w),
+        conditions=ClipConditions(reference, image_tokens, audio, emotion, TemporalMemory(), drop),
+        deep_cache=DeepFeatureCache() if speed.deep_cache_interval > 1 else None,
+    )
     kinds: dict[tuple[bool, bool, bool], int] = {}
-    drop = (True, False)[-batch:]
 
-    def step(batched: bool, whole: bool, update: bool) -> int:
-        key = (batched, whole, update)
+    def step(todo: StepPlan, update: bool) -> int:
+        """The FLOPs of one step of this kind, counted at its first occurrence (with the pipeline's own call)."""
+        key = (todo.batched, todo.whole, update)
         if key not in kinds:
-            items = 2 if batched else 1
-            own = items == batch
-            features, held = (
-                (reference, memory) if own else (conditional_reference(reference), conditional_memory(memory))
-            )
-            audio = audio_tokens.repeat(items, 1, 1, 1).to(dtype)
+            conditions = state.conditions_for(todo.batched)
             kinds[key], _ = _count(
-                lambda: net(
-                    make(items, 4, frames_per_clip, h, w),
+                lambda: pipe.predict_noise(
+                    state.latents,
                     500.0,
-                    features,
-                    image_tokens[-items:],
-                    audio,
-                    torch.zeros(items, dtype=torch.long),
-                    held,
+                    conditions,
                     update_memory=update,
-                    drop_reference=drop[-items:],
-                    deep_cache=cache,
-                    shallow=not whole,
-                )  # fmt: skip
+                    whole=todo.whole,
+                    deep_cache=state.deep_cache,
+                )
             )
         return kinds[key]
 
-    denoising = 0
-    for index, todo in enumerate(plan):
-        denoising += step(todo.batched or batch == 1, todo.whole, index == 0)
+    denoising = sum(step(todo, update=index == 0) for index, todo in enumerate(plan))
     return ClipFlops(encode + decode + projections, reference_flops, denoising, frames_per_clip)

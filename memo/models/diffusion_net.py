@@ -9,6 +9,7 @@ each other. Published as ``diffusion_net/`` with class name UNet3DConditionModel
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -17,7 +18,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from memo.models.blocks import BlockSpec, DownBlock3D, FrameContext, MidBlock3D, NetSpec, UpBlock3D
-from memo.models.deep_cache import DeepFeatureCache
 from memo.models.published_config import DIFFUSION_NET_FIXED_SETTINGS, strip_fixed_settings
 from memo.models.reference_net import ReferenceFeatures
 from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
@@ -32,8 +32,24 @@ _DEFAULT_MOTION_KWARGS = {
 }
 
 
+class DeepFeatures(NamedTuple):
+    """What a whole pass hands to the outer layers of its last up block: ``hidden`` (batch*frames, C, H, W),
+    the hidden state entering them, and ``audio`` (batch*frames, tokens, dim), the audio tokens at that
+    point (they flow through every audio module of the net); ``outer_layers`` of the last up block follow."""
+
+    hidden: torch.Tensor
+    audio: torch.Tensor
+    outer_layers: int
+
+
 class DiffusionNet(ModelMixin, ConfigMixin):
-    """MEMO's diffusion net. ``forward`` predicts the flow-matching velocity of a clip's latents."""
+    """MEMO's diffusion net: predicts the flow-matching velocity of a clip's latents.
+
+    One method per path, all reached through :meth:`forward`: :meth:`whole_pass`, the whole net;
+    :meth:`whole_pass_keeping_deep_features`, the same pass handing back its deep features;
+    :meth:`outer_layers_pass`, only the outermost layers on deep features kept from an earlier pass (the
+    sampler's deep-feature cache, ``memo/sampling/deep_cache.py``).
+    """
 
     _supports_gradient_checkpointing = True  # per layer, see ``blocks.LayerStack``
 
@@ -150,10 +166,13 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         memory: TemporalMemory,
         update_memory: bool,
         drop_reference: tuple[bool, ...] | None = None,
-        deep_cache: DeepFeatureCache | None = None,
-        shallow: bool = False,
-    ) -> torch.Tensor:
-        """Predict the velocity of a clip.
+        *,
+        keep_deep_features: int | None = None,
+        deep_features: DeepFeatures | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, DeepFeatures]:
+        """Predict the velocity of a clip: :meth:`whole_pass` by default, :meth:`whole_pass_keeping_deep_features`
+        with ``keep_deep_features``, :meth:`outer_layers_pass` with ``deep_features``. (One entry point, so
+        that ``torch.compile`` and offload hooks, which wrap ``forward``, see every path.)
 
         Args:
             sample: (batch, C, frames, h, w) noisy latents; the batch holds the guidance halves.
@@ -168,18 +187,128 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             update_memory: fold the reference's past frames into ``memory`` first (once per clip).
             drop_reference: one bool per batch item; True for items whose frames do not attend to the
                 reference image.
-            deep_cache: with ``shallow=False`` the step runs whole and keeps its deep features there; with
-                ``shallow=True`` only the outer layers run, on the features kept (see ``deep_cache.py``).
+            keep_deep_features: also return the deep features entering the last this many layers of the last
+                up block (1..its layers).
+            deep_features: run only the outer layers, on these features of an earlier whole pass.
+
+        Returns:
+            (batch, out_channels, frames, h, w) velocity; with ``keep_deep_features``, (velocity, DeepFeatures).
+
+        Raises:
+            ValueError: a timestep count that is neither 1 nor the batch; both path options; ``update_memory``
+                with ``deep_features``; ``keep_deep_features`` out of range.
         """
-        if shallow and (deep_cache is None or update_memory):
-            raise ValueError("A shallow step needs a deep_cache and cannot update the temporal memory.")
-        batch, _, frames, h, w = sample.shape
+        conditions = (sample, timestep, reference, image_tokens, audio_tokens, emotion, memory)
+        if deep_features is not None:
+            if update_memory or keep_deep_features is not None:
+                raise ValueError("An outer-layers pass neither updates the memory nor keeps deep features.")
+            return self.outer_layers_pass(*conditions, drop_reference, deep_features=deep_features)
+        if keep_deep_features is not None:
+            return self.whole_pass_keeping_deep_features(
+                *conditions, update_memory, drop_reference, outer_layers=keep_deep_features
+            )
+        return self.whole_pass(*conditions, update_memory, drop_reference)
+
+    def whole_pass(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        reference: ReferenceFeatures,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        emotion: torch.Tensor,
+        memory: TemporalMemory,
+        update_memory: bool,
+        drop_reference: tuple[bool, ...] | None = None,
+    ) -> torch.Tensor:
+        """The whole net (arguments and result as in :meth:`forward`)."""
+        ctx = self._frame_context(
+            sample, timestep, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
+        )
+        x, skips = self._down_and_mid(sample, reference, ctx)
+        x = self._up(x, skips, reference, ctx)
+        return self._output(x, sample)
+
+    def whole_pass_keeping_deep_features(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        reference: ReferenceFeatures,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        emotion: torch.Tensor,
+        memory: TemporalMemory,
+        update_memory: bool,
+        drop_reference: tuple[bool, ...] | None = None,
+        *,
+        outer_layers: int = 2,
+    ) -> tuple[torch.Tensor, DeepFeatures]:
+        """:meth:`whole_pass` (same result) that also hands back what enters the last ``outer_layers``
+        layers of the last up block, for :meth:`outer_layers_pass` to start from.
+
+        Raises:
+            ValueError: ``outer_layers`` is not 1..(layers of the last up block).
+        """
+        layers = len(self.up_blocks[-1].resnets)
+        if not 1 <= outer_layers <= layers:
+            raise ValueError(f"outer_layers must be 1..{layers} (layers of the last up block), got {outer_layers}.")
+        ctx = self._frame_context(
+            sample, timestep, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
+        )
+        x, skips = self._down_and_mid(sample, reference, ctx)
+        x, skips = self._up(x, skips, reference, ctx, keep_outer=outer_layers)
+        deep = DeepFeatures(hidden=x, audio=ctx.audio, outer_layers=outer_layers)
+        x = self._outer_layers(x, skips, reference, ctx, outer_layers)
+        return self._output(x, sample), deep
+
+    def outer_layers_pass(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        reference: ReferenceFeatures,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        emotion: torch.Tensor,
+        memory: TemporalMemory,
+        drop_reference: tuple[bool, ...] | None = None,
+        *,
+        deep_features: DeepFeatures,
+    ) -> torch.Tensor:
+        """Only the outer layers, on ``deep_features`` of an earlier whole pass (DeepCache, arXiv 2312.00858):
+        the input convolution, the first ``outer_layers - 1`` layers of the first down block (whose outputs
+        are the outer layers' skips), the last ``outer_layers`` layers of the last up block, the output layers.
+
+        Arguments as in :meth:`forward`; the memory is only read. ``deep_features`` must come from a pass
+        with the same batch, frames and latent size.
+        """
+        ctx = self._frame_context(sample, timestep, image_tokens, audio_tokens, emotion, memory, False, drop_reference)
+        outer_layers = deep_features.outer_layers
+        x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
+        _, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=outer_layers - 1)
+        ctx.audio = deep_features.audio
+        x = self._outer_layers(deep_features.hidden, [x, *block_skips], reference, ctx, outer_layers)
+        return self._output(x, sample)
+
+    # -- the pieces of the passes ------------------------------------------------------------------
+
+    def _frame_context(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        image_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        emotion: torch.Tensor,
+        memory: TemporalMemory,
+        update_memory: bool,
+        drop_reference: tuple[bool, ...] | None,
+    ) -> FrameContext:
+        batch, _, frames = sample.shape[:3]
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
         if timesteps.numel() not in (1, batch):
             raise ValueError(f"timestep must be one value or one per batch item ({batch}), got {timesteps.numel()}.")
         temb = self.time_embedding(self.time_proj(timesteps).to(self.dtype))
         temb = temb.expand(batch, -1).repeat_interleave(frames, dim=0)
-        ctx = FrameContext(
+        return FrameContext(
             batch=batch,
             temb=temb,
             image_tokens=image_tokens,
@@ -191,34 +320,53 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             item=reference.item,
         )
 
+    def _down_and_mid(
+        self, sample: torch.Tensor, reference: ReferenceFeatures, ctx: FrameContext
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The input convolution, the down blocks and the mid block: (hidden, skips)."""
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
         skips = [x]
-        last = self.up_blocks[-1]
-        if shallow:
-            x, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=deep_cache.outer_layers - 1)
-            x, ctx.audio = deep_cache.load(batch)
+        for block, features in zip(self.down_blocks, reference.down):
+            x, block_skips = block(x, features, ctx)
             skips.extend(block_skips)
-        else:
-            for block, features in zip(self.down_blocks, reference.down):
-                x, block_skips = block(x, features, ctx)
-                skips.extend(block_skips)
-            x = self.mid_block(x, reference.mid, ctx)
-            levels = len(self.up_blocks)
-            for i, (block, features) in enumerate(zip(self.up_blocks, reference.up)):
-                block_skips = skips[-len(block.resnets) :]
-                del skips[-len(block.resnets) :]
-                upsample_size = tuple(skips[-1].shape[-2:]) if i < levels - 1 else None
-                if block is last and deep_cache is not None:
-                    # Keep what enters the outer layers, then finish the block with the skips they need.
-                    inner = range(len(last.resnets) - deep_cache.outer_layers)
-                    x = block(x, features, block_skips, ctx, upsample_size, layers=inner)
-                    deep_cache.store(x, ctx.audio, batch)
-                    skips = block_skips
-                    break
-                x = block(x, features, block_skips, ctx, upsample_size)
-        if shallow or deep_cache is not None:
-            outer = range(len(last.resnets) - deep_cache.outer_layers, len(last.resnets))
-            x = last(x, reference.up[-1], skips, ctx, None, layers=outer)
+        return self.mid_block(x, reference.mid, ctx), skips
 
+    def _up(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        reference: ReferenceFeatures,
+        ctx: FrameContext,
+        keep_outer: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The up blocks. With ``keep_outer``, stop before the last ``keep_outer`` layers of the last block
+        and return (hidden, the skips those layers take)."""
+        levels = len(self.up_blocks)
+        for i, (block, features) in enumerate(zip(self.up_blocks, reference.up)):
+            block_skips = skips[-len(block.resnets) :]
+            del skips[-len(block.resnets) :]
+            upsample_size = tuple(skips[-1].shape[-2:]) if i < levels - 1 else None
+            if keep_outer is not None and i == levels - 1:
+                inner = range(len(block.resnets) - keep_outer)
+                return block(x, features, block_skips, ctx, upsample_size, layers=inner), block_skips
+            x = block(x, features, block_skips, ctx, upsample_size)
+        return x
+
+    def _outer_layers(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        reference: ReferenceFeatures,
+        ctx: FrameContext,
+        outer_layers: int,
+    ) -> torch.Tensor:
+        """The last ``outer_layers`` layers of the last up block, on ``skips`` (consumed last first)."""
+        last = self.up_blocks[-1]
+        outer = range(len(last.resnets) - outer_layers, len(last.resnets))
+        return last(x, reference.up[-1], skips, ctx, None, layers=outer)
+
+    def _output(self, x: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The output norm and convolution, back to (batch, C, frames, h, w)."""
+        batch, _, frames = sample.shape[:3]
         x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
         return x.unflatten(0, (batch, frames)).transpose(1, 2)

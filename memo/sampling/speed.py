@@ -7,7 +7,7 @@ Three training-free savings, each a setting of its own, and the ``speed`` preset
 - ``guidance_start`` / ``guidance_end``: classifier-free guidance only on the steps in that fraction of the
   schedule, the conditional pass alone on the others (see ``guidance.py``);
 - ``deep_cache_interval``: the whole diffusion net every N steps, only its outer layers in between, reusing
-  the deep features (see ``models/deep_cache.py``).
+  the deep features (see ``deep_cache.py``).
 
 ``speed: exact`` (the default) resolves to Euler, every step guided and whole: today's computation, bit for
 bit. ``speed: fast`` resolves to :data:`PRESETS` ``["fast"]``; a setting given explicitly wins over the

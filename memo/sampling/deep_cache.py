@@ -14,11 +14,11 @@ The temporal memory is only read in shallow steps; a step that updates it is alw
 
 from __future__ import annotations
 
-import torch
+from memo.models.diffusion_net import DeepFeatures
 
 
 class DeepFeatureCache:
-    """The deep features of the last full step of a clip.
+    """The deep features of the last whole step of a clip (one cache per clip).
 
     Args:
         outer_layers: layers of the last up block that shallow steps rerun, 1..3 for MEMO's net (3 layers
@@ -33,31 +33,25 @@ class DeepFeatureCache:
         if not 1 <= outer_layers <= 3:
             raise ValueError(f"outer_layers must be 1, 2 or 3, got {outer_layers}.")
         self.outer_layers = outer_layers
-        self.hidden: torch.Tensor | None = None
-        self.audio: torch.Tensor | None = None
-        self.batch = 0
-
-    def reset(self) -> None:
-        """Forget the kept features (at the start of every clip)."""
-        self.hidden = self.audio = None
+        self.features: DeepFeatures | None = None
         self.batch = 0
 
     def can_serve(self, batch: int) -> bool:
         """Whether a shallow step with ``batch`` items (1 or 2) can run on the kept features."""
-        return self.hidden is not None and (self.batch == batch or (self.batch == 2 and batch == 1))
+        return self.features is not None and (self.batch == batch or (self.batch == 2 and batch == 1))
 
-    def store(self, hidden: torch.Tensor, audio: torch.Tensor, batch: int) -> None:
-        """Keep ``hidden`` (batch*frames, C, H, W) and ``audio`` (batch*frames, tokens, dim) of a full step."""
-        self.hidden, self.audio, self.batch = hidden, audio, batch
+    def store(self, features: DeepFeatures, batch: int) -> None:
+        """Keep the deep features of a whole step of ``batch`` items."""
+        self.features, self.batch = features, batch
 
-    def load(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept (hidden, audio) for a shallow step of ``batch`` items."""
+    def load(self, batch: int) -> DeepFeatures:
+        """The kept features for a shallow step of ``batch`` items."""
         if not self.can_serve(batch):
             raise RuntimeError(
-                f"The deep-feature cache holds {'nothing' if self.hidden is None else f'a batch of {self.batch}'}; "
-                f"a shallow step of batch {batch} needs a full step of that batch (or of 2) before it."
+                f"The deep-feature cache holds {'nothing' if self.features is None else f'a batch of {self.batch}'}; "
+                f"a shallow step of batch {batch} needs a whole step of that batch (or of 2) before it."
             )
         if self.batch == batch:
-            return self.hidden, self.audio
-        half = self.hidden.shape[0] // 2
-        return self.hidden[half:], self.audio[half:]
+            return self.features
+        hidden, audio, outer_layers = self.features
+        return DeepFeatures(hidden[hidden.shape[0] // 2 :], audio[audio.shape[0] // 2 :], outer_layers)
