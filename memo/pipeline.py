@@ -328,7 +328,12 @@ class MemoPipeline(DiffusionPipeline):
             todo = plan[step]
             if parallel is not None:  # this process runs one guidance half (runtime/parallel.py)
                 noise_pred = parallel.predict_noise(
-                    self.predict_noise, latents, t, state.conditions, todo, update_memory=step == 0,
+                    self.predict_noise,
+                    latents,
+                    t,
+                    state.conditions,
+                    todo,
+                    update_memory=step == 0,
                     deep_cache=state.deep_cache,
                 )
             else:

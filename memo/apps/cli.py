@@ -76,17 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    from memo.runtime.parallel import launched_processes, process_rank
+
+    # Under a launcher every process checks the same settings and files; rank 0 alone reports what is wrong.
+    quiet_checks = process_rank() != 0
     try:
         from memo.errors import check_runtimes
         from memo.io.audio import check_audio
         from memo.io.image import load_image
         from memo.io.video import check_output_path
-        from memo.settings.inference import load_config
+        from memo.settings.inference import ConfigError, load_config
 
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
         output_dir = as_path(args.output_dir, "--output_dir")
         config = load_config(args.config, args.overrides)
+        if launched_processes() > 1 and config.parallel == "none":
+            raise ConfigError(
+                f"launched as {launched_processes()} processes but parallel=none (each would render the same "
+                "video); add parallel=guidance, or run one process"
+            )
         check_runtimes(config.vocal_separation)
         output = check_output_path(output_dir / output_name(image, audio), args.overwrite)
         load_image(image)
@@ -95,12 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
         from memo.generator import MemoGenerator
 
+        quiet_checks = False
         generator = MemoGenerator(config)
         generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
         return 0
     except UserError as error:
         if args.verbose:
             logger.exception("error")
+        if quiet_checks or getattr(error, "quiet", False):  # the other process of parallel=guidance says why
+            return 2
         return report_error(error)
     except KeyboardInterrupt:
         print("interrupted; no output was written.", file=sys.stderr)

@@ -104,7 +104,9 @@ def _past_frames(feature: torch.Tensor, ctx: FrameContext, hw: tuple[int, int]) 
         feature = feature.reshape(n, *hw, c).permute(0, 3, 1, 2)
     if ctx.item is None:
         return feature.unflatten(0, (ctx.batch, -1))[:, 1:].flatten(0, 1)
-    return feature.unflatten(0, (GUIDANCE_BATCH, -1))[ctx.item, 1:].clone(memory_format=torch.contiguous_format)  # laid out as the copy above
+    return feature.unflatten(0, (GUIDANCE_BATCH, -1))[ctx.item, 1:].clone(
+        memory_format=torch.contiguous_format
+    )  # laid out as the copy above
 
 
 class LayerStack(nn.Module):

@@ -281,7 +281,9 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         Arguments as in :meth:`forward`; the memory is only read. ``deep_features`` must come from a pass
         with the same batch, frames and latent size.
         """
-        ctx = self._frame_context(sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, False, drop_reference)
+        ctx = self._frame_context(
+            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, False, drop_reference
+        )
         outer_layers = deep_features.outer_layers
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
         _, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=outer_layers - 1)

@@ -49,7 +49,18 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 class ParallelError(UserError, RuntimeError):
-    """Guidance-parallel generation cannot start, or the other process stopped."""
+    """Guidance-parallel generation cannot start, or the other process stopped. ``quiet``: rank 0 has
+    already said why (rank 1 then stops without a message of its own)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+def select_rank_device() -> None:
+    """Make the launcher's ``LOCAL_RANK`` GPU this process's current CUDA device (when there is CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def launched_processes() -> int:
@@ -76,7 +87,8 @@ class GuidanceParallel:
         if processes != WORLD_SIZE:
             raise ParallelError(
                 f"parallel=guidance needs exactly {WORLD_SIZE} processes, got {processes}; launch with "
-                "`accelerate launch --num_processes 2 inference.py ...` or `torchrun --nproc_per_node 2 inference.py ...`, "
+                "`accelerate launch --num_processes 2 inference.py ...` or "
+                "`torchrun --nproc_per_node 2 inference.py ...`, "
                 "or set parallel=none."
             )
         self.rank = process_rank()
@@ -179,6 +191,8 @@ class GuidanceParallel:
         ``conditions`` the clip's whole (guidance batch of two) conditions."""
         if conditions.batch != WORLD_SIZE:
             raise ParallelError("parallel=guidance needs guidance (cfg_scale above 1).")
+        if latents.shape[2] % WORLD_SIZE:
+            raise ParallelError(f"parallel=guidance needs an even number of frames per clip, got {latents.shape[2]}.")
         kwargs = dict(update_memory=update_memory, whole=todo.whole, deep_cache=deep_cache)
         if todo.batched:
             return self.gather_halves(predict(latents, timestep, self.own_half(conditions), **kwargs))

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memo.constants import DTYPES, EMOTION_NAMES
 from memo.errors import UserError
+from memo.runtime.parallel import PARALLEL_CHOICES
 from memo.sampling.speed import SpeedSettings, resolve_speed, speed_problems
 
 logger = logging.getLogger("memo")
@@ -87,6 +88,9 @@ class InferenceConfig:
     compile: str = "auto"
     offload: str = "none"
     vae_tile_size: int = 768
+    # One video on two processes (memo/runtime/parallel.py): "guidance" runs each guidance half in its own
+    # process (launch two: accelerate launch --num_processes 2 / torchrun --nproc_per_node 2); "none": one.
+    parallel: str = "none"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -141,6 +145,18 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(
             "compile=true cannot be combined with offload=group (group offloading moves weights inside the "
             "networks' forward, which a whole-graph compile cannot trace); use compile=auto or offload=model"
+        )
+    if config.parallel not in PARALLEL_CHOICES:
+        problems.append(f"parallel must be one of {', '.join(PARALLEL_CHOICES)}, got {config.parallel!r}")
+    if config.parallel == "guidance" and config.cfg_scale <= 1:
+        problems.append(
+            f"parallel=guidance splits the two halves of guidance, but cfg_scale={config.cfg_scale} runs without "
+            "guidance; use cfg_scale above 1 or parallel=none"
+        )
+    if config.parallel == "guidance" and config.num_generated_frames_per_clip % 2:
+        problems.append(
+            "parallel=guidance needs an even num_generated_frames_per_clip (each half's frames meet the two "
+            f"halves' reference frames in turn), got {config.num_generated_frames_per_clip}"
         )
     if config.vae_tile_size < 0 or config.vae_tile_size % 64:
         problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")
