@@ -15,8 +15,8 @@ from memo.runtime.parallel import GuidanceParallel
 from memo.runtime.placement import apply_offload
 
 
-def main(checkpoint: str, offload: str, steps: int, guidance_end: float, deep_cache_interval: int) -> None:
-    pipe = MemoPipeline.from_checkpoint(checkpoint).to(torch.device("cpu", 0))  # aligned copies, as test_offload
+def main(checkpoint: str, offload: str, steps: int, guidance_end: float, deep_cache_interval: int, solver: str) -> None:
+    pipe = MemoPipeline.from_checkpoint(checkpoint)
     pipe.set_progress_bar_config(disable=True)
     apply_offload(pipe, offload, torch.device("cpu"))
     parallel = GuidanceParallel(torch.device("cpu"))
@@ -29,6 +29,7 @@ def main(checkpoint: str, offload: str, steps: int, guidance_end: float, deep_ca
         seed=3,
         guidance_window=(0.0, guidance_end),
         deep_cache_interval=deep_cache_interval,
+        solver=solver,
     )
     memory = TemporalMemory()
     split = pipe(**args, memory=memory, parallel=parallel).frames
@@ -49,4 +50,4 @@ def main(checkpoint: str, offload: str, steps: int, guidance_end: float, deep_ca
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])

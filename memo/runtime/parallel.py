@@ -120,8 +120,8 @@ class GuidanceParallel:
         except (RuntimeError, dist.DistBackendError) as error:
             other = 1 - self.rank
             raise ParallelError(
-                f"the other process (rank {other}) of parallel=guidance stopped; no output was written "
-                f"(see its messages; {str(error).splitlines()[0] if str(error) else type(error).__name__})."
+                f"the other process (rank {other}) of parallel=guidance stopped, so this one stops too; no output "
+                "was written (its own messages, if any, say why)."
             ) from error
 
     def share(self, value: Any) -> Any:
