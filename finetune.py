@@ -4,30 +4,13 @@
         --config configs/finetune.yaml --exp_name NAME [key=value ...]
 
 The run writes to ``<output_dir>/<NAME>``; ``key=value`` arguments override the config (dot-list syntax,
-e.g. ``data.width=256 max_train_steps=1000 resume_from_checkpoint=latest``). See docs/finetuning.md.
+e.g. ``data.width=256 max_train_steps=1000 resume_from_checkpoint=latest``); ``--help-settings`` lists every
+setting. See docs/finetuning.md.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import logging
-
-from memo.settings.training import load_config
-from memo.training.loop import train
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="finetuning config (YAML), e.g. configs/finetune.yaml")
-    parser.add_argument("--exp_name", required=True, help="run name: outputs go to <output_dir>/<exp_name>")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    config = load_config(args.config, args.overrides, exp_name=args.exp_name)
-    return train(config)
-
+from memo.apps.train import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(description=__doc__))

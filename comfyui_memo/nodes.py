@@ -20,8 +20,9 @@ from memo.conditions.emotion import (
     sample_emotion_labels,
 )
 from memo.constants import EMOTION_NAMES
+from memo.io.hub import MEMO_REPO
 from memo.sampling.speed import SPEEDS
-from memo.settings.inference import FRAMINGS, WEIGHT_DTYPES
+from memo.settings.inference import DEVICES, FRAMINGS, WEIGHT_DTYPES, InferenceConfig, setting_help
 
 from .runtime import (
     MemoModel,
@@ -36,6 +37,9 @@ from .runtime import (
 )
 
 logger = logging.getLogger("memo")
+
+DEFAULTS = InferenceConfig()
+"""The settings' defaults, which the nodes' inputs start from."""
 
 CATEGORY = "MEMO"
 EMOTIONS = ["auto", *EMOTION_NAMES]
@@ -54,15 +58,18 @@ class LoadMemo:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": (
+                "model_name_or_path": (
                     "STRING",
                     {
-                        "default": "memoavatar/memo",
+                        "default": MEMO_REPO,
                         "tooltip": "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo).",
                     },
                 ),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "bf16"}),
-                "device": (["auto", "cpu", "cuda", "mps"], {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
+                "weight_dtype": (
+                    list(WEIGHT_DTYPES),
+                    {"default": DEFAULTS.weight_dtype, "tooltip": setting_help("weight_dtype")},
+                ),
+                "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
             },
             "optional": {
                 "settings": (
@@ -76,7 +83,7 @@ class LoadMemo:
                 "speed": (
                     list(SPEEDS),
                     {
-                        "default": "exact",
+                        "default": DEFAULTS.speed,
                         "tooltip": "exact: the published computation. fast: under a quarter of its compute, slightly different frames (README, Speed settings).",
                     },
                 ),
@@ -90,10 +97,10 @@ class LoadMemo:
     DESCRIPTION = "Loads the MEMO networks, face analysis, vocal separation and the audio and emotion encoders."
 
     def load(
-        self, model: str, weight_dtype: str, device: str, settings: str = "", speed: str = "exact"
+        self, model_name_or_path: str, weight_dtype: str, device: str, settings: str = "", speed: str = "exact"
     ) -> tuple[MemoModel]:
         with shown_in_comfyui():
-            return (load_memo(model, weight_dtype, device, settings, speed),)
+            return (load_memo(model_name_or_path, weight_dtype, device, settings, speed),)
 
 
 class MemoEmotion:
@@ -143,8 +150,11 @@ class MemoFaceCrop:
                 "image": ("IMAGE",),
                 "width": ("INT", SIZE),
                 "height": ("INT", SIZE),
-                "framing": (list(FRAMINGS), {"default": "crop"}),
-                "allow_no_face": ("BOOLEAN", {"default": False}),
+                "framing": (list(FRAMINGS), {"default": DEFAULTS.framing, "tooltip": setting_help("framing")}),
+                "allow_no_face": (
+                    "BOOLEAN",
+                    {"default": DEFAULTS.allow_no_face, "tooltip": setting_help("allow_no_face")},
+                ),
             }
         }
 
@@ -172,22 +182,33 @@ class MemoGenerate:
                 "image": ("IMAGE", {"tooltip": "The portrait (the first picture of the batch)."}),
                 "audio": ("AUDIO",),
                 "emotion": (EMOTIONS, {"default": "auto", "tooltip": "Ignored when emotion labels are connected."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
-                "guidance": (
+                "inference_steps": (
+                    "INT",
+                    {
+                        "default": DEFAULTS.inference_steps,
+                        "min": 1,
+                        "max": 200,
+                        "tooltip": setting_help("inference_steps"),
+                    },
+                ),
+                "cfg_scale": (
                     "FLOAT",
                     {
-                        "default": 3.5,
+                        "default": DEFAULTS.cfg_scale,
                         "min": 1.0,
                         "max": 20.0,
                         "step": 0.1,
-                        "tooltip": "Classifier-free guidance; 1 turns it off (twice as fast).",
+                        "tooltip": setting_help("cfg_scale"),
                     },
                 ),
-                "seed": ("INT", {"default": 42, "min": 0, "max": MAX_SEED}),
+                "seed": ("INT", {"default": DEFAULTS.seed, "min": 0, "max": MAX_SEED}),
                 "width": ("INT", SIZE),
                 "height": ("INT", SIZE),
-                "framing": (list(FRAMINGS), {"default": "crop"}),
-                "allow_no_face": ("BOOLEAN", {"default": False}),
+                "framing": (list(FRAMINGS), {"default": DEFAULTS.framing, "tooltip": setting_help("framing")}),
+                "allow_no_face": (
+                    "BOOLEAN",
+                    {"default": DEFAULTS.allow_no_face, "tooltip": setting_help("allow_no_face")},
+                ),
             },
             "optional": {
                 "emotion_labels": ("MEMO_EMOTION",),
@@ -206,8 +227,8 @@ class MemoGenerate:
         image: torch.Tensor,
         audio: dict,
         emotion: str,
-        steps: int,
-        guidance: float,
+        inference_steps: int,
+        cfg_scale: float,
         seed: int,
         width: int,
         height: int,
@@ -220,7 +241,9 @@ class MemoGenerate:
         portrait = image_to_pil(image)
         source = audio_to_decoded(audio)
         with shown_in_comfyui():
-            settings = dict(inference_steps=steps, cfg_scale=guidance, width=width, height=height, framing=framing)
+            settings = dict(
+                inference_steps=inference_steps, cfg_scale=cfg_scale, width=width, height=height, framing=framing
+            )
             generator = memo.generator.with_settings(**settings)
             # Face analysis runs in ONNX Runtime and the audio models move alone: the networks only join
             # them on the GPU for the render itself.

@@ -13,9 +13,13 @@ with :func:`check_runtimes` before any model loads; code that imports them goes 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -45,14 +49,61 @@ def failure_message(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""Ctrl-C, what ``kill``, ``timeout``, job schedulers and ``docker stop`` send, and a closed terminal."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; raised where the program is, so every ``with`` block and ``finally``
+    cleans up (partial outputs are removed) as for Ctrl-C, which it is for SIGINT. ``status`` is the exit
+    status a shell gives a process killed by that signal: 128 + its number (130, 143, 129)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.status = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__("interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {name}")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """While inside, SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (a second one
+    while cleaning up is ignored); the previous handlers come back on leaving. Yields a list that receives
+    the signal's number, for callers under a library that catches the exception itself (Gradio's server
+    loop). Elsewhere than in the main thread (where Python cannot install handlers) nothing changes."""
+    stopping: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def handler(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield stopping
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+# --------------------------------------------------------------------------------------------------
 # Optional runtimes
 
 ONNXRUNTIME_INSTALL = 'pip install -e ".[gpu]" (or ".[cpu]" on a machine without CUDA)'
 INSIGHTFACE_INSTALL = 'pip install --no-deps "insightface>=0.7.3"'
+EVAL_INSTALL = 'pip install -e ".[eval]"'
 INSTALL = {
     "onnxruntime": (ONNXRUNTIME_INSTALL, "face analysis and vocal separation run on it"),
     "insightface": (INSIGHTFACE_INSTALL, "face analysis"),
     "audio_separator": (f"{ONNXRUNTIME_INSTALL}, or turn it off with vocal_separation=false", "vocal separation"),
+    "torch_fidelity": (EVAL_INSTALL, "FID"),
+    "cdfvd": (EVAL_INSTALL, "FVD"),
+    "python_speech_features": (EVAL_INSTALL, "the Sync metrics"),
 }
 """Import name -> (how to install it, what needs it)."""
 

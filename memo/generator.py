@@ -40,7 +40,7 @@ from memo.runtime.placement import (
     generation_working_bytes,
     module_bytes,
 )
-from memo.settings.inference import ConfigError, InferenceConfig, validate
+from memo.settings.inference import ConfigError, InferenceConfig, check_names, validate
 
 logger = logging.getLogger("memo")
 
@@ -127,10 +127,7 @@ class MemoGenerator:
         For per-request settings in a long-running program (web app, batch jobs); the models stay loaded once.
         Settings in ``LOAD_SETTINGS`` choose the models themselves and cannot change here.
         """
-        known = {field.name for field in dataclasses.fields(InferenceConfig)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ConfigError(f"Unknown setting {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}.")
+        settings = check_names(settings, "with_settings()")
         fixed = sorted(set(settings) & LOAD_SETTINGS)
         if fixed:
             raise ConfigError(

@@ -8,6 +8,7 @@ training-data preparation share it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,15 +17,31 @@ import torch
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.conditions.face import FaceAnalyzer
 from memo.conditions.vocals import VocalSeparator
-from memo.io.hub import MissingModelError, resolve_model_dir
+from memo.io.hub import (
+    CHECKPOINT_VAE_FOLDER,
+    EMOTION2VEC_FILES,
+    EMOTION_CLASSIFIER_FOLDER,
+    FACE_MODELS_FOLDER,
+    MEMO_REPO,
+    REGISTRY,
+    VAE_FILES,
+    VAE_REPO,
+    VOCAL_SEPARATOR_FILE,
+    VOCAL_SEPARATOR_FOLDER,
+    WAV2VEC_FILES,
+    MissingModelError,
+    missing_models_message,
+    resolve_model_dir,
+)
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
-from memo.pipeline import NETWORKS
 from memo.settings.inference import ConfigError, InferenceConfig
 
-FACE_MODELS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
-SEPARATOR_MODEL = "Kim_Vocal_2.onnx"
-PUBLISHED_REPO = "memoavatar/memo"
+CHECKPOINT_PATTERNS = list(REGISTRY["networks"].files) + [f"{CHECKPOINT_VAE_FOLDER}/*"]
+"""What is fetched of a checkpoint in the published layout: the networks, the emotion classifier, and a ``vae/``
+folder where the checkpoint carries its own."""
+MISC_FILES = list(REGISTRY["face_analysis"].files)
+SEPARATOR_FILES = list(REGISTRY["vocal_separator"].files)
 
 
 def pick_device(name: str) -> torch.device:
@@ -63,50 +80,63 @@ class ModelFiles:
     emotion2vec: Path | None
 
 
-def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles:
-    """Find or fetch every model; when some cannot be had, one error lists all of them."""
-    separate = config.vocal_separation
-    misc_files = [f"misc/face_analysis/models/{name}" for name in FACE_MODELS]
-    misc_files += [f"misc/vocal_separator/{SEPARATOR_MODEL}"] if separate else []
-    memo_patterns = [f"{name}/*" for name in NETWORKS] + ["vae/*", "misc/audio_emotion_classifier/*"]
-    problems: list[str] = []
-    found: dict[str, Path | None] = {}
+class ModelLocator:
+    """Finds or fetches models one after the other and collects every one that cannot be had, so that a single
+    :class:`MissingModelError` (:meth:`check`) lists them all."""
 
-    def attempt(key: str, name: str, patterns: list[str]) -> None:
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.cache_dir = cache_dir
+        self.missing: list[tuple[str, str, str]] = []
+
+    def find(self, setting: str, name: str | os.PathLike, patterns: list[str]) -> Path | None:
+        """The local folder of ``name`` (chosen by ``setting``), or None when it cannot be had (remembered)."""
         try:
-            found[key] = resolve_model_dir(name, patterns, cache_dir=config.model_cache_dir)
+            return resolve_model_dir(name, patterns, cache_dir=self.cache_dir, setting=setting)
         except MissingModelError as error:
-            problems.append(str(error))
-            found[key] = None
+            self.missing += error.missing or [(setting, str(name), str(error))]
+            return None
 
-    attempt("memo", config.model_name_or_path, memo_patterns + ([] if config.misc_model_dir else misc_files))
-    memo_root = found["memo"]
+    def check(self) -> None:
+        """Raise one :class:`MissingModelError` for everything that could not be had."""
+        if self.missing:
+            raise MissingModelError(missing_models_message(self.missing), self.missing)
+
+
+def locate_checkpoint(
+    locator: ModelLocator, model_name_or_path: str, vae: str, extra_files: list[str] | tuple[str, ...] = ()
+) -> tuple[Path | None, Path | None]:
+    """The checkpoint's folder (with ``extra_files`` of it fetched too) and the VAE's: the ``vae`` setting, or
+    the checkpoint's own ``vae/`` folder while ``vae`` is left at its default. Inference, training and
+    ``MemoPipeline.from_checkpoint`` callers find their networks through this."""
+    root = locator.find("model_name_or_path", model_name_or_path, CHECKPOINT_PATTERNS + list(extra_files))
+    if root is not None and (root / CHECKPOINT_VAE_FOLDER).is_dir() and vae == VAE_REPO:
+        return root, root / CHECKPOINT_VAE_FOLDER
+    return root, locator.find("vae", vae, list(VAE_FILES))
+
+
+def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles:
+    """Find or fetch every model; when some cannot be had, one :class:`MissingModelError` lists all of them
+    with the command that downloads them (:func:`memo.io.hub.missing_models_message`)."""
+    misc_files = MISC_FILES + (SEPARATOR_FILES if config.vocal_separation else [])
+    locator = ModelLocator(config.model_cache_dir)
+    with_misc = [] if config.misc_model_dir else misc_files
+    memo_root, vae = locate_checkpoint(locator, config.model_name_or_path, config.vae, with_misc)
     if config.misc_model_dir:
-        attempt("misc", config.misc_model_dir, misc_files)
+        misc = locator.find("misc_model_dir", config.misc_model_dir, misc_files)
     elif memo_root is not None and not all((memo_root / path).is_file() for path in misc_files):
         # A finetuned checkpoint holds only the networks: face analysis and vocal separation come from the
         # published repo, as when no checkpoint is given.
-        attempt("misc", PUBLISHED_REPO, misc_files)
+        misc = locator.find("misc_model_dir", MEMO_REPO, misc_files)
     else:
-        found["misc"] = memo_root
-    vae: str | Path = config.vae
-    if memo_root is not None and (memo_root / "vae").is_dir() and config.vae == InferenceConfig.vae:
-        vae = memo_root / "vae"
-    else:
-        attempt("vae", str(config.vae), ["config.json", "diffusion_pytorch_model.safetensors"])
-        vae = found.get("vae") or vae
-    attempt("wav2vec", config.wav2vec, ["config.json", "preprocessor_config.json", "*.safetensors"])
-    if need_emotion2vec:
-        attempt("emotion2vec", config.emotion2vec, ["config.yaml", "model.pt"])
-    if found["misc"] is not None:
-        missing = [path for path in misc_files if not (found["misc"] / path).is_file()]
-        if missing:
-            problems.append(f"{found['misc']} lacks {', '.join(missing)} (from the memoavatar/memo repo).")
-    if problems:
-        raise MissingModelError("Some models are not available:\n  - " + "\n  - ".join(problems))
-    return ModelFiles(
-        memo=found["memo"], misc=found["misc"], vae=vae, wav2vec=found["wav2vec"], emotion2vec=found.get("emotion2vec")
-    )
+        misc = memo_root
+    wav2vec = locator.find("wav2vec", config.wav2vec, list(WAV2VEC_FILES))
+    emotion2vec = locator.find("emotion2vec", config.emotion2vec, list(EMOTION2VEC_FILES)) if need_emotion2vec else None
+    if misc is not None:
+        lacking = [path for path in misc_files if not (misc / path).is_file()]
+        if lacking:
+            locator.missing.append(("misc_model_dir", str(misc), f"lacks {', '.join(lacking)} (from {MEMO_REPO})"))
+    locator.check()
+    return ModelFiles(memo=memo_root, misc=misc, vae=vae, wav2vec=wav2vec, emotion2vec=emotion2vec)
 
 
 @dataclass
@@ -132,14 +162,14 @@ class ConditionModels:
     ) -> ConditionModels:
         audio_encoder = Wav2VecAudioEncoder.from_pretrained(files.wav2vec, chunk_seconds=config.audio_chunk_seconds)
         face_analyzer = FaceAnalyzer.from_dir(
-            files.misc / "misc" / "face_analysis" / "models", device=str(device), det_size=face_det_size
+            files.misc / FACE_MODELS_FOLDER, device=str(device), det_size=face_det_size
         )
         separator = (
-            VocalSeparator.from_dir(files.misc / "misc" / "vocal_separator", SEPARATOR_MODEL)
+            VocalSeparator.from_dir(files.misc / VOCAL_SEPARATOR_FOLDER, VOCAL_SEPARATOR_FILE)
             if config.vocal_separation
             else None
         )
-        classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / "misc" / "audio_emotion_classifier")
+        classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / EMOTION_CLASSIFIER_FOLDER)
         return cls(
             audio_encoder=audio_encoder.to(device),
             face_analyzer=face_analyzer,
@@ -170,6 +200,8 @@ class ConditionModels:
     def emotion_encoder(self) -> Emotion2VecEncoder:
         """emotion2vec, loaded on first use (not needed when the emotion is forced)."""
         if self._emotion_encoder is None:
-            source = resolve_model_dir(self.emotion2vec_source, ["config.yaml", "model.pt"], cache_dir=self.cache_dir)
+            source = resolve_model_dir(
+                self.emotion2vec_source, list(EMOTION2VEC_FILES), cache_dir=self.cache_dir, setting="emotion2vec"
+            )
             self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
         return self._emotion_encoder

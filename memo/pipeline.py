@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from memo.conditions.audio_features import AudioFeatures
 from memo.constants import NUM_EMOTIONS
-from memo.io.hub import resolve_model_dir
+from memo.io.hub import CHECKPOINT_VAE_FOLDER, MEMO_REPO, NETWORK_FOLDERS, VAE_FILES, VAE_REPO, resolve_model_dir
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
@@ -35,13 +35,8 @@ from memo.sampling.guidance import ClipConditions, combine_guidance
 from memo.sampling.solvers import flow_scheduler
 from memo.sampling.speed import SOLVERS, StepPlan, plan_steps
 
-NETWORKS = {
-    "reference_net": ReferenceNet,
-    "diffusion_net": DiffusionNet,
-    "image_proj": ImageProjModel,
-    "audio_proj": AudioProjModel,
-}
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+NETWORKS = dict(zip(NETWORK_FOLDERS, (ReferenceNet, DiffusionNet, ImageProjModel, AudioProjModel)))
+"""Each network's folder in a checkpoint (memo.io.hub.NETWORK_FOLDERS) and its class."""
 
 ClipCallback = Callable[["MemoPipeline", int, torch.Tensor], None]
 StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | None]
@@ -120,7 +115,7 @@ class MemoPipeline(DiffusionPipeline):
     @classmethod
     def from_checkpoint(
         cls,
-        model: str | os.PathLike = "memoavatar/memo",
+        model: str | os.PathLike = MEMO_REPO,
         vae: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
         **hub_kwargs,
@@ -128,13 +123,14 @@ class MemoPipeline(DiffusionPipeline):
         """Load the networks from a MEMO checkpoint in the published layout (a directory or a hub repo id).
 
         The VAE comes from ``vae``, else from the checkpoint's own ``vae/`` folder when it has one, else
-        from ``stabilityai/sd-vae-ft-mse``. Only the files needed are fetched.
+        from the registry's VAE (``memo.io.hub.VAE_REPO``). Only the files needed are fetched; raises
+        :class:`memo.io.hub.MissingModelError` when they cannot be had.
         """
-        patterns = [f"{name}/*" for name in NETWORKS] + ["vae/*"]
-        root = resolve_model_dir(model, patterns, **hub_kwargs)
+        patterns = [f"{name}/*" for name in NETWORKS] + [f"{CHECKPOINT_VAE_FOLDER}/*"]
+        root = resolve_model_dir(model, patterns, setting="model", **hub_kwargs)
         if vae is None:
-            vae = root / "vae" if (root / "vae").is_dir() else DEFAULT_VAE
-        vae_dir = resolve_model_dir(vae, ["config.json", "diffusion_pytorch_model.safetensors"], **hub_kwargs)
+            vae = root / CHECKPOINT_VAE_FOLDER if (root / CHECKPOINT_VAE_FOLDER).is_dir() else VAE_REPO
+        vae_dir = resolve_model_dir(vae, list(VAE_FILES), setting="vae", **hub_kwargs)
         networks = {
             name: network.from_pretrained(Path(root) / name, torch_dtype=torch_dtype)
             for name, network in NETWORKS.items()

@@ -15,7 +15,9 @@ that only a trained model has), so this script makes a model that has learned so
    tiny MEMO networks on the training clips;
 4. on the held-out clip, with the same noise: the untrained and the trained model at the exact settings
    against the ground-truth frames, then each speed setting and the ``fast`` preset against the exact
-   path's frames and against the ground truth (PSNR in dB and SSIM on frames in [0, 1]).
+   path's frames and against the ground truth (PSNR in dB and SSIM on frames in [0, 1]), and the paper's
+   figures against the ground truth (FID, FVD, CSIM and motion from memo.evaluation, as scripts/evaluate.py
+   computes them, with ``--metric_models``' networks).
 
 Each stage keeps its output in ``--work_dir`` and is skipped when that output is there, so a rerun only
 evaluates. Prints a Markdown table (and writes ``results.json``). Run it alone: it trains on all cores.
@@ -41,6 +43,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from memo.evaluation import metrics
+from memo.evaluation.models import MetricModels
 from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 from memo.pipeline import MemoPipeline
@@ -164,7 +168,8 @@ def finetune(work: Path, pack: Path, steps: int) -> Path:
         "output_dir": str(work / "runs"), "report_to": "none", "seed": 0, "mixed_precision": "no",
         "model_name_or_path": str(pack), "vae": str(pack / "vae"),
         "data.data_dirs": [str(work / "prepared" / "train")], "data.width": SIZE, "data.height": SIZE,
-        "data.n_sample_frames": FRAMES_PER_CLIP, "data.num_past_frames": PAST_FRAMES, "data.num_workers": 0,
+        "data.num_generated_frames_per_clip": FRAMES_PER_CLIP, "data.num_past_frames": PAST_FRAMES,
+        "data.num_workers": 0,
         "max_train_steps": steps, "learning_rate": 3e-4, "checkpointing_steps": steps, "logging_steps": 25,
         "gradient_checkpointing": False, "robust_training": False, "vae_batch_size": 16,
         "train_reference_net": True, "train_image_proj": True, "train_audio_proj": True, "trainable_modules": [],
@@ -205,6 +210,26 @@ def scores(frames: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return float(psnr), float(ssim)
 
 
+def paper_metrics(frames: np.ndarray, target: np.ndarray, models: MetricModels) -> dict[str, float]:
+    """FID, FVD, CSIM and motion (memo.evaluation, as scripts/evaluate.py computes them) of frames against the
+    target frames, both (n, H, W, 3) in [0, 1]; CSIM against the target's first frame as the portrait."""
+    a, b = (np.round(x * 255).astype(np.uint8) for x in (frames, target))
+    out = {
+        "fid": metrics.fid(
+            metrics.inception_features(models.inception(), a), metrics.inception_features(models.inception(), b)
+        ),
+        "motion": metrics.motion(a),
+    }
+    clips_a, clips_b = metrics.clips(a), metrics.clips(b)
+    if len(clips_a):
+        out["fvd"] = metrics.fvd(
+            metrics.i3d_features(models.i3d(), clips_a), metrics.i3d_features(models.i3d(), clips_b)
+        )
+    (portrait,), _ = metrics.face_embeddings(models.faces(), b[:1])
+    out["csim"] = metrics.csim(portrait, metrics.face_embeddings(models.faces(), a)[0])
+    return out
+
+
 def evaluations(speed: SpeedSettings) -> str:
     """Diffusion-net passes per clip, a batch of two counted twice: "W whole + S outer-layers-only"."""
     plan = plan_steps(speed.steps, GUIDANCE > 1, speed.guidance_window, speed.deep_cache_interval)
@@ -213,7 +238,7 @@ def evaluations(speed: SpeedSettings) -> str:
     return f"{whole} whole" + (f" + {outer} outer-only" if outer else "")
 
 
-def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int) -> dict:
+def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int, models: MetricModels) -> dict:
     inputs, truth = held_out_inputs(work, clips)
     truth = truth.astype(np.float32) / 255
     noise = torch.randn(clips, 1, 4, FRAMES_PER_CLIP, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
@@ -238,13 +263,12 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int) -
         results["settings"][name] = dict(
             vs_truth=scores(frames, truth),
             vs_exact=scores(frames, exact),
+            paper_vs_truth=paper_metrics(frames, truth, models),
             evaluations=evaluations(speed),
             seconds=time.perf_counter() - start,
         )
-        print(
-            f"{name}: vs truth {results['settings'][name]['vs_truth']}, vs exact {results['settings'][name]['vs_exact']}",
-            flush=True,
-        )
+        row = results["settings"][name]
+        print(f"{name}: vs truth {row['vs_truth']}, vs exact {row['vs_exact']}, {row['paper_vs_truth']}", flush=True)
     return results
 
 
@@ -254,13 +278,21 @@ def table(results: dict) -> str:
         f"Untrained model, exact settings, vs ground truth: PSNR {results['untrained_vs_truth'][0]:.2f} dB, "
         f"SSIM {results['untrained_vs_truth'][1]:.3f}.",
         "",
-        "| setting | diffusion-net passes per clip | PSNR / SSIM vs ground truth | PSNR / SSIM vs exact |",
-        "|---|---|---|---|",
+        f"FID / FVD / CSIM / motion vs ground truth with the metric networks of {results['metric_models']}.",
+        "",
+        "| setting | diffusion-net passes per clip | PSNR / SSIM vs ground truth | PSNR / SSIM vs exact "
+        "| FID | FVD | CSIM | motion |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["settings"].items():
         vs_exact = "identical" if row is exact else f"{row['vs_exact'][0]:.2f} dB / {row['vs_exact'][1]:.3f}"
+        paper = " | ".join(
+            f"{row['paper_vs_truth'][key]:.4g}" if key in row["paper_vs_truth"] else "-"
+            for key in ("fid", "fvd", "csim", "motion")
+        )
         lines.append(
-            f"| {name} | {row['evaluations']} | {row['vs_truth'][0]:.2f} dB / {row['vs_truth'][1]:.3f} | {vs_exact} |"
+            f"| {name} | {row['evaluations']} | {row['vs_truth'][0]:.2f} dB / {row['vs_truth'][1]:.3f} | {vs_exact} "
+            f"| {paper} |"
         )
     return "\n".join(lines)
 
@@ -273,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_steps", type=int, default=500, help="finetune.py steps")
     parser.add_argument("--clips", type=int, default=3, help=f"held-out clips of {FRAMES_PER_CLIP} frames generated")
     parser.add_argument("--steps", type=int, default=20, help="inference_steps of the exact path")
+    parser.add_argument(
+        "--metric_models",
+        type=Path,
+        help="model folder for FID/FVD/CSIM (scripts/evaluate.py's --models; default: the tiny pack's random "
+        "stand-ins, which only show that the figures move)",
+    )
     args = parser.parse_args(argv)
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -287,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         (pack / "vae" / "fitted").write_text(f"{args.vae_steps} steps\n")
     prepare(work, pack / "inference.yaml")
     checkpoint = finetune(work, pack, args.train_steps)
-    results = evaluate(work, pack, checkpoint, args.clips, args.steps)
+    metric_models = (args.metric_models or pack).resolve()
+    results = evaluate(work, pack, checkpoint, args.clips, args.steps, MetricModels(metric_models))
+    results["metric_models"] = str(metric_models)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print()
     print(table(results))

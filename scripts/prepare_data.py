@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memo.apps.cli import add_settings_arguments, report_error, setup_logging
-from memo.errors import UserError, as_path
+from memo.apps.cli import add_settings_arguments, report_error, report_stop, setup_logging
+from memo.errors import UserError, as_path, stop_on_signals
 
 if TYPE_CHECKING:  # imported where used, so that --help and --merge start without torch
     from memo.data.prepare import PreparedVideo, VideoPreparer
@@ -131,9 +131,15 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done (some videos may have failed), 2 bad input or setup, 130 interrupted."""
+    """Exit status: 0 done (some videos may have failed), 2 bad input or setup, 130/143/129 stopped by
+    SIGINT/SIGTERM/SIGHUP (the video being prepared leaves nothing; finished ones are kept)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.output_dir = as_path(args.output_dir, "--output_dir")
         if args.merge:
@@ -147,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(args)
     except UserError as error:
         return report_error(error)
-    except KeyboardInterrupt:
-        print("interrupted; finished videos are kept, run again to go on.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "finished videos are kept, run again to go on.")
 
 
 if __name__ == "__main__":

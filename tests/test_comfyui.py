@@ -170,12 +170,14 @@ def memo(comfy, pack):
     # Typed as people type into the box: spaces around '=', a comment, a blank line.
     lines = [f"{key} = {config[key]} " for key in ("vae", "wav2vec", "emotion2vec")]
     settings = "\n".join(["# the tiny pack's own models", *lines, "", "inference_steps =3"])
-    loaded = run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings)[0]
+    loaded = run(comfy, "LoadMemo", model_name_or_path="tiny", weight_dtype="fp32", device="auto", settings=settings)[0]
     assert loaded.generator.config.inference_steps == 3 and loaded.generator.config.vae == str(config["vae"])
     return loaded
 
 
-GENERATE = dict(emotion="auto", steps=2, guidance=3.5, seed=7, width=64, height=64, framing="crop", allow_no_face=False)
+GENERATE = dict(
+    emotion="auto", inference_steps=2, cfg_scale=3.5, seed=7, width=64, height=64, framing="crop", allow_no_face=False
+)
 
 
 # -- import and schema ------------------------------------------------------------------------------------
@@ -278,11 +280,19 @@ def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, spee
 
 def test_speed_input_of_load_memo_reaches_generation(comfy, memo, speech):
     settings = "\n".join(f"{key}={getattr(memo.generator.config, key)}" for key in ("vae", "wav2vec", "emotion2vec"))
-    fast = run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="auto", settings=settings, speed="fast")[0]
+    fast = run(
+        comfy,
+        "LoadMemo",
+        model_name_or_path="tiny",
+        weight_dtype="fp32",
+        device="auto",
+        settings=settings,
+        speed="fast",
+    )[0]
     assert fast.generator.config.speed == "fast" and memo.generator.config.speed == "exact"
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
     ProgressBar.made.clear()
-    frames, _, _ = run(comfy, "MemoGenerate", memo=fast, image=image, audio=audio, **{**GENERATE, "steps": 5})
+    frames, _, _ = run(comfy, "MemoGenerate", memo=fast, image=image, audio=audio, **{**GENERATE, "inference_steps": 5})
     assert frames.shape == (FRAMES, 64, 64, 3) and torch.isfinite(frames).all()
     assert ProgressBar.made[-1].total == 3 * 2  # fast runs 40 % of the 5 steps: 2 per clip
 
@@ -305,7 +315,7 @@ def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, spee
     # Labels fed in decide the emotion: all-sad labels give exactly the frames of emotion=sad.
     sad, sad_text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="sad", overrides="")
     assert sad_text == f"0.00-{SECONDS:.2f} s: sad"
-    quick = {**GENERATE, "steps": 1}
+    quick = {**GENERATE, "inference_steps": 1}
     given = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **quick, emotion_labels=sad)[0]
     forced = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **{**quick, "emotion": "sad"})[0]
     happy = run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **{**quick, "emotion": "happy"})[0]
@@ -341,20 +351,41 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
     ):
         run(comfy, "MemoGenerate", memo=memo, image=image, audio=audio, **GENERATE, emotion_labels=other)
     with pytest.raises(error, match="Unknown setting 'resolutoin' in Load MEMO's settings box"):
-        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings=" resolutoin = 128")
+        run(
+            comfy,
+            "LoadMemo",
+            model_name_or_path="tiny",
+            weight_dtype="fp32",
+            device="cpu",
+            settings=" resolutoin = 128",
+        )
     with pytest.raises(
         error, match="Line 2 of Load MEMO's settings box sets 'device', which Load MEMO's own inputs decide"
     ):
-        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="# mine\ndevice = cuda")
+        run(
+            comfy,
+            "LoadMemo",
+            model_name_or_path="tiny",
+            weight_dtype="fp32",
+            device="cpu",
+            settings="# mine\ndevice = cuda",
+        )
     with pytest.raises(error, match="must look like key=value"):
-        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="vocal_separation false")
+        run(
+            comfy,
+            "LoadMemo",
+            model_name_or_path="tiny",
+            weight_dtype="fp32",
+            device="cpu",
+            settings="vocal_separation false",
+        )
     with pytest.raises(
         error, match="Line 1 of Load MEMO's settings box sets 'offload', which does not apply in ComfyUI"
     ):
-        run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cpu", settings="offload=model")
+        run(comfy, "LoadMemo", model_name_or_path="tiny", weight_dtype="fp32", device="cpu", settings="offload=model")
     if not torch.cuda.is_available():
         with pytest.raises(error, match="device=cuda but PyTorch finds no CUDA GPU here"):
-            run(comfy, "LoadMemo", model="tiny", weight_dtype="fp32", device="cuda", settings="")
+            run(comfy, "LoadMemo", model_name_or_path="tiny", weight_dtype="fp32", device="cuda", settings="")
     for node, inputs in (
         ("MemoFaceCrop", dict(width=64, height=64, framing="crop", allow_no_face=False)),
         ("MemoGenerate", dict(audio=audio, **GENERATE)),
@@ -364,8 +395,8 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
     no_rate = {**audio, "sample_rate": 0}
     with pytest.raises(error, match="The AUDIO input has sample rate 0; it must be a positive whole number of Hz"):
         run(comfy, "MemoEmotion", memo=memo, audio=no_rate, emotion="auto", overrides="")
-    with pytest.raises(error, match="Model directory"):
-        run(comfy, "LoadMemo", model="/nowhere/memo", weight_dtype="fp32", device="cpu", settings="")
+    with pytest.raises(error, match="model_name_or_path=/nowhere/memo: no such folder"):
+        run(comfy, "LoadMemo", model_name_or_path="/nowhere/memo", weight_dtype="fp32", device="cpu", settings="")
     silent_nan = {"waveform": torch.full((1, 1, 16000), float("nan")), "sample_rate": 16000}
     with pytest.raises(error, match="NaN"):
         run(comfy, "MemoGenerate", memo=memo, image=image, audio=silent_nan, **GENERATE)

@@ -108,7 +108,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, **overrides) -> Path:
             "data_dirs": [str(data_dir)],
             "width": 64,
             "height": 64,
-            "n_sample_frames": 4,
+            "num_generated_frames_per_clip": 4,
             "num_past_frames": 2,
             "num_workers": 0,
         },
@@ -379,14 +379,14 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install():
 
 
 def test_config_rejects_unknown_and_bad_keys(tmp_path, data_dir):
-    from omegaconf.errors import ConfigKeyError
-
-    from memo.settings.training import load_config
+    from memo.settings.training import ConfigError, load_config
 
     path = tiny_config(tmp_path, data_dir)
     config = load_config(path, ["data.width=32", "learning_rate=2e-5"], exp_name="run")
     assert config.data.width == 32 and config.output_dir.endswith(os.path.join("outputs", "run"))
-    with pytest.raises(ConfigKeyError):
+    with pytest.raises(
+        ConfigError, match="Unknown setting 'learnin_rate' in the command line; did you mean 'learning_rate'"
+    ):
         load_config(path, ["learnin_rate=1"])
     with pytest.raises(ValueError, match="weighting_scheme"):
         load_config(path, ["weighting_scheme=lognorm"])
@@ -446,8 +446,8 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
         **{
             "validation.steps": 3,
             "validation.num_frames": 4,
-            "validation.num_inference_steps": 2,
-            "validation.guidance_scale": 2.0,
+            "validation.inference_steps": 2,
+            "validation.cfg_scale": 2.0,
         },
     )
     launch(config, "run")
@@ -460,6 +460,7 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
 
     # checkpoint-2 and the final checkpoint-3, each in the published layout plus accelerate's state.
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert not list(run_dir.glob(".checkpoint-*"))  # each was written under a hidden name and renamed once done
     checkpoint = run_dir / "checkpoint-3"
     for name in ("reference_net", "diffusion_net", "image_proj", "audio_proj"):
         assert (checkpoint / name / "config.json").is_file()
@@ -547,7 +548,7 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
         tmp_path,
         data,
         **{
-            "data.n_sample_frames": 4,
+            "data.num_generated_frames_per_clip": 4,
             "data.num_past_frames": 4,  # 8 frames: the one clip there is
             "data.past_first_frame_ratio": 0.0,
             "data.past_zero_ratio": 0.0,

@@ -206,17 +206,29 @@ def test_python_api_renders_many_pairs_with_one_load(pack, speech, tmp_path):
     assert probe_video(first).num_frames == probe_video(second).num_frames == 75
 
 
-def test_offline_without_the_models_lists_what_is_missing(pack, speech, tmp_path):
+@pytest.mark.e2e
+def test_first_run_offline_lists_the_missing_models_once(tmp_path):
+    """``python inference.py`` as a new user runs it (defaults, the bundled example), offline with an empty cache:
+    one short block naming each missing model once, the command that downloads them all, and local folders."""
     import os
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
-    command = [
-        sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"),
-        "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path / "out"),
-        "model_name_or_path=memoavatar/memo", "wav2vec=facebook/wav2vec2-base-960h", "emotion=auto",
-        "emotion2vec=emotion2vec/emotion2vec_plus_large",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert_user_error(result, "Some models are not available", "memoavatar/memo", "facebook/wav2vec2-base-960h")
-    assert "emotion2vec/emotion2vec_plus_large" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    result = subprocess.run(
+        [sys.executable, str(REPO / "inference.py"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "huggingface-cli" not in result.stderr
+    block = result.stderr[result.stderr.index("error: ") :].splitlines()
+    assert block[0] == "error: 4 models are not available:"
+    for setting, repo in (
+        ("model_name_or_path", "memoavatar/memo"),
+        ("vae", "stabilityai/sd-vae-ft-mse"),
+        ("wav2vec", "facebook/wav2vec2-base-960h"),
+        ("emotion2vec", "emotion2vec/emotion2vec_plus_large"),
+    ):
+        assert sum(line.startswith(f"  - {setting}={repo} ") for line in block) == 1, block
+        assert result.stderr.count(repo) == 1, result.stderr
+    assert "python scripts/download_models.py" in block[5] and "model_name_or_path=DIR" in block[6]
+    assert len(block) == 7, block
+    assert not (tmp_path / "out").exists()

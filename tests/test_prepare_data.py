@@ -127,10 +127,17 @@ def single_run(pack, videos, tmp_path_factory) -> dict:
         process.wait()
     killed = read_jsonl(metadata)
     before = {entry["id"]: mtimes(out, entry["id"]) for entry in killed}
-    leftover = out / "audio_emb" / ".clips__talk_c.safetensors.partial-all"  # as a kill while writing leaves it
-    leftover.write_bytes(b"half a file")
+    leftover = out / "audio_emb" / ".clips__talk_c.safetensors.99999-0123abcd.partial.safetensors"  # as a kill
+    leftover.write_bytes(b"half a file")  # while writing leaves it (memo.io.partial): nobody holds its lock
     rerun = run(prepare_command(pack, videos, out, "vocal_separation=false"))
-    return {"out": out, "returncode": process.returncode, "killed": killed, "before": before, "rerun": rerun}
+    return {
+        "out": out,
+        "returncode": process.returncode,
+        "killed": killed,
+        "before": before,
+        "rerun": rerun,
+        "leftover": leftover,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +229,7 @@ def test_a_killed_run_resumes_without_redoing_finished_videos(single_run):
     killed = single_run["killed"]
     assert 1 <= len(killed) < len(USABLE)
     stderr = single_run["rerun"].stderr
+    assert not single_run["leftover"].exists() and "removed 1 partial file(s)" in stderr
     assert f"{len(killed)} skipped as already prepared" in stderr
     assert f"done: {len(USABLE) - len(killed)} prepared, {len(killed)} skipped, {len(FAILING)} failed" in stderr
     for video_id, before in single_run["before"].items():

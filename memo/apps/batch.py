@@ -27,11 +27,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from memo.apps.cli import add_settings_arguments, output_name, report_error, setup_logging
-from memo.errors import UserError, as_path, check_runtimes, failure_message
+from memo.apps.cli import add_settings_arguments, output_name, report_error, report_stop, setup_logging
+from memo.errors import UserError, as_path, check_runtimes, failure_message, stop_on_signals
 from memo.generator import LOAD_SETTINGS, MemoGenerator
+from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
 from memo.settings.inference import ConfigError, InferenceConfig, load_config
+from memo.settings.schema import closest
 
 logger = logging.getLogger("memo")
 
@@ -110,7 +112,7 @@ def load_jobs(
             why = (
                 "chooses the models; set it in the config"
                 if key in LOAD_SETTINGS
-                else "is neither a file column nor a setting"
+                else "is neither a file column nor a setting" + closest(key, [*FILE_COLUMNS, *sorted(settings_names)])
             )
             problems.append(f"{where}: column {key!r} {why}")
         missing = [key for key in ("image", "audio") if not isinstance(cells.get(key), str)]
@@ -120,7 +122,9 @@ def load_jobs(
             continue
         try:
             config = load_config(
-                config_path, [*overrides, *(as_override(k, v) for k, v in cells.items() if k in settings_names)]
+                config_path,
+                [*overrides, *(as_override(k, v) for k, v in cells.items() if k in settings_names)],
+                source="the overrides and this row",
             )
         except ConfigError as error:
             problems.append(f"{where}: {error}")
@@ -212,10 +216,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """0 when no job failed, 1 when some did, 2 for a bad manifest, bad settings or missing models."""
+    """0 when no job failed, 1 when some did, 2 for a bad manifest, bad settings or missing models, 130/143/129
+    when stopped by SIGINT/SIGTERM/SIGHUP (the job being rendered leaves nothing; finished ones are kept)."""
     start = time.perf_counter()
     args = parse_args(argv)
     setup_logging(args.verbose)
+    try:
+        with stop_on_signals():
+            return _run(args, start)
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "finished videos are kept, the one being rendered was removed: run again to go on.")
+
+
+def _run(args: argparse.Namespace, start: float) -> int:
     first = int(os.environ.get("RANK", "0")) == 0
     try:
         args.manifest, args.output_dir = as_path(args.manifest, "--manifest"), as_path(args.output_dir, "--output_dir")
@@ -244,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         path = args.output_dir / SUMMARY_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(summary, indent=2) + "\n")
-        temporary.replace(path)
+        write_atomically(path, json.dumps(summary, indent=2) + "\n")
         print(report(summary, path) + f"\n  in {time.perf_counter() - start:.1f} s")
     if several:
         state.destroy_process_group()

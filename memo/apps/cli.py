@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import UserError, as_path
+from memo.errors import Interrupted, UserError, as_path, stop_on_signals
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
 EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
 DEFAULT_CONFIG = REPO / "configs" / "inference.yaml"
 
 logger = logging.getLogger("memo")
+
+
+class HelpSettingsAction(argparse.Action):
+    """``--help-settings``: print every setting (generated from the settings model) and exit."""
+
+    def __init__(self, option_strings, dest, text, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(self.text())
+        parser.exit()
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -42,7 +55,12 @@ def add_settings_arguments(
     config_help: str = "YAML settings (default: %(default)s)",
 ) -> None:
     """``--config``, ``--verbose`` and ``key=value`` overrides, as every program of the project takes them."""
+    from memo.settings.inference import settings_help
+
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=config_help)
+    parser.add_argument(
+        "--help-settings", action=HelpSettingsAction, text=settings_help, help="list every setting and exit"
+    )
     parser.add_argument("--verbose", action="store_true", help="show other libraries' logs and tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
@@ -51,6 +69,16 @@ def report_error(error: UserError) -> int:
     """Print a user error as one ``error:`` line on stderr; returns its exit status, 2."""
     print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+def report_stop(stop: KeyboardInterrupt, after: str) -> int:
+    """Print what stopped the run (``stopped by SIGTERM``, ``interrupted (Ctrl-C)``) and ``after`` (what was kept)
+    as one line on stderr, if it still exists (a closed terminal's is gone); returns the exit status a shell
+    gives for that signal, 128 + its number (130 for a plain KeyboardInterrupt)."""
+    what, status = (str(stop), stop.status) if isinstance(stop, Interrupted) else ("interrupted (Ctrl-C)", 130)
+    with contextlib.suppress(OSError):
+        print(f"{what}; {after}", file=sys.stderr)
+    return status
 
 
 def output_name(image: Path, audio: Path) -> str:
@@ -73,9 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130 interrupted)."""
+    """Run inference; returns the exit status (0 done, 2 bad input or setup, 130/143/129 stopped by
+    SIGINT/SIGTERM/SIGHUP, with the partial output removed)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
+    with stop_on_signals():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from memo.runtime.parallel import launched_processes, process_rank
 
     # Under a launcher every process checks the same settings and files; rank 0 alone reports what is wrong.
@@ -114,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if quiet_checks or getattr(error, "quiet", False):  # the other process of parallel=guidance says why
             return 2
         return report_error(error)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "no output was written.")
 
 
 if __name__ == "__main__":

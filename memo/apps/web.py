@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -19,10 +20,18 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, setup_logging
+from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
 from memo.constants import EMOTION_NAMES
-from memo.errors import UserError, as_path, check_runtimes, failure_message
+from memo.errors import (
+    Interrupted,
+    UserError,
+    as_path,
+    check_runtimes,
+    failure_message,
+    stop_on_signals,
+)
 from memo.generator import MemoGenerator
+from memo.io.partial import remove_abandoned
 from memo.io.video import check_output_folder
 from memo.sampling.speed import SPEEDS
 from memo.settings.inference import FRAMINGS, load_config
@@ -109,20 +118,22 @@ class WebApp:
         audio: str | None,
         emotion: str,
         size: str,
-        steps: float,
-        guidance: float,
+        inference_steps: float,
+        cfg_scale: float,
         seed: float | None,
         framing: str,
         speed: str,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
     ) -> str:
-        """Render the video and return its path."""
+        """Render the video and return its path. The inputs carry the settings' names (the page's API too);
+        ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
         if not image:
             raise gr.Error("Upload a portrait image first, or click 'Use the example'.", print_exception=False)
         if not audio:
             raise gr.Error("Upload or record the speech first, or click 'Use the example'.", print_exception=False)
         with shown_in_page("Generation"):
-            settings = {"inference_steps": int(steps), "cfg_scale": float(guidance), "framing": framing, "speed": speed}
+            settings = {"inference_steps": int(inference_steps), "cfg_scale": float(cfg_scale)}
+            settings |= {"framing": framing, "speed": speed}
             settings |= {"emotion": emotion, **parse_size(size)} | ({} if seed is None else {"seed": int(seed)})
             generator = self.generator.with_settings(**settings)
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -156,8 +167,8 @@ class WebApp:
                         )
                         framing = gr.Radio(list(FRAMINGS), value=config.framing, label="Framing")
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
-                        guidance = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
+                        inference_steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
+                        cfg_scale = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
                         seed = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
                         speed = gr.Radio(
                             list(SPEEDS),
@@ -180,7 +191,7 @@ class WebApp:
             )
             run.click(
                 self.generate,
-                inputs=[image, audio, emotion, size, steps, guidance, seed, framing, speed],
+                inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed],
                 outputs=video,
                 api_name="generate",
                 concurrency_limit=1,
@@ -215,16 +226,24 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(args.output_dir)  # videos a killed app was writing
     demo = WebApp(generator, args.output_dir).build()
     try:
-        demo.queue().launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            allowed_paths=[str(EXAMPLE_IMAGE.parent), str(args.output_dir.resolve())],
-            show_error=True,
-        )
+        with stop_on_signals() as stopped:
+            demo.queue().launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                allowed_paths=[str(EXAMPLE_IMAGE.parent), str(args.output_dir.resolve())],
+                show_error=True,
+            )
     except OSError as error:
         print(f"error: cannot serve on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
+    if stopped:
+        return report_stop(
+            Interrupted(stopped[0]), "the server is closed (a video being rendered is removed next start)."
+        )
     return 0

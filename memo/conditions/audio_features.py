@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.constants import SAMPLE_RATE
-from memo.io.hub import resolve_model_dir
+from memo.io.hub import WAV2VEC_FILES, WAV2VEC_REPO, resolve_model_dir
 
 WINDOW = 2
 """Each frame sees the features of WINDOW frames on either side."""
@@ -78,24 +78,20 @@ class Wav2VecAudioEncoder:
         context_seconds: float = 10.0,
     ):
         if model.config.do_stable_layer_norm:
-            raise ValueError("Only post-norm wav2vec2 encoders (such as facebook/wav2vec2-base-960h) are supported.")
+            raise ValueError(f"Only post-norm wav2vec2 encoders (such as {WAV2VEC_REPO}) are supported.")
         self.model = model.eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.chunk_seconds = chunk_seconds
         self.context_seconds = context_seconds
 
     @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike = "facebook/wav2vec2-base-960h", **kwargs
-    ) -> Wav2VecAudioEncoder:
+    def from_pretrained(cls, name_or_path: str | os.PathLike = WAV2VEC_REPO, **kwargs) -> Wav2VecAudioEncoder:
         """Load from a local directory or a hub repo id (only the files needed are fetched).
 
         ``chunk_seconds`` and ``context_seconds`` are passed on; the rest goes to the hub.
         """
         options = {k: kwargs.pop(k) for k in ("chunk_seconds", "context_seconds") if k in kwargs}
-        directory = resolve_model_dir(
-            name_or_path, ["config.json", "preprocessor_config.json", "*.safetensors"], **kwargs
-        )
+        directory = resolve_model_dir(name_or_path, list(WAV2VEC_FILES), **{"setting": "wav2vec", **kwargs})
         model = Wav2Vec2Model.from_pretrained(directory)
         return cls(model, Wav2Vec2FeatureExtractor.from_pretrained(directory), **options)
 

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from memo.errors import UserError, import_runtime
+from memo.io.hub import FACE_DETECTOR_FILE, FACE_RECOGNIZER_FILE
 
 logger = logging.getLogger(__name__)
 
-DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
-RECOGNIZER_FILE = "glintr100.onnx"
+DETECTOR_FILE = FACE_DETECTOR_FILE
+RECOGNIZER_FILE = FACE_RECOGNIZER_FILE
 EMBEDDING_DIM = 512
 
 

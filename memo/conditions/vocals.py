@@ -28,6 +28,7 @@ import torch
 from memo.constants import SAMPLE_RATE
 from memo.errors import UserError, import_runtime
 from memo.io.audio import load_audio
+from memo.io.hub import VOCAL_SEPARATOR_FILE
 
 logger = logging.getLogger("memo")
 
@@ -119,7 +120,7 @@ def _resolve_params(model_path: Path, model_hash: str, params: Mapping[str, Any]
     if missing:
         raise VocalSeparatorError(
             f"No separation parameters for {model_path} ({'; '.join(tried) or 'incomplete parameters'}): missing "
-            f"{missing}. Use MEMO's Kim_Vocal_2.onnx, or write {sidecar} with UVR's model data for this model, "
+            f"{missing}. Use MEMO's {VOCAL_SEPARATOR_FILE}, or write {sidecar} with UVR's model data for this model, "
             'e.g. {"compensate": 1.009, "mdx_dim_f_set": 3072, "mdx_dim_t_set": 8, "mdx_n_fft_scale_set": 7680, '
             '"primary_stem": "Vocals"}.'
         )
@@ -195,7 +196,7 @@ class VocalSeparator:
     def from_dir(
         cls,
         model_dir: str | os.PathLike,
-        model_filename: str = "Kim_Vocal_2.onnx",
+        model_filename: str = VOCAL_SEPARATOR_FILE,
         work_dir: str | os.PathLike | None = None,
         params: Mapping[str, Any] | None = None,
         log_level: int = logging.ERROR,

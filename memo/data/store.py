@@ -9,9 +9,10 @@ Layout, paths in ``metadata.jsonl`` being relative to the directory::
     audio_emotion/<id>.safetensors      {"emotion": int64 (frames,)}
     vocals/<id>.safetensors             {"vocals": float32 (samples,)} at 16 kHz
 
-A run killed at any moment leaves no half-written entry: each file is written under a temporary name, synced
-and renamed, and a video's metadata line is appended (synced) only after all its files are in place. A video
-is finished when a metadata line names it and its files exist. A shard ``i`` of ``n`` writes
+A run killed at any moment leaves no half-written entry: each file is written under a temporary name
+(:class:`memo.io.partial.Partial`; the next run removes those of killed runs, never those of a shard still
+running), synced and renamed, and a video's metadata line is appended (synced) only after all its files are
+in place. A video is finished when a metadata line names it and its files exist. A shard ``i`` of ``n`` writes
 ``metadata.shard-i-of-n.jsonl`` and ``failures.shard-i-of-n.jsonl``; :func:`merge` joins them.
 """
 
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from memo.io.partial import Partial, remove_abandoned, write_atomically
 
 KINDS = ("audio_emb", "face_emb", "audio_emotion", "vocals")
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".wmv", ".ts"})
@@ -117,21 +120,8 @@ def read_entries(path: Path) -> Iterator[dict]:
                 yield entry
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_lines_atomically(path: Path, entries: Iterable[dict]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in entries)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, "".join(json.dumps(entry) + "\n" for entry in entries), sync=True)
 
 
 @dataclass
@@ -154,8 +144,9 @@ class PreparedStore:
         return all(isinstance(entry.get(kind), str) and (self.root / entry[kind]).is_file() for kind in KINDS)
 
     def open(self) -> set[str]:
-        """Start a run: remove this run's leftover temporary files, drop its metadata lines whose files are
-        gone, start a new failures file, and return the ids of the finished videos (of any shard).
+        """Start a run: remove temporary files left by killed runs (:func:`memo.io.partial.remove_abandoned`),
+        drop its metadata lines whose files are gone, start a new failures file, and return the ids of the
+        finished videos (of any shard).
 
         A run over every video first merges shard metadata left by earlier sharded runs into its own.
         """
@@ -163,10 +154,8 @@ class PreparedStore:
             merge(self.root)
         for kind in KINDS:
             (self.root / kind).mkdir(parents=True, exist_ok=True)
-            for leftover in (self.root / kind).glob(f".*.partial-{self.tag}"):
-                leftover.unlink(missing_ok=True)
-        for leftover in self.root.glob(f".{self.metadata_path.name}.*.tmp"):
-            leftover.unlink(missing_ok=True)
+            remove_abandoned(self.root / kind)
+        remove_abandoned(self.root)
         own = {entry["id"]: entry for entry in read_entries(self.metadata_path) if self.is_complete(entry)}
         _write_lines_atomically(self.metadata_path, own.values())
         self.failures_path.write_text("", encoding="utf-8")
@@ -179,10 +168,9 @@ class PreparedStore:
         """Write a video's files, then append its metadata line; a crash leaves either all of it or no line."""
         for kind in KINDS:
             target = self.root / entry[kind]
-            temporary = target.with_name(f".{target.name}.partial-{self.tag}")
-            save_file(files[kind], str(temporary))
-            _fsync(temporary)
-            os.replace(temporary, target)
+            with Partial(target, suffix=target.suffix) as partial:
+                save_file(files[kind], str(partial.path))
+                partial.publish(sync=True)
         self._append(self.metadata_path, entry)
 
     def fail(self, video_id: str, video: Path, reason: str) -> None:

@@ -9,6 +9,7 @@ the output video's sound track is encoded from the same samples (``memo.io.video
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -57,18 +58,31 @@ class DecodedAudio:
     def seconds(self) -> float:
         return self.samples.shape[1] / self.rate
 
+    @functools.cached_property
+    def downmix(self) -> Downmix:
+        """Which channels :meth:`mono` averages, and why when not all of them (:func:`choose_downmix`); a
+        warning, shown by default, says so the first time it is asked for."""
+        choice = choose_downmix(self.samples, self.rate, self.layout)
+        if choice.reason is not None:
+            logger.warning("audio: %s: %s", self.path, choice.reason)
+        return choice
+
     def mono(self, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         """(samples,) float32 mono at ``sample_rate``, clipped to [-1, 1].
 
         The channels are averaged (plain (L+R)/2, as librosa gives the original MEMO, rather than FFmpeg's
         layout-dependent downmix gains), then FFmpeg's resampler converts the rate, as the original MEMO's
-        ``ffmpeg`` command does.
+        ``ffmpeg`` command does. Where the average would lose the voice (channels that cancel, a dead
+        channel, a delayed copy: :func:`choose_downmix`), only the channels that keep it are used, with a
+        warning; the sound track of the video keeps every channel as given.
         """
         import av
 
         if int(sample_rate) != sample_rate or sample_rate <= 0:
             raise ValueError(f"sample_rate must be a positive whole number of Hz, got {sample_rate!r}.")
-        mixed = self.samples.mean(axis=0, dtype=np.float32)
+        used = self.downmix.channels
+        source = self.samples if len(used) == self.channels else self.samples[list(used)]
+        mixed = source.mean(axis=0, dtype=np.float32)
         if sample_rate != self.rate:
             resampler = av.AudioResampler(format="fltp", layout="mono", rate=int(sample_rate))
             pieces = []
@@ -80,6 +94,149 @@ class DecodedAudio:
             mixed = np.concatenate(pieces).astype(np.float32, copy=False) if pieces else mixed[:0]
         np.clip(mixed, -1.0, 1.0, out=mixed)
         return torch.from_numpy(mixed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Downmixing to mono
+
+KEPT_ENERGY = 0.25
+"""The least share of the channels' mean energy the average must keep (6 dB down): below it the channels
+cancel, as for a phase-inverted channel (average 0). Two unrelated channels keep 0.5, identical ones 1."""
+EQUALLY_LOUD = 0.8
+"""Channels within this share of the loudest one's energy (1 dB) count as equally loud: the first is taken, so
+(x, -x) gives x even when rounding made -x a hair louder."""
+DEAD_CHANNEL = 1e-4
+"""A channel with under this share of the loudest channel's energy (40 dB down) is dead (a disconnected input,
+an empty track): averaging it in would only halve the voice's level."""
+DELAY_CORRELATION = 0.9
+"""Two channels are one signal delayed when their normalised cross-correlation reaches this at some lag..."""
+ALIGNED_CORRELATION = 0.5
+"""...while at lag 0 it stays at or below this one (else summing them loses little)."""
+DELAY_RANGE = (0.0005, 0.040)
+"""Delays in seconds looked for: from 0.5 ms (summing comb-filters the voice from 1 kHz up) to 40 ms (the
+longest delay of a Haas "widener"; longer ones are heard as an echo on the sound track)."""
+DELAY_EXCERPT = 10.0
+"""Seconds of audio the delay is measured on: the loudest stretch of that length (a delay does not change)."""
+
+
+@dataclass(frozen=True)
+class Downmix:
+    """The channels averaged into the mono copy (indices, in order) and why not all of them (None: all)."""
+
+    channels: tuple[int, ...]
+    reason: str | None = None
+
+
+def _channel_names(layout: str, count: int) -> list[str]:
+    """The channels' names for messages: from ``layout``, or FFmpeg's default order for ``count`` channels when
+    the layout gives none (a WAV's "2 channels"); plain left and right for stereo."""
+    import av
+
+    for name in (layout, f"{count}c"):
+        try:
+            names = [channel.description for channel in av.AudioLayout(name).channels]
+        except (ValueError, av.error.FFmpegError):
+            continue
+        if len(names) == count and "none" not in names:
+            return ["left", "right"] if names == ["front left", "front right"] else names
+    return [f"channel {i + 1}" for i in range(count)]
+
+
+def _energies(samples: np.ndarray) -> np.ndarray:
+    """The channels' (C, C) float64 matrix of mean products, energies on the diagonal (float32 dot products
+    over blocks of a million samples, summed in float64: well within what the thresholds need)."""
+    count, block = samples.shape[0], 1 << 20
+    gram = np.zeros((count, count))
+    for start in range(0, samples.shape[1], block):
+        part = samples[:, start : start + block]
+        for i in range(count):
+            for j in range(i, count):
+                gram[i, j] += float(np.dot(part[i], part[j]))
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    return gram / max(samples.shape[1], 1)
+
+
+def channel_delay(first: np.ndarray, second: np.ndarray, rate: int) -> tuple[float, float, float]:
+    """How far ``second`` lags ``first`` (seconds, negative when it leads), within :data:`DELAY_RANGE`,
+    measured on the loudest :data:`DELAY_EXCERPT` seconds: (delay, normalised cross-correlation there, at
+    lag 0). Correlations are in [-1, 1]; (0, 0, 0) for silence."""
+    length = min(first.shape[0], round(DELAY_EXCERPT * rate))
+    if first.shape[0] > length:
+        windows = first.shape[0] // length
+        stretches = first[: windows * length].reshape(windows, length)
+        power = np.einsum("ij,ij->i", stretches, stretches)
+        start = int(np.argmax(power)) * length
+        first, second = first[start : start + length], second[start : start + length]
+    a = first.astype(np.float64) - first.mean()
+    b = second.astype(np.float64) - second.mean()
+    norm = math.sqrt(float(a @ a) * float(b @ b))
+    if norm == 0:
+        return 0.0, 0.0, 0.0
+    lowest, longest = (max(1, math.ceil(bound * rate)) for bound in DELAY_RANGE)
+    longest = min(longest, length - 1)
+    if lowest > longest:
+        return 0.0, 0.0, float(a @ b) / norm
+    size = 1 << math.ceil(math.log2(length + longest))
+    correlation = np.fft.irfft(np.conj(np.fft.rfft(a, size)) * np.fft.rfft(b, size), size) / norm
+    lags = np.concatenate([np.arange(lowest, longest + 1), -np.arange(lowest, longest + 1)])
+    best = lags[int(np.argmax(correlation[lags]))]
+    return best / rate, float(correlation[best]), float(correlation[0])
+
+
+def choose_downmix(samples: np.ndarray, rate: int, layout: str = "") -> Downmix:
+    """The channels whose average keeps the voice, for ``samples`` (channels, frames) at ``rate`` Hz.
+
+    Normally all of them: the plain average the original MEMO takes, so ordinary stereo gives exactly its
+    samples. Three faults make the average lose the voice, and each is answered with the channels that keep
+    it (the alternative, a mix that undoes the fault, would need a guess at what the fault was):
+
+    * channels that cancel: their average keeps under :data:`KEPT_ENERGY` of their mean energy (a
+      phase-inverted channel keeps none). The loudest channel is used alone (the first of equally loud
+      ones, :data:`EQUALLY_LOUD`), so (x, -x) gives exactly what mono x gives.
+    * dead channels (:data:`DEAD_CHANNEL`): averaged in, they halve the level; the live ones are averaged.
+    * one channel a delayed copy of the other (:data:`DELAY_CORRELATION`, :data:`DELAY_RANGE`): the average
+      is comb-filtered (notches every 1/delay Hz through the voice). The leading channel is used, since the
+      voice is heard first there and the lips follow it.
+
+    ``layout`` (FFmpeg's name) only names the channels in the reason. Silence is left to the silence check.
+    """
+    count = samples.shape[0]
+    everything = Downmix(tuple(range(count)))
+    if count < 2:
+        return everything
+    gram = _energies(samples)
+    energy = np.diag(gram)
+    if energy.max() <= 0:
+        return everything
+    names = _channel_names(layout, count)
+    live = [c for c in range(count) if energy[c] >= DEAD_CHANNEL * energy.max()]
+    kept = gram[np.ix_(live, live)].sum() / (len(live) * energy[live].sum())
+    if kept < KEPT_ENERGY:
+        loudest = next(c for c in live if energy[c] >= EQUALLY_LOUD * energy.max())
+        return Downmix(
+            (loudest,),
+            f"its channels cancel out when averaged (the average keeps {100 * kept:.0f}% of their energy: "
+            f"a channel is likely phase-inverted); using the {names[loudest]} channel alone for the audio "
+            "features (the video's sound keeps every channel)",
+        )
+    if len(live) == 2:
+        delay, correlation, aligned = channel_delay(samples[live[0]], samples[live[1]], rate)
+        if correlation >= DELAY_CORRELATION and aligned <= ALIGNED_CORRELATION:
+            leading, lagging = live if delay > 0 else live[::-1]
+            return Downmix(
+                (leading,),
+                f"its {names[lagging]} channel is the {names[leading]} one delayed by {1000 * abs(delay):.1f} ms, "
+                f"and averaging them would comb-filter the voice; using the {names[leading]} channel alone for "
+                "the audio features (the video's sound keeps every channel)",
+            )
+    if len(live) < count:
+        dead = ", ".join(names[c] for c in range(count) if c not in live)
+        return Downmix(
+            tuple(live),
+            f"its {dead} channel is silent, and averaging it in would halve the voice's level; using "
+            f"{' and '.join(names[c] for c in live)} for the audio features",
+        )
+    return everything
 
 
 _RESAMPLE_BLOCK = 1 << 16

@@ -1,24 +1,149 @@
-"""Where model files come from: a local directory, or the Hugging Face hub through its cache.
+"""The model registry, and where model files come from: a local directory, or the Hugging Face hub's cache.
 
-Downloads go through huggingface_hub (resumable, cached, and honouring ``HF_HUB_OFFLINE``); only the
-files a model needs are fetched. When they cannot be had, one error says what is missing and where to
-put it.
+:data:`REGISTRY` is the one table of every published model the program loads: which setting chooses it, its
+hub repo, the files taken from it, its licence and its approximate download size. The loaders
+(``memo.loading``, ``MemoPipeline.from_checkpoint``, training), ``scripts/download_models.py``, the ComfyUI
+node and the README's model table all read it.
+
+Downloads go through huggingface_hub (resumable, cached, and honouring ``HF_HUB_OFFLINE``); only the files
+a model needs are fetched. When some cannot be had, :func:`missing_models_message` says in one short block
+which are missing, the one command that downloads them all, and how to use local folders instead.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from memo.errors import UserError
 
+NETWORK_FOLDERS = ("reference_net", "diffusion_net", "image_proj", "audio_proj")
+"""The four MEMO networks, each a folder (``config.json`` + weights) of a checkpoint in the published layout."""
+FACE_MODELS_FOLDER = "misc/face_analysis/models"
+FACE_DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+FACE_RECOGNIZER_FILE = "glintr100.onnx"
+VOCAL_SEPARATOR_FOLDER = "misc/vocal_separator"
+VOCAL_SEPARATOR_FILE = "Kim_Vocal_2.onnx"
+EMOTION_CLASSIFIER_FOLDER = "misc/audio_emotion_classifier"
+CHECKPOINT_VAE_FOLDER = "vae"
+"""A checkpoint may carry its own VAE in this folder (the tiny pack, finetuned checkpoints)."""
+VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+WAV2VEC_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")
+EMOTION2VEC_FILES = ("config.yaml", "model.pt")
+
+MEMO_REPO = "memoavatar/memo"
+"""The published MEMO release: the networks, face analysis, vocal separator and emotion classifier."""
+
+DOWNLOAD_COMMAND = "python scripts/download_models.py"
+"""The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache."""
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """One row of the registry. ``setting`` is the inference/training setting that chooses the model (a local
+    folder in the same layout may stand in for the repo); ``files`` are the repo paths fetched (glob patterns)."""
+
+    component: str
+    setting: str
+    repo_id: str
+    files: tuple[str, ...]
+    licence: str
+    megabytes: int
+    """Approximate download size in MB (10^6 bytes)."""
+
+    @property
+    def size(self) -> str:
+        return size_text(self.megabytes)
+
+
+def size_text(megabytes: float) -> str:
+    """``"335 MB"`` or ``"about 10.5 GB"``."""
+    return f"{megabytes:.0f} MB" if megabytes < 1000 else f"about {megabytes / 1000:.1f} GB"
+
+
+REGISTRY: dict[str, HubModel] = {
+    model.component: model
+    for model in (
+        HubModel(
+            "networks",
+            "model_name_or_path",
+            MEMO_REPO,
+            tuple(f"{name}/*" for name in NETWORK_FOLDERS) + (f"{EMOTION_CLASSIFIER_FOLDER}/*",),
+            "Apache-2.0 (the MEMO release)",
+            10500,
+        ),
+        HubModel(
+            "face_analysis",
+            "model_name_or_path",
+            MEMO_REPO,
+            (f"{FACE_MODELS_FOLDER}/{FACE_DETECTOR_FILE}", f"{FACE_MODELS_FOLDER}/{FACE_RECOGNIZER_FILE}"),
+            "insightface's models: non-commercial research use",
+            270,
+        ),
+        HubModel(
+            "vocal_separator",
+            "model_name_or_path",
+            MEMO_REPO,
+            (f"{VOCAL_SEPARATOR_FOLDER}/{VOCAL_SEPARATOR_FILE}",),
+            "UVR's MDX-Net model, as redistributed by MEMO",
+            67,
+        ),
+        HubModel("vae", "vae", "stabilityai/sd-vae-ft-mse", VAE_FILES, "MIT", 335),
+        HubModel("wav2vec", "wav2vec", "facebook/wav2vec2-base-960h", WAV2VEC_FILES, "Apache-2.0", 380),
+        HubModel(
+            "emotion2vec",
+            "emotion2vec",
+            "emotion2vec/emotion2vec_plus_large",
+            EMOTION2VEC_FILES,
+            "emotion2vec's model licence",
+            1200,
+        ),
+    )
+}
+
+VAE_REPO = REGISTRY["vae"].repo_id
+WAV2VEC_REPO = REGISTRY["wav2vec"].repo_id
+EMOTION2VEC_REPO = REGISTRY["emotion2vec"].repo_id
+
 
 class MissingModelError(UserError, RuntimeError):
-    """A model's files are neither in a local directory nor obtainable from the hub."""
+    """A model's files are neither in a local directory nor obtainable from the hub.
+
+    ``missing`` lists ``(setting, name, reason)`` for each model that could not be had, so that several can
+    be reported in one message (:func:`missing_models_message`)."""
+
+    def __init__(self, message: str, missing: Sequence[tuple[str, str, str]] = ()):
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``)."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except (ImportError, AttributeError):
+        return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def _short_reason(error: BaseException) -> str:
+    """Why a download failed, in a few words rather than huggingface_hub's paragraph."""
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or hub_offline():
+        return "not downloaded, and the hub cannot be reached" + (" (HF_HUB_OFFLINE is set)" if hub_offline() else "")
+    if isinstance(error, HfHubHTTPError) and error.response is not None:
+        status = error.response.status_code
+        if status == 404:
+            return "no such repo or file on the hub (check the name)"
+        if status in (401, 403):
+            return "the hub refused access (log in with `hf auth login` if the repo is gated)"
+        return f"the hub answered HTTP {status}"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'download failed'}"
 
 
 def resolve_model_dir(
@@ -27,31 +152,84 @@ def resolve_model_dir(
     *,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    setting: str = "model",
 ) -> Path:
     """Return a local directory holding the model ``name_or_path``.
 
-    A path to an existing directory is returned as it is. Anything else is taken as a hub repo id and
-    the files matching ``allow_patterns`` are fetched into (or found in) the hub cache.
+    A path to an existing directory is returned as it is. Anything else is taken as a hub repo id and the files
+    matching ``allow_patterns`` are fetched into (or found in) the hub cache. Raises :class:`MissingModelError`
+    (one short line; ``setting`` names the setting that chose the model) when they cannot be had.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if path.is_absolute() or str(name_or_path).startswith((".", "~")) or str(name_or_path).count("/") != 1:
-        raise MissingModelError(f"Model directory {str(name_or_path)!r} does not exist.")
+    name = str(name_or_path)
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        reason = "no such folder"
+        raise MissingModelError(f"{setting}={name}: {reason}.", [(setting, name, reason)])
     try:
         local = snapshot_download(
-            repo_id=str(name_or_path),
+            repo_id=name,
             allow_patterns=list(allow_patterns) if allow_patterns else None,
             revision=revision,
             cache_dir=cache_dir,
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        wanted = ", ".join(allow_patterns) if allow_patterns else "all files"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
-        reason = "offline mode (HF_HUB_OFFLINE) is on and they are not in the cache" if offline else str(error)
-        raise MissingModelError(
-            f"Could not get {wanted} of the Hugging Face repo {name_or_path!r}: {reason}. "
-            f"Download them once with network access (huggingface-cli download {name_or_path}), "
-            f"or put them in a local directory and give its path instead of {name_or_path!r}."
-        ) from error
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
+        reason = _short_reason(error)
+        raise MissingModelError(missing_models_message([(setting, name, reason)]), [(setting, name, reason)]) from None
     return Path(local)
+
+
+def registry_entries(repo_id: str) -> list[HubModel]:
+    """The registry rows taken from ``repo_id`` (several for ``memoavatar/memo``)."""
+    return [model for model in REGISTRY.values() if model.repo_id == repo_id]
+
+
+def missing_models_message(missing: Iterable[tuple[str, str, str]]) -> str:
+    """One short block for models that cannot be had: each ``setting=name: reason`` (with its size when it is
+    a registry repo), the one command that downloads every published model, and how to use local folders."""
+    missing = list(dict.fromkeys(missing))
+    lines = [f"{len(missing)} model{'s are' if len(missing) > 1 else ' is'} not available:"]
+    for setting, name, reason in missing:
+        rows = registry_entries(name)
+        size = f" ({size_text(sum(row.megabytes for row in rows))})" if rows else ""
+        lines.append(f"  - {setting}={name}{size}: {reason}")
+    published = [name for _, name, _ in missing if registry_entries(name)]
+    if published:
+        lines.append(f"  Download every published model once, with network access: {DOWNLOAD_COMMAND}")
+    settings = " ".join(dict.fromkeys(f"{setting}=DIR" for setting, _, _ in missing))
+    lines.append(f"  Or point at local folders in the same layout: {settings} (in the config or as key=value).")
+    return "\n".join(lines)
+
+
+def download_all(
+    components: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """Download the files of the registry rows ``components`` (default: all) into the hub cache (or
+    ``cache_dir``), one ``snapshot_download`` per repo; returns each repo's local folder. Already cached files
+    are not fetched again."""
+    wanted = [REGISTRY[name] for name in (components or REGISTRY)]
+    patterns: dict[str, list[str]] = {}
+    for model in wanted:
+        patterns.setdefault(model.repo_id, []).extend(model.files)
+    return {
+        repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir))
+        for repo, files in patterns.items()
+    }
+
+
+def require_model_file(path: str | os.PathLike, what: str, url: str, licence: str) -> Path:
+    """``path`` when it is a file; otherwise a :class:`MissingModelError` in one line naming ``what`` the file
+    is, the command that downloads it from ``url`` into place, and its ``licence``.
+
+    For model files published outside the Hugging Face hub (metric networks), which are never fetched
+    implicitly: evaluation must give the same numbers offline as online.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    raise MissingModelError(
+        f"{what} is missing: {path} does not exist. Download it once with "
+        f"`mkdir -p {path.parent} && curl -L -o {path} {url}` (licence: {licence}), "
+        f"or give --models a folder that holds it (a tiny random stand-in: scripts/make_tiny_checkpoint.py)."
+    )

@@ -2,19 +2,21 @@
 
 Frames are encoded as each clip finishes, and the sound track is encoded alongside only as far as the video
 has got, from the samples the audio conditions were made from (decoded once, never re-read from the file).
-Everything goes to a hidden file beside the output, renamed onto it once complete; a failure anywhere
-removes the hidden file (and the folders made for it) and leaves an existing output untouched.
+Everything goes to a hidden file beside the output (:class:`memo.io.partial.Partial`), renamed onto it once
+complete; a failure anywhere removes the hidden file (and the folders made for it) and leaves an existing
+output untouched, and a run killed outright leaves one that the next writer in that folder removes.
 :func:`check_output_path` checks the location before any work, creating nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import shutil
+import stat
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from memo.errors import UserError, as_path
+from memo.io.partial import Partial
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -47,22 +50,88 @@ MIN_FREE_BYTES = 64 * 1024**2
 minute is about 10 MB)."""
 
 
+def _kind(mode: int) -> str:
+    """What a non-folder is, in words, for messages."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a file"
+
+
+def _loops(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
+def _nearest_existing(folder: Path) -> tuple[Path, bool]:
+    """The nearest of ``folder`` and its ancestors that exists (links followed), and whether a path below it
+    could not be looked up for want of permission (then that ancestor cannot be entered), or raise
+    :class:`OutputLocationError` for a symbolic link on the way that points nowhere or loops."""
+    candidate, blocked = folder, False
+    while True:
+        try:
+            os.stat(candidate)
+            return candidate, blocked
+        except PermissionError:
+            blocked = True
+        except FileNotFoundError:
+            if os.path.islink(candidate):
+                target = os.readlink(candidate)
+                inside = "" if candidate == folder else f" (on the way to {folder})"
+                raise OutputLocationError(
+                    f"Cannot write to the output folder {folder}: {candidate}{inside} is a symbolic link to "
+                    f"{target}, which does not exist. Create {target}, remove the link, or choose another "
+                    "output folder."
+                ) from None
+        except NotADirectoryError:
+            pass  # a file on the way: found as the nearest existing entry above
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise OutputLocationError(
+                    f"Cannot write to the output folder {folder}: {candidate} cannot be read "
+                    f"({error.strerror or error}). Choose another output folder."
+                ) from None
+            while candidate != candidate.parent and _loops(candidate.parent):
+                candidate = candidate.parent  # the link itself, not a path through it
+            raise OutputLocationError(
+                f"Cannot write to the output folder {folder}: {candidate} is a symbolic link that loops back on "
+                "itself. Fix or remove the link, or choose another output folder."
+            ) from None
+        if candidate == candidate.parent:
+            return candidate, blocked
+        candidate = candidate.parent
+
+
 def check_output_folder(folder: str | os.PathLike, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """Check that files can be written in ``folder``, creating nothing that stays: call before any model loads.
 
-    The folder may not exist yet: then its nearest existing ancestor must be a folder (not a regular file) in
-    which a file can be created, which is tried (a hidden temporary file, removed at once). The filesystem
-    must have ``min_free_bytes`` free. Returns the folder; raises :class:`OutputLocationError` saying which
-    folder is the problem and why.
+    The folder may not exist yet: then its nearest existing ancestor must be a folder (not a regular file, a
+    named pipe or a device such as ``/dev/null``) in which a file can be created, which is tried (a hidden
+    temporary file, removed at once). A symbolic link on the way must lead to a folder: a link to a missing
+    folder is refused rather than followed (creating its target would put the output where the link's
+    author meant something else to be), and so is a loop of links. The filesystem must have
+    ``min_free_bytes`` free. Returns the folder; raises :class:`OutputLocationError` saying which folder is
+    the problem and why.
     """
     folder = as_path(folder, "The output folder")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        inside = "" if existing == folder else f" (it is inside {existing})"
+    existing, blocked = _nearest_existing(folder)
+    inside = "" if existing == folder else f" (it is inside {existing})"
+    if blocked:
         raise OutputLocationError(
-            f"Cannot write to the output folder {folder}{inside}: {existing} is a file, not a folder. "
+            f"Cannot write to the output folder {folder}: {existing} cannot be entered (permission denied; a "
+            f"folder needs execute permission to be entered). Fix its permissions (chmod u+x {existing}) or "
+            "choose another output folder."
+        )
+    mode = os.stat(existing).st_mode
+    if not stat.S_ISDIR(mode):
+        raise OutputLocationError(
+            f"Cannot write to the output folder {folder}{inside}: {existing} is {_kind(mode)}, not a folder. "
             "Choose another output folder."
         )
     try:
@@ -70,9 +139,10 @@ def check_output_folder(folder: str | os.PathLike, min_free_bytes: int = MIN_FRE
             pass
     except OSError as error:
         where = "" if existing == folder else f" (where {folder} would be created)"
+        searchable = "" if os.access(existing, os.X_OK) else "; it lacks execute permission, which entering it needs"
         raise OutputLocationError(
             f"Cannot write to the output folder {folder}: creating a file in {existing}{where} failed "
-            f"({error.strerror or error}). Choose a folder you can write to, or fix its permissions."
+            f"({error.strerror or error}{searchable}). Choose a folder you can write to, or fix its permissions."
         ) from None
     free = shutil.disk_usage(existing).free
     if free < min_free_bytes:
@@ -90,15 +160,15 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     ``overwrite`` or a folder in its place, :class:`OutputLocationError` when its folder cannot be written.
     """
     path = as_path(path, "The output path")
+    check_output_folder(path.parent)
     if path.is_dir():
         raise OutputExistsError(
             f"Output {str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}."
         )
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputExistsError(
             f"Output {str(path)!r} already exists; pass --overwrite to replace it, or choose another output."
         )
-    check_output_folder(path.parent)
     return path
 
 
@@ -182,11 +252,16 @@ class VideoWriter:
         self.num_frames = 0
         self._closed = False
         self._audio: _AudioTrack | None = None
-        self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.partial.mp4")
         self._created = _make_folders(self.path.parent)
         try:
-            self._container = av.open(str(self._tmp), "w", format="mp4", options={"movflags": "+faststart"})
+            self._partial = Partial(self.path, suffix=".mp4")
         except BaseException:
+            self._remove_created_folders()
+            raise
+        try:
+            self._container = av.open(str(self._partial.path), "w", format="mp4", options={"movflags": "+faststart"})
+        except BaseException:
+            self._partial.discard()
             self._remove_created_folders()
             raise
         try:
@@ -249,7 +324,7 @@ class VideoWriter:
             self._container.close()
             if not self.overwrite and self.path.exists():
                 raise OutputExistsError(f"Output {str(self.path)!r} appeared while writing; pass --overwrite.")
-            os.replace(self._tmp, self.path)
+            self._partial.publish()
         except BaseException:
             self.abort()
             raise
@@ -260,7 +335,7 @@ class VideoWriter:
         self._closed = True
         with contextlib.suppress(av.FFmpegError, OSError):
             self._container.close()
-        self._tmp.unlink(missing_ok=True)
+        self._partial.discard()
         self._remove_created_folders()
 
     def _remove_created_folders(self) -> None:

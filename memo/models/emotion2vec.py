@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from memo.constants import SAMPLE_RATE
-from memo.io.hub import resolve_model_dir
+from memo.io.hub import EMOTION2VEC_FILES, EMOTION2VEC_REPO, resolve_model_dir
 
-DEFAULT_REPO = "emotion2vec/emotion2vec_plus_large"
+DEFAULT_REPO = EMOTION2VEC_REPO
 CHECKPOINT_PREFIX = "d2v_model."
 UNUSED_HEAD_PREFIX = "proj."
 
@@ -360,7 +360,11 @@ class Emotion2VecEncoder(nn.Module):
         head that MEMO does not need.
         """
         folder = resolve_model_dir(
-            name_or_path, allow_patterns=["config.yaml", "model.pt"], revision=revision, cache_dir=cache_dir
+            name_or_path,
+            allow_patterns=list(EMOTION2VEC_FILES),
+            revision=revision,
+            cache_dir=cache_dir,
+            setting="emotion2vec",
         )
         for needed in ("config.yaml", "model.pt"):
             if not (folder / needed).is_file():

@@ -1,8 +1,10 @@
-"""Inference settings: the YAML file, ``key=value`` overrides, and their validation.
+"""Inference settings: one typed field per setting, read from a YAML file and ``key=value`` overrides.
 
-The settings, their types and defaults are the fields of :class:`InferenceConfig`; a YAML file (such as
-``configs/inference.yaml``) and command-line ``key=value`` overrides set them. An unknown key, a value of
-the wrong type or an invalid choice is a :class:`ConfigError` that names it.
+The settings, their types, defaults, ranges and one line of help each are the fields of
+:class:`InferenceConfig` (``python inference.py --help-settings`` lists them). A YAML file (such as
+``configs/inference.yaml``) and command-line ``key=value`` overrides set them; the same names are the batch
+manifest's columns, ``MemoGenerator.with_settings``' keywords, and the web app's and ComfyUI node's inputs. An
+unknown key, a value of the wrong type or out of range is a :class:`ConfigError` that names it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import logging
 import os
 from dataclasses import dataclass, fields
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
 from memo.constants import DTYPES, EMOTION_NAMES
-from memo.errors import UserError
+from memo.io.hub import EMOTION2VEC_REPO, MEMO_REPO, VAE_REPO, WAV2VEC_REPO
 from memo.runtime.parallel import PARALLEL_CHOICES
-from memo.sampling.speed import SpeedSettings, resolve_speed, speed_problems
+from memo.sampling.speed import SOLVERS, SPEEDS, SpeedSettings, resolve_speed, speed_problems
+from memo.settings.schema import ConfigError, help_text, load_layers, range_problems, read_overrides, read_yaml, setting
+
+__all__ = ["ConfigError", "InferenceConfig", "load_config", "validate", "settings_help"]
 
 logger = logging.getLogger("memo")
 
@@ -26,71 +30,97 @@ FRAMINGS = ("crop", "stretch")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPILE_CHOICES = ("auto", "true", "false")
 OFFLOAD_CHOICES = ("none", "model", "group")
+EMOTIONS = ("auto", *EMOTION_NAMES)
 
 LEGACY_KEYS = {
-    "enable_xformers_memory_efficient_attention": "attention always runs through PyTorch's scaled_dot_product_attention",
+    "enable_xformers_memory_efficient_attention": (
+        "attention always runs through PyTorch's scaled_dot_product_attention"
+    ),
 }
 """Keys of the original release's config that have no effect here: accepted with a warning."""
 
-
-class ConfigError(UserError, ValueError):
-    """A setting is unknown, of the wrong type, or out of range."""
+RENAMED: dict[str, str] = {}
+"""Old setting name -> its current name; accepted with a deprecation warning (none so far for inference)."""
 
 
 @dataclass
 class InferenceConfig:
-    """Every inference setting with its default."""
+    """Every inference setting: its type, default, range and one line of help."""
 
-    # Models: local directories or Hugging Face repo ids.
-    model_name_or_path: str = "memoavatar/memo"
-    vae: str = "stabilityai/sd-vae-ft-mse"
-    wav2vec: str = "facebook/wav2vec2-base-960h"
-    emotion2vec: str = "emotion2vec/emotion2vec_plus_large"
-    misc_model_dir: str | None = None  # holds misc/face_analysis and misc/vocal_separator; default: the model
+    # Models: local directories or Hugging Face repo ids (memo.io.hub.REGISTRY).
+    model_name_or_path: str = setting(
+        MEMO_REPO, "MEMO networks, misc/ (face analysis, vocal separator, emotion classifier): folder or hub id"
+    )
+    vae: str = setting(
+        VAE_REPO, "the VAE: folder or hub id (a checkpoint's own vae/ folder wins while this is the default)"
+    )
+    wav2vec: str = setting(WAV2VEC_REPO, "the wav2vec2 audio encoder: folder or hub id")
+    emotion2vec: str = setting(
+        EMOTION2VEC_REPO, "the emotion2vec speech-emotion encoder (used by emotion=auto): folder or hub id"
+    )
+    misc_model_dir: str | None = setting(
+        None, "a folder holding misc/face_analysis and misc/vocal_separator; null: the model's"
+    )
 
     # Video.
-    resolution: int = 512
-    width: int | None = None
-    height: int | None = None
-    fps: int = 30
-    num_generated_frames_per_clip: int = 16
-    num_init_past_frames: int = 16
-    num_past_frames: int = 16
-    inference_steps: int = 20
-    cfg_scale: float = 3.5
-    seed: int = 42
+    resolution: int = setting(512, "square side in pixels (multiple of 64), unless width and height are set")
+    width: int | None = setting(None, "video width in pixels (multiple of 64); null: resolution")
+    height: int | None = setting(None, "video height in pixels (multiple of 64); null: resolution")
+    fps: int = setting(30, "frames per second of the video", minimum=1)
+    num_generated_frames_per_clip: int = setting(
+        16, "frames generated per clip (the temporal position table holds 32)", minimum=1, maximum=32
+    )
+    num_init_past_frames: int = setting(16, "copies of the portrait the first clip treats as its past", minimum=1)
+    num_past_frames: int = setting(16, "generated frames each later clip conditions on", minimum=1)
+    inference_steps: int = setting(20, "denoising steps per clip", minimum=1)
+    cfg_scale: float = setting(3.5, "classifier-free guidance scale; 1 turns it off (about twice as fast)", minimum=0.0)
+    seed: int = setting(42, "random seed of the noise", minimum=0)
 
     # Conditions.
-    framing: str = "crop"
-    allow_no_face: bool = False
-    vocal_separation: bool = True
-    emotion: str = "auto"
+    framing: str = setting(
+        "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)", choices=FRAMINGS
+    )
+    allow_no_face: bool = setting(False, "go on with a zero face embedding when no face is found")
+    vocal_separation: bool = setting(True, "separate the voice from music before reading the audio")
+    emotion: str = setting("auto", "auto: read from the voice; or one emotion for the whole video", choices=EMOTIONS)
 
     # Runtime.
-    device: str = "auto"
-    weight_dtype: str = "bf16"
-    vae_batch_size: int = 8
-    audio_chunk_seconds: float = 60.0
-    crf: int = 18
+    device: str = setting("auto", "auto: CUDA, then MPS, then CPU", choices=DEVICES)
+    weight_dtype: str = setting("bf16", "dtype of the networks' weights", choices=WEIGHT_DTYPES)
+    vae_batch_size: int = setting(8, "frames per VAE call; lower it if the GPU runs out of memory", minimum=1)
+    audio_chunk_seconds: float = setting(60.0, "longer audio is encoded in chunks of this many seconds", minimum=1e-3)
+    crf: int = setting(18, "H.264 quality: lower is better and larger", minimum=0, maximum=51)
 
-    # Speed (memo/speed.py): a preset, and settings that override its values (None: the preset's).
-    speed: str = "exact"
-    solver: str | None = None
-    solver_steps: int | None = None
-    guidance_start: float | None = None
-    guidance_end: float | None = None
-    deep_cache_interval: int | None = None
+    # Speed (memo/sampling/speed.py): a preset, and settings that override its values (None: the preset's).
+    speed: str = setting(
+        "exact", "exact: the published computation; fast: under a quarter of its FLOPs", choices=SPEEDS
+    )
+    solver: str | None = setting(None, "step solver; null: the preset's (exact: euler, fast: unipc)", choices=SOLVERS)
+    solver_steps: int | None = setting(None, "solver steps per clip (>= 1); null: the preset's")
+    guidance_start: float | None = setting(None, "guidance from this fraction of the steps (0..1); null: the preset's")
+    guidance_end: float | None = setting(None, "guidance up to this fraction of the steps (0..1); null: the preset's")
+    deep_cache_interval: int | None = setting(
+        None, "the whole net every N steps, outer layers between (1: off); null: the preset's"
+    )
 
     # Model downloads.
-    model_cache_dir: str | None = None  # where hub models are downloaded; default: the Hugging Face cache
+    model_cache_dir: str | None = setting(None, "folder hub models are downloaded into; null: the Hugging Face cache")
 
-    # GPU speed and memory (memo/compilation.py, memo/placement.py).
-    compile: str = "auto"
-    offload: str = "none"
-    vae_tile_size: int = 768
-    # One video on two processes (memo/runtime/parallel.py): "guidance" runs each guidance half in its own
-    # process (launch two: accelerate launch --num_processes 2 / torchrun --nproc_per_node 2); "none": one.
-    parallel: str = "none"
+    # GPU speed and memory (memo/runtime/compilation.py, memo/runtime/placement.py).
+    compile: str = setting(
+        "auto", "torch.compile the networks: auto (on CUDA only), true or false", choices=COMPILE_CHOICES
+    )
+    offload: str = setting(
+        "none", "none; model: each network on the GPU when used; group: layers streamed in", choices=OFFLOAD_CHOICES
+    )
+    vae_tile_size: int = setting(
+        768, "frames with a side above this VAE-decode in tiles of this size (multiple of 64); 0: never"
+    )
+    parallel: str = setting(
+        "none",
+        "guidance: one video on two launched processes, one guidance half each; none: one process",
+        choices=PARALLEL_CHOICES,
+    )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -110,44 +140,24 @@ SPEED_KEYS = ("speed", "solver", "solver_steps", "guidance_start", "guidance_end
 
 
 def validate(config: InferenceConfig) -> InferenceConfig:
-    """Check values that types alone do not: choices and ranges."""
+    """Check what types alone do not: each field's choices and range, and the rules between settings.
+    Raises :class:`ConfigError` listing every problem."""
+    config.compile = str(config.compile).lower()  # YAML and key=value give booleans as True/False
+    config.emotion = str(config.emotion).lower()
     problems = []
     width, height = config.size
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % 64:
             problems.append(f"{name} must be a positive multiple of 64, got {value}")
-    if config.weight_dtype not in WEIGHT_DTYPES:
-        problems.append(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {config.weight_dtype!r}")
-    if config.framing not in FRAMINGS:
-        problems.append(f"framing must be one of {', '.join(FRAMINGS)}, got {config.framing!r}")
-    if config.device not in DEVICES:
-        problems.append(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
-    if config.emotion != "auto" and config.emotion.lower() not in EMOTION_NAMES:
+    if config.emotion not in EMOTIONS:
         problems.append(f"emotion must be 'auto' or one of {', '.join(EMOTION_NAMES)}, got {config.emotion!r}")
-    positive = ("fps", "num_generated_frames_per_clip", "num_init_past_frames", "num_past_frames", "inference_steps")
-    positive += ("vae_batch_size",)
-    problems += [
-        f"{name} must be positive, got {getattr(config, name)}" for name in positive if getattr(config, name) <= 0
-    ]
-    if config.num_generated_frames_per_clip > 32:
-        problems.append("num_generated_frames_per_clip must be at most 32 (the temporal position table)")
-    if not 0 <= config.crf <= 51:
-        problems.append(f"crf must be in 0..51, got {config.crf}")
-    if config.audio_chunk_seconds <= 0:
-        problems.append(f"audio_chunk_seconds must be positive, got {config.audio_chunk_seconds}")
+    problems += [problem for problem in range_problems(config) if not problem.startswith("emotion ")]
     problems += speed_problems(config._speed_values())
-    config.compile = str(config.compile).lower()  # YAML and key=value give booleans as True/False
-    if config.compile not in COMPILE_CHOICES:
-        problems.append(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {config.compile!r}")
-    if config.offload not in OFFLOAD_CHOICES:
-        problems.append(f"offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {config.offload!r}")
     if config.compile == "true" and config.offload == "group":
         problems.append(
             "compile=true cannot be combined with offload=group (group offloading moves weights inside the "
             "networks' forward, which a whole-graph compile cannot trace); use compile=auto or offload=model"
         )
-    if config.parallel not in PARALLEL_CHOICES:
-        problems.append(f"parallel must be one of {', '.join(PARALLEL_CHOICES)}, got {config.parallel!r}")
     if config.parallel == "guidance" and config.cfg_scale <= 1:
         problems.append(
             f"parallel=guidance splits the two halves of guidance, but cfg_scale={config.cfg_scale} runs without "
@@ -161,44 +171,52 @@ def validate(config: InferenceConfig) -> InferenceConfig:
     if config.vae_tile_size < 0 or config.vae_tile_size % 64:
         problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")
     if problems:
-        raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")
+        raise ConfigError("Invalid settings: " + "; ".join(dict.fromkeys(problems)) + ".")
     return config
+
+
+HELP_COMMAND = "python inference.py --help-settings"
+
+
+def setting_help(name: str) -> str:
+    """The one line of help of setting ``name`` (for tooltips and forms)."""
+    return next(f.metadata["help"] for f in fields(InferenceConfig) if f.name == name)
+
+
+def settings_help() -> str:
+    """The listing of ``--help-settings``: every inference setting, its type and range, default and help."""
+    return help_text(
+        InferenceConfig,
+        "Inference settings: set them in the YAML config (--config) or as key=value; the same names work in the\n"
+        "batch manifest's columns, MemoGenerator.with_settings(...), the web app and the ComfyUI node.",
+    )
 
 
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), source: str = "the command line"
 ) -> InferenceConfig:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides; validated. ``source``
-    names where the overrides came from in messages."""
-    known = {f.name for f in fields(InferenceConfig)}
-    layers: list[DictConfig] = []
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"Config file {str(path)!r} does not exist.")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as error:
-            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {error}") from error
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of settings.")
-        layers.append(loaded)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"Override {item!r} must look like key=value.")
-    try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"Invalid override: {error}") from error
-    for layer, origin in zip(layers, ([str(path)] if path is not None else []) + [source]):
-        for key in list(layer.keys()):
-            if key in LEGACY_KEYS:
-                logger.warning("Ignoring %s from %s: %s.", key, origin, LEGACY_KEYS[key])
-                del layer[key]
-            elif key not in known:
-                raise ConfigError(f"Unknown setting {key!r} in {origin}. Known settings: {', '.join(sorted(known))}.")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(InferenceConfig), *layers)
-    except OmegaConfBaseException as error:
-        reason = str(error.msg).splitlines()[0]
-        raise ConfigError(f"Invalid setting {getattr(error, 'full_key', '')!r}: {reason}.") from error
+    names where the overrides came from in messages. Raises :class:`ConfigError` (one line naming the key)."""
+    layers = [(str(path), read_yaml(path))] if path is not None else []
+    layers.append((source, read_overrides(overrides)))
+    merged = load_layers(InferenceConfig, layers, RENAMED, LEGACY_KEYS, HELP_COMMAND)
     return validate(OmegaConf.to_object(merged))
+
+
+def check_names(settings: dict, source: str) -> dict:
+    """``settings`` (name -> value, from Python) with deprecated names replaced by their current ones (with a
+    warning); :class:`ConfigError` for an unknown name, with the closest valid ones."""
+    from memo.settings.schema import closest
+
+    known = [f.name for f in fields(InferenceConfig)]
+    result = {}
+    for name, value in settings.items():
+        if name in RENAMED:
+            logger.warning("%s in %s is deprecated: it is now called %s.", name, source, RENAMED[name])
+            name = RENAMED[name]
+        if name not in known:
+            raise ConfigError(
+                f"Unknown setting {name!r} in {source}{closest(name, known)} (`{HELP_COMMAND}` lists every setting)."
+            )
+        result[name] = value
+    return result

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
-RECOGNIZER_FILE = "glintr100.onnx"
+from memo.io.hub import FACE_DETECTOR_FILE, FACE_RECOGNIZER_FILE
+
+DETECTOR_FILE = FACE_DETECTOR_FILE
+RECOGNIZER_FILE = FACE_RECOGNIZER_FILE
 DETECTOR_INPUT_SIZE = 64
 EMBEDDING_DIM = 512
 

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from memo.io.hub import EMOTION_CLASSIFIER_FOLDER
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.emotion2vec import CHECKPOINT_PREFIX, Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
@@ -61,7 +62,7 @@ EMOTION2VEC_CONFIG = {
 
 
 def write_memo_networks(root: Path) -> None:
-    """The four MEMO networks and the emotion classifier, in the layout of the ``memoavatar/memo`` repo."""
+    """The four MEMO networks and the emotion classifier, in the layout of the published repo (``MEMO_REPO``)."""
     ReferenceNet(**UNET).save_pretrained(root / "reference_net")
     DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM).save_pretrained(root / "diffusion_net")
     ImageProjModel(cross_attention_dim=TOKEN_DIM).save_pretrained(root / "image_proj")
@@ -70,7 +71,7 @@ def write_memo_networks(root: Path) -> None:
     ).save_pretrained(root / "audio_proj")
     AudioEmotionClassifierModel(
         num_classifier_layers=3, num_classifier_channels=32, input_dim=EMOTION2VEC_DIM
-    ).save_pretrained(root / "misc" / "audio_emotion_classifier")
+    ).save_pretrained(root / EMOTION_CLASSIFIER_FOLDER)
 
 
 def write_vae(directory: Path) -> None:

@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODEL_FILENAME = "Kim_Vocal_2.onnx"
+from memo.io.hub import VOCAL_SEPARATOR_FILE
+from memo.io.partial import write_atomically
+
+MODEL_FILENAME = VOCAL_SEPARATOR_FILE
 
 TINY_SEPARATOR_PARAMS = {
     "compensate": 1.0,
@@ -70,12 +73,6 @@ def write_tiny_vocal_separator(directory: str | os.PathLike, seed: int = 0) -> N
             opset_version=13,
             dynamo=False,
         )
-    _write_atomically(directory / MODEL_FILENAME, buffer.getvalue())
+    write_atomically(directory / MODEL_FILENAME, buffer.getvalue())
     sidecar = directory / f"{Path(MODEL_FILENAME).stem}.params.json"
-    _write_atomically(sidecar, (json.dumps(TINY_SEPARATOR_PARAMS, indent=2) + "\n").encode())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    write_atomically(sidecar, (json.dumps(TINY_SEPARATOR_PARAMS, indent=2) + "\n").encode())

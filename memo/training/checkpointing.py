@@ -24,10 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memo.io.hub import EMOTION_CLASSIFIER_FOLDER
+
 PREFIX = "checkpoint-"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 STATE_NAME = "training_state.json"
-EXTRA_FOLDERS = ("misc/audio_emotion_classifier",)
+EXTRA_FOLDERS = (EMOTION_CLASSIFIER_FOLDER,)
 """Folders of the source checkpoint that are copied into every checkpoint, so that it is a complete model."""
 
 

@@ -15,28 +15,35 @@ several machines, with or without DeepSpeed, as ``accelerate launch`` sets it up
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import AutoencoderKL
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
-from memo.io.hub import resolve_model_dir
-from memo.models.diffusion_net import DiffusionNet
-from memo.models.projections import AudioProjModel, ImageProjModel
-from memo.models.reference_net import ReferenceNet
+from memo.io.partial import Partial
+from memo.loading import ModelLocator, locate_checkpoint
+from memo.pipeline import NETWORKS
+from memo.settings.training import dataloader_workers
 from memo.training.checkpointing import (
-    EXTRA_FOLDERS,
     checkpoint_step,
     load_networks,
     prune_checkpoints,
@@ -53,12 +60,15 @@ from memo.training.validation import render_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
-NETWORKS = {
-    "reference_net": ReferenceNet,
-    "diffusion_net": DiffusionNet,
-    "image_proj": ImageProjModel,
-    "audio_proj": AudioProjModel,
-}
+
+def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> tuple[Path, Path]:
+    """The local folders of the checkpoint and the VAE, found or fetched as inference finds them
+    (:func:`memo.loading.locate_checkpoint`); one :class:`~memo.io.hub.MissingModelError` lists what cannot be
+    had, with the command that downloads it. Cheap once downloaded, so it runs before anything else starts."""
+    locator = ModelLocator()
+    root, vae_dir = locate_checkpoint(locator, model_name_or_path, vae_name_or_path)
+    locator.check()
+    return root, vae_dir
 
 
 def load_model_components(
@@ -66,10 +76,8 @@ def load_model_components(
 ) -> tuple[dict, AutoencoderKL, Path]:
     """The four networks of a checkpoint in the published layout (a directory or a hub id), the VAE (in
     ``vae_dtype``), and the local directory the networks came from."""
-    patterns = [f"{name}/*" for name in NETWORKS] + [f"{folder}/*" for folder in EXTRA_FOLDERS]
-    root = resolve_model_dir(model_name_or_path, patterns)
+    root, vae_dir = locate_training_models(model_name_or_path, vae_name_or_path)
     networks = {name: network.from_pretrained(root / name) for name, network in NETWORKS.items()}
-    vae_dir = resolve_model_dir(vae_name_or_path, ["config.json", "diffusion_pytorch_model.safetensors"])
     return networks, AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype), root
 
 
@@ -177,7 +185,7 @@ def train(config: DictConfig) -> dict:
         list(data.data_dirs),
         width=data.width,
         height=data.height,
-        n_sample_frames=data.n_sample_frames,
+        n_sample_frames=data.num_generated_frames_per_clip,
         num_past_frames=data.num_past_frames,
         dynamic_past_frames=data.dynamic_past_frames,
         past_first_frame_ratio=data.past_first_frame_ratio,
@@ -188,7 +196,7 @@ def train(config: DictConfig) -> dict:
         max_attempts=data.max_attempts,
         length_tolerance=data.length_tolerance,
     )
-    workers = int(data.num_workers)
+    workers = dataloader_workers(data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dataloader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -301,14 +309,24 @@ def train(config: DictConfig) -> dict:
     )
 
     def save_checkpoint(step: int) -> Path:
+        """Every process writes its part into one hidden partial folder; the main process renames it onto
+        ``checkpoint-<step>`` once all are done, so a killed run never leaves a checkpoint ``latest`` would
+        pick up half-written (the next run removes the partial, memo.io.partial)."""
         path = output_dir / f"checkpoint-{step}"
-        if accelerator.is_main_process:
-            for removed in prune_checkpoints(output_dir, config.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}")
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(path))
-        if accelerator.is_main_process:
-            write_training_state(path, step)
+        with contextlib.ExitStack() as stack:
+            names = [None]
+            if accelerator.is_main_process:
+                for removed in prune_checkpoints(output_dir, config.checkpoints_total_limit):
+                    logger.info(f"Removed old checkpoint {removed}")
+                partial = stack.enter_context(Partial(path, directory=True))
+                names = [str(partial.path)]
+            names = broadcast_object_list(names)
+            accelerator.save_state(names[0])
+            if accelerator.is_main_process:
+                write_training_state(names[0], step)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                partial.publish()
         accelerator.wait_for_everyone()
         logger.info(f"Saved checkpoint {path}")
         return path
@@ -331,11 +349,11 @@ def train(config: DictConfig) -> dict:
                         output_dir / "validation" / f"step-{step}.mp4",
                         width=data.width,
                         height=data.height,
-                        frames_per_clip=data.n_sample_frames,
+                        frames_per_clip=data.num_generated_frames_per_clip,
                         past_frames=data.num_past_frames,
                         num_frames=validation.num_frames,
-                        num_inference_steps=validation.num_inference_steps,
-                        guidance_scale=validation.guidance_scale,
+                        num_inference_steps=validation.inference_steps,
+                        guidance_scale=validation.cfg_scale,
                         seed=validation.seed,
                         reference_image=validation.reference_image,
                     )

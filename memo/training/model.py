@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memo.io.hub import NETWORK_FOLDERS
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceFeatures, ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
 from memo.training.conditioning import ConditionDropout, DroppedConditions, drop_emotion, zero_where
 
-NETWORK_NAMES = ("reference_net", "diffusion_net", "image_proj", "audio_proj")
+NETWORK_NAMES = NETWORK_FOLDERS
 
 
 def select_sample(features: ReferenceFeatures, index: int, rows: int) -> ReferenceFeatures:

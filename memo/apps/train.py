@@ -1,0 +1,124 @@
+"""The command line of ``finetune.py``: settings, the checks a first run needs, and errors without tracebacks.
+
+Before anything loads (and before accelerate starts), the settings are read and checked, the checkpoint and
+the VAE are found or fetched (one short block lists what is missing and the command that downloads it), and
+the trackers of ``report_to`` are checked: without a wandb login, wandb logs offline (with a warning saying
+how to upload the run later) rather than failing after the models and data have loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import netrc
+import os
+import sys
+from urllib.parse import urlparse
+
+from omegaconf import DictConfig
+
+from memo.apps.cli import HelpSettingsAction, report_stop
+from memo.errors import UserError, stop_on_signals
+
+logger = logging.getLogger("memo")
+
+WANDB_HOST = "api.wandb.ai"
+
+
+class TrackerError(UserError, RuntimeError):
+    """A tracker of ``report_to`` cannot be used here."""
+
+
+class DataError(UserError, FileNotFoundError):
+    """``data.data_dirs`` names no prepared data."""
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has an API key here without asking: ``WANDB_API_KEY``, or the netrc entry ``wandb login``
+    writes for its host (``WANDB_BASE_URL``, default api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", f"https://{WANDB_HOST}")).hostname or WANDB_HOST
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_trackers(report_to: str) -> None:
+    """Check the trackers of ``report_to`` before anything loads.
+
+    wandb without a login (no ``WANDB_API_KEY``, no ``wandb login``, ``WANDB_MODE`` unset) logs offline, with a
+    warning: the run goes on and ``wandb sync`` uploads it later. A tracker that is not installed is a
+    :class:`TrackerError` saying what to install or which ``report_to`` to use instead."""
+    wanted = {"wandb", "tensorboard"} if report_to == "all" else {report_to} - {"none"}
+    if "wandb" in wanted:
+        if importlib.util.find_spec("wandb") is None:
+            raise TrackerError(
+                "report_to=wandb but wandb is not installed: pip install wandb, or set report_to=tensorboard "
+                "or report_to=none."
+            )
+        mode = os.environ.get("WANDB_MODE", "").lower()
+        if mode not in ("offline", "disabled", "dryrun") and not wandb_logged_in():
+            os.environ["WANDB_MODE"] = "offline"
+            logger.warning(
+                "report_to=wandb but wandb has no login here: logging offline into <output_dir>/wandb (upload "
+                "later with `wandb sync`). To log online run `wandb login` first; report_to=tensorboard or "
+                "report_to=none avoid wandb."
+            )
+    if "tensorboard" in wanted and not any(importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")):
+        raise TrackerError(
+            "report_to=tensorboard but tensorboard is not installed: pip install tensorboard, or set report_to=none."
+        )
+
+
+def preflight(config: DictConfig) -> None:
+    """Everything a run needs that can be checked before the accelerator starts and the models load: the
+    trackers, the checkpoint and VAE files (fetched once into the hub cache), and the prepared data's metadata."""
+    from memo.data.dataset import load_metadata
+    from memo.training.loop import locate_training_models
+
+    check_trackers(config.report_to)
+    locate_training_models(config.model_name_or_path, config.vae)
+    try:
+        load_metadata(list(config.data.data_dirs))
+    except FileNotFoundError as error:
+        raise DataError(f"data.data_dirs: {error} Prepare videos with scripts/prepare_data.py first.") from None
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    from memo.settings.training import settings_help
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="finetuning config (YAML), e.g. configs/finetune.yaml")
+    parser.add_argument("--exp_name", required=True, help="run name: outputs go to <output_dir>/<exp_name>")
+    parser.add_argument(
+        "--help-settings", action=HelpSettingsAction, text=settings_help, help="list every setting and exit"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, description: str = "Finetune MEMO on prepared talking videos.") -> int:
+    """Check, then train; returns the exit status (0 done, 2 bad settings or setup, 130 interrupted)."""
+    args = parse_args(argv, description)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
+    try:
+        from memo.settings.training import load_config
+
+        config = load_config(args.config, args.overrides, exp_name=args.exp_name)
+        preflight(config)
+        from memo.training.loop import train
+
+        with stop_on_signals():
+            train(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as stop:
+        return report_stop(stop, "the checkpoints saved so far are kept (resume_from_checkpoint=latest goes on).")
+    return 0

@@ -1,0 +1,65 @@
+"""The ``scripts/evaluate.py`` command: arguments, one line per problem, the table, the report files."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from memo.errors import UserError, as_path
+from memo.evaluation.models import MetricModels, default_models_dir
+from memo.evaluation.run import DEFAULT_METRICS, METRICS, FeatureCache, evaluate, markdown, pair_videos, write_report
+from memo.io.video import check_output_path
+
+logger = logging.getLogger("memo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Score generated talking videos against references: FID, FVD, Sync-C/Sync-D/offset, CSIM.",
+        epilog="Protocol, published figures of MEMO and its peers, model downloads: docs/evaluation.md.",
+    )
+    parser.add_argument("--generated", required=True, help="folder of generated videos (NAME.mp4)")
+    parser.add_argument("--reference", required=True, help="folder of reference videos NAME.mp4 (+ NAME.png portraits)")
+    parser.add_argument("--audio", help="folder of NAME.wav for the Sync metrics (default: each video's own sound)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(DEFAULT_METRICS), help="what to compute")
+    parser.add_argument(
+        "--models", help=f"folder holding metrics/ and misc/face_analysis/models (default {default_models_dir()})"
+    )
+    parser.add_argument("--out", default="report.json", help="JSON report to write (a Markdown table goes beside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("--cache", help="feature cache folder (default: .feature_cache beside the report)")
+    parser.add_argument("--no_cache", action="store_true", help="compute every feature, store none")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; 0 when every video was scored, 2 when any problem left a figure out or nothing ran."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.WARNING, force=True)
+    logger.setLevel(logging.INFO)
+    try:
+        out = check_output_path(as_path(args.out, "--out"), args.overwrite)
+        generated = as_path(args.generated, "--generated")
+        reference = as_path(args.reference, "--reference")
+        audio = as_path(args.audio, "--audio") if args.audio else None
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        models = MetricModels(as_path(args.models, "--models") if args.models else default_models_dir(), device)
+        cache_dir = (
+            None if args.no_cache else (as_path(args.cache, "--cache") if args.cache else out.parent / ".feature_cache")
+        )
+        pairs, problems = pair_videos(generated, reference, audio)
+        evaluation = evaluate(pairs, tuple(args.metrics), models, FeatureCache(cache_dir))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    evaluation.problems[:0] = problems
+    for line in evaluation.problems:
+        print(line, file=sys.stderr)
+    print(markdown(evaluation))
+    write_report(evaluation, out)
+    print(f"Wrote {out} and {out.with_suffix('.md')}")
+    return 2 if any(line.startswith("error:") for line in evaluation.problems) else 0

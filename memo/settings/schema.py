@@ -1,0 +1,244 @@
+"""The machinery shared by the inference and training settings: typed fields with one line of help and a range,
+loading YAML and ``key=value`` layers over them, and the messages for a bad key.
+
+A settings class is a dataclass whose fields are made by :func:`setting`: a type (the annotation), a default,
+one line of help, and optionally ``choices``, ``minimum``/``maximum`` and ``multiple_of``. Nested dataclasses
+are sections (``data.width``). :func:`load_layers` merges layers through OmegaConf's structured configs, so a
+value of the wrong type is refused, and turns every problem into one :class:`ConfigError` line that names the
+key and, for an unknown key, the closest valid ones (difflib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from memo.errors import UserError
+
+logger = logging.getLogger("memo")
+
+
+class ConfigError(UserError, ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002 (the name argparse and accelerate use)
+    *,
+    factory: Any = dataclasses.MISSING,
+    choices: Sequence[Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    multiple_of: int | None = None,
+) -> Any:
+    """A settings field: ``default`` (or ``factory`` for a list or a section), one line of ``help``, and the
+    checks its value must pass (``None`` always passes: it means "not set")."""
+    metadata = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "multiple_of": multiple_of}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _is_section(kind: Any) -> bool:
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def _is_mapping(kind: Any) -> bool:
+    return typing.get_origin(kind) in (dict, Mapping)
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a settings class."""
+    return typing.get_type_hints(cls)
+
+
+def setting_names(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted setting name of ``cls`` (sections expanded)."""
+    names = []
+    types = hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = types[field.name]
+        if _is_section(kind):
+            names += setting_names(kind, f"{prefix}{field.name}.")
+        else:
+            names.append(f"{prefix}{field.name}")
+    return names
+
+
+def closest(name: str, names: Sequence[str]) -> str:
+    """``"; did you mean 'a' or 'b'?"`` for the valid names closest to ``name``, or ``""``."""
+    leaf = {candidate.rsplit(".", 1)[-1]: candidate for candidate in names}
+    matches = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    matches += [leaf[m] for m in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(leaf), n=3, cutoff=0.6)]
+    matches = list(dict.fromkeys(matches))[:3]
+    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def _type_name(kind: Any) -> str:
+    if kind is type(None):
+        return "None"
+    if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(kind))
+    if typing.get_origin(kind) is not None:
+        args = ", ".join(_type_name(arg) for arg in typing.get_args(kind))
+        return f"{typing.get_origin(kind).__name__}[{args}]"
+    return getattr(kind, "__name__", str(kind))
+
+
+def describe(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+    """``(name, type, default, help)`` of every setting of ``cls``, sections expanded, in declaration order."""
+    types = hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = types[field.name]
+        if _is_section(kind):
+            yield from describe(kind, f"{prefix}{field.name}.")
+            continue
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        meta = field.metadata
+        kind_text = _type_name(kind)
+        if meta.get("choices"):
+            kind_text += ": " + "|".join(map(str, meta["choices"]))
+        bounds = [f">= {meta['minimum']}" if meta.get("minimum") is not None else ""]
+        bounds += [f"<= {meta['maximum']}" if meta.get("maximum") is not None else ""]
+        bounds += [f"multiple of {meta['multiple_of']}" if meta.get("multiple_of") else ""]
+        bounds = [bound for bound in bounds if bound]
+        if bounds:
+            kind_text += f" ({', '.join(bounds)})"
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        yield f"{prefix}{field.name}", kind_text, shown, meta.get("help", "")
+
+
+def help_text(cls: type, title: str) -> str:
+    """The ``--help-settings`` listing: one setting a line, its type and range, default and help."""
+    rows = list(describe(cls))
+    width = max(len(name) for name, *_ in rows)
+    lines = [title, ""]
+    for name, kind, default, text in rows:
+        lines.append(f"  {name:<{width}}  {text}")
+        lines.append(f"  {'':<{width}}  [{kind}; default {default}]")
+    return "\n".join(lines)
+
+
+def range_problems(settings: Any, prefix: str = "") -> list[str]:
+    """What breaks the ``choices``/``minimum``/``maximum``/``multiple_of`` of each field (sections included)."""
+    problems = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        name = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(value):
+            problems += range_problems(value, f"{name}.")
+            continue
+        if value is None or isinstance(value, (list, dict)):
+            continue
+        meta = field.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            problems.append(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        elif meta.get("minimum") is not None and value < meta["minimum"]:
+            problems.append(f"{name} must be at least {meta['minimum']}, got {value}")
+        elif meta.get("maximum") is not None and value > meta["maximum"]:
+            problems.append(f"{name} must be at most {meta['maximum']}, got {value}")
+        elif meta.get("multiple_of") and value % meta["multiple_of"]:
+            problems.append(f"{name} must be a multiple of {meta['multiple_of']}, got {value}")
+    return problems
+
+
+def read_yaml(path: str | os.PathLike) -> DictConfig:
+    """A YAML settings file as a mapping; :class:`ConfigError` if it is missing, not YAML or not a mapping."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {reason}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of settings.")
+    return loaded
+
+
+def read_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides (OmegaConf dot-list syntax) as a mapping; :class:`ConfigError` for a malformed one."""
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"Override {item!r} must look like key=value.")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"Invalid override: {str(error).splitlines()[0]}") from None
+
+
+def _leaves(layer: DictConfig, cls: type | None, prefix: str = "") -> Iterator[tuple[str, bool]]:
+    """Each dotted key of ``layer`` with whether ``cls`` knows it (a dict-typed setting takes any keys below)."""
+    types = hints(cls) if cls is not None else {}
+    for key in list(layer.keys()):
+        name = f"{prefix}{key}"
+        kind = types.get(str(key))
+        if kind is None:
+            yield name, False
+        elif _is_section(kind) and isinstance(layer[key], DictConfig):
+            yield from _leaves(layer[key], kind, f"{name}.")
+        else:
+            yield name, True
+
+
+def _move(layer: DictConfig, old: str, new: str) -> bool:
+    """Move dotted key ``old`` of ``layer`` to ``new``; whether it was there."""
+    parent_path, _, leaf = old.rpartition(".")
+    parent = OmegaConf.select(layer, parent_path) if parent_path else layer
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        return False
+    value = parent[leaf]
+    del parent[leaf]
+    OmegaConf.update(layer, new, value, merge=False, force_add=True)
+    return True
+
+
+def load_layers(
+    cls: type,
+    layers: Sequence[tuple[str, DictConfig]],
+    renamed: Mapping[str, str] = {},  # noqa: B006 (read only)
+    ignored: Mapping[str, str] = {},  # noqa: B006 (read only)
+    help_command: str = "--help-settings",
+) -> DictConfig:
+    """The defaults of ``cls`` with each ``(origin, layer)`` merged over them in turn, typed (a DictConfig
+    backed by ``cls``).
+
+    A key in ``renamed`` (old dotted name -> new) is moved to its new name with a deprecation warning; a key in
+    ``ignored`` (name -> why) is dropped with a warning. An unknown key or a value of the wrong type raises
+    :class:`ConfigError` naming the key, where it came from, and the closest valid keys.
+    """
+    names = setting_names(cls)
+    merged = OmegaConf.structured(cls)
+    for origin, layer in layers:
+        for old, new in renamed.items():
+            if _move(layer, old, new):
+                logger.warning("%s in %s is deprecated: it is now called %s.", old, origin, new)
+        for key, why in ignored.items():
+            if key in layer:
+                logger.warning("Ignoring %s from %s: %s.", key, origin, why)
+                del layer[key]
+        for key, known in _leaves(layer, cls):
+            if not known:
+                raise ConfigError(
+                    f"Unknown setting {key!r} in {origin}{closest(key, names)} (`{help_command}` lists every setting)."
+                )
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            key = getattr(error, "full_key", "") or "?"
+            value = OmegaConf.select(layer, key, default=None) if key != "?" else None
+            reason = str(getattr(error, "msg", error)).strip().splitlines()[0]
+            field = dict(zip(names, [kind for _, kind, _, _ in describe(cls)])).get(key)
+            wanted = f" (it takes {field})" if field else ""
+            shown = f"={value}" if value is not None else ""
+            raise ConfigError(f"Invalid setting {key}{shown} in {origin}: {reason}{wanted}.") from None
+    return merged

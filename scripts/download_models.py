@@ -1,0 +1,63 @@
+"""Download every published model MEMO uses into the Hugging Face cache, once, so that later runs work offline.
+
+    python scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--list]
+
+The models, their files, licences and sizes are the registry in ``memo/io/hub.py``. Files already in the cache
+are not fetched again, and an interrupted download resumes. With ``--cache_dir`` the files go there; give the
+same folder to the programs as ``model_cache_dir=DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from memo.io.hub import REGISTRY, download_all, size_text
+
+
+def table(components: list[str]) -> str:
+    """Registry rows as aligned lines: component, hub repo, size, licence."""
+    rows = [(m.component, m.repo_id, m.size, m.licence) for m in (REGISTRY[name] for name in components)]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"  {c:<{widths[0]}}  {r:<{widths[1]}}  {s:>{widths[2]}}  {lic}" for c, r, s, lic in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help=f"comma-separated components (default: all): {', '.join(REGISTRY)}")
+    parser.add_argument("--cache_dir", help="download into this folder instead of the Hugging Face cache")
+    parser.add_argument("--list", action="store_true", help="list the models and exit")
+    args = parser.parse_args(argv)
+    components = [name.strip() for name in args.only.split(",")] if args.only else list(REGISTRY)
+    unknown = [name for name in components if name not in REGISTRY]
+    if unknown:
+        print(
+            f"error: --only: unknown component {', '.join(unknown)}; choose from {', '.join(REGISTRY)}.",
+            file=sys.stderr,
+        )
+        return 2
+    total = size_text(sum(REGISTRY[name].megabytes for name in components))
+    print(f"MEMO's models ({total} in all):\n{table(components)}")
+    if args.list:
+        return 0
+    try:
+        folders = download_all(components, cache_dir=args.cache_dir)
+    except KeyboardInterrupt:
+        print("interrupted; run the command again to resume.", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one line for any hub or network failure
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"error: the download failed ({type(error).__name__}: {reason}); check the network and run the "
+            "command again (it resumes).",
+            file=sys.stderr,
+        )
+        return 2
+    for repo, folder in folders.items():
+        print(f"  {repo}: {folder}")
+    print("Done: inference.py, app.py and finetune.py now find the models without the network.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

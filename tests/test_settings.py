@@ -1,0 +1,297 @@
+"""The typed settings model (memo/settings), the model registry (memo/io/hub.py) and the first-run checks.
+
+In-process tests of the settings model and the registry first; then a few whole-program tests (marked e2e):
+bad keys in every entry point, ``--help-settings``, and first runs offline and without a wandb login.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from memo.io import hub
+from memo.settings import inference, schema, training
+
+# -- the settings model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [inference.InferenceConfig, training.TrainingConfig])
+def test_every_setting_has_a_type_a_default_and_one_line_of_help(cls):
+    rows = list(schema.describe(cls))
+    names = [name for name, *_ in rows]
+    assert names == schema.setting_names(cls) and len(set(names)) == len(names)
+    for name, kind, default, text in rows:
+        assert kind and default and text and "\n" not in text, name
+    listing = (inference.settings_help if cls is inference.InferenceConfig else training.settings_help)()
+    assert all(f"  {name} " in listing for name in names)
+
+
+def test_inference_bad_keys_name_the_key_and_the_closest_valid_ones(tmp_path):
+    with pytest.raises(
+        schema.ConfigError,
+        match="Unknown setting 'inferance_steps' in the command line; did you mean 'inference_steps'",
+    ):
+        inference.load_config(None, ["inferance_steps=3"])
+    with pytest.raises(schema.ConfigError, match=r"Invalid setting seed=abc in the command line: .*\(it takes int"):
+        inference.load_config(None, ["seed=abc"])
+    with pytest.raises(schema.ConfigError, match="crf must be at most 51, got 99"):
+        inference.load_config(None, ["crf=99"])
+    yaml = tmp_path / "mine.yaml"
+    yaml.write_text("inference_steps: 10\nframming: crop\n")
+    with pytest.raises(schema.ConfigError, match=f"Unknown setting 'framming' in {yaml}; did you mean 'framing'"):
+        inference.load_config(yaml)
+    with pytest.raises(schema.ConfigError, match="did you mean 'cfg_scale'"):
+        inference.check_names({"cfg_scal": 2.0}, "with_settings()")
+
+
+def test_training_bad_keys_name_the_key_and_the_closest_valid_ones():
+    config = REPO / "configs" / "finetune.yaml"
+    with pytest.raises(
+        schema.ConfigError, match="Unknown setting 'data.no_such_key' in the command line; did you mean 'data."
+    ):
+        training.load_config(config, ["data.no_such_key=1"])
+    with pytest.raises(schema.ConfigError, match="Unknown setting 'validation.stepz'.*'validation.steps'"):
+        training.load_config(config, ["validation.stepz=1"])
+    with pytest.raises(schema.ConfigError, match="Invalid setting learning_rate=fast in the command line"):
+        training.load_config(config, ["learning_rate=fast"])
+    with pytest.raises(schema.ConfigError, match="data.past_zero_ratio must be at most 1, got 2.0"):
+        training.load_config(config, ["data.past_zero_ratio=2"])
+    with pytest.raises(schema.ConfigError, match="mixed_precision must be one of no, fp16, bf16, got 'fp8'"):
+        training.load_config(config, ["mixed_precision=fp8"])
+    loaded = training.load_config(config, ["data.width=256"])
+    with pytest.raises(Exception, match="could not be converted"):  # the result stays typed
+        loaded.data.width = "wide"
+
+
+def test_old_training_names_still_work_with_a_visible_deprecation_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="memo"):
+        config = training.load_config(
+            REPO / "configs" / "finetune.yaml",
+            ["data.n_sample_frames=8", "validation.num_inference_steps=3", "validation.guidance_scale=2.5"],
+        )
+    assert config.data.num_generated_frames_per_clip == 8
+    assert config.validation.inference_steps == 3 and config.validation.cfg_scale == 2.5
+    warned = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    for old, new in training.RENAMED.items():
+        assert any(old in message and "deprecated" in message and new in message for message in warned), warned
+
+
+def test_shipped_configs_and_the_tiny_packs_config_load_without_warnings(pack, caplog):
+    with caplog.at_level(logging.WARNING, logger="memo"):
+        inference.load_config(REPO / "configs" / "inference.yaml")
+        inference.load_config(pack / "inference.yaml")
+        training.load_config(REPO / "configs" / "finetune.yaml")
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
+
+
+def test_same_settings_share_defaults_between_inference_and_training():
+    """A setting inference and training both have holds the same default under the same name."""
+    run, train = inference.InferenceConfig(), training.TrainingConfig()
+    assert (run.model_name_or_path, run.vae) == (train.model_name_or_path, train.vae)
+    assert run.num_generated_frames_per_clip == train.data.num_generated_frames_per_clip
+    assert run.num_past_frames == train.data.num_past_frames
+    assert (run.inference_steps, run.cfg_scale) == (train.validation.inference_steps, train.validation.cfg_scale)
+
+
+def test_dataloader_workers_default_to_the_cores_this_process_has(caplog):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert training.dataloader_workers(None) == min(cores, training.MAX_DEFAULT_WORKERS)
+    assert training.dataloader_workers(0) == 0
+    with caplog.at_level(logging.WARNING, logger="memo"):
+        assert training.dataloader_workers(cores + 6) == cores
+    assert f"data.num_workers={cores + 6} but this process has {cores} CPU core" in caplog.text
+
+
+# -- the model registry --------------------------------------------------------------------------------------
+
+
+def _string_constants(path: Path) -> list[str]:
+    """The string literals of a Python file, docstrings left out (prose may name a model)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    docstrings |= {  # attribute docstrings: a string statement after an assignment
+        id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_each_model_fact_is_defined_once_in_the_code():
+    """Hub ids and model file names appear as a literal only in memo/io/hub.py, across the package, the entry
+    points, the scripts and the ComfyUI pack."""
+    facts = {model.repo_id for model in hub.REGISTRY.values()}
+    facts |= {hub.FACE_DETECTOR_FILE, hub.FACE_RECOGNIZER_FILE, hub.VOCAL_SEPARATOR_FILE}
+    sources = [*REPO.glob("*.py"), *(REPO / "memo").rglob("*.py"), *(REPO / "scripts").glob("*.py")]
+    sources += list((REPO / "comfyui_memo").glob("*.py"))
+    found: dict[str, list[str]] = {fact: [] for fact in facts}
+    for path in sources:
+        for text in _string_constants(path):
+            for fact in facts:
+                if fact in text:
+                    found[fact].append(str(path.relative_to(REPO)))
+    assert found == {fact: ["memo/io/hub.py"] for fact in facts}
+
+
+def test_readme_model_table_is_the_registry():
+    """The README's model table lists exactly the registry's rows: setting, repo, licence and size."""
+    readme = (REPO / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and line.count("|") == 7]
+    table = {}
+    for line in rows:
+        cells = [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        if cells[0] in hub.REGISTRY:
+            table[cells[0]] = (cells[1], cells[2], cells[4], cells[5])
+    assert table == {m.component: (m.setting, m.repo_id, m.licence, m.size) for m in hub.REGISTRY.values()}
+    for model in hub.REGISTRY.values():  # each file named in its row
+        row = next(line for line in rows if line.startswith(f"| {model.component} |"))
+        assert all(Path(pattern.rstrip("/*")).name in row for pattern in model.files), row
+
+
+def test_missing_models_message_is_one_short_block():
+    message = hub.missing_models_message(
+        [("vae", hub.VAE_REPO, "not downloaded"), ("wav2vec", "/data/w2v", "no such folder")]
+    )
+    lines = message.splitlines()
+    assert lines[0] == "2 models are not available:"
+    assert lines[1] == f"  - vae={hub.VAE_REPO} ({hub.REGISTRY['vae'].size}): not downloaded"
+    assert lines[2] == "  - wav2vec=/data/w2v: no such folder"
+    assert hub.DOWNLOAD_COMMAND in lines[3] and "vae=DIR wav2vec=DIR" in lines[4] and len(lines) == 5
+
+
+# -- first-run checks of finetune.py -------------------------------------------------------------------------
+
+
+def test_wandb_without_a_login_logs_offline_with_a_warning(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("wandb")
+    from memo.apps.train import check_trackers
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    with caplog.at_level(logging.WARNING, logger="memo"):
+        check_trackers("wandb")
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert "wandb login" in caplog.text and "wandb sync" in caplog.text and "report_to=none" in caplog.text
+    caplog.clear()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    monkeypatch.delenv("WANDB_MODE")
+    check_trackers("wandb")  # logged in: left alone
+    assert "WANDB_MODE" not in os.environ and not caplog.records
+
+
+@pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(name) for name in ("tensorboard", "tensorboardX")),
+    reason="tensorboard is installed",
+)
+def test_a_tracker_that_is_not_installed_is_one_line():
+    from memo.apps.train import TrackerError, check_trackers
+
+    with pytest.raises(TrackerError, match="report_to=tensorboard but tensorboard is not installed: pip install"):
+        check_trackers("tensorboard")
+
+
+# -- whole programs ------------------------------------------------------------------------------------------
+
+
+def _run(*args: str, env: dict | None = None, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env or dict(os.environ), cwd=cwd
+    )
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "models: loaded" not in result.stderr  # stopped before any model loaded
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.e2e
+def test_bad_keys_in_every_entry_point_are_one_line_before_any_model_loads(pack, tmp_path):
+    config = str(pack / "inference.yaml")
+    image = REPO / "assets" / "examples" / "portrait.jpg"
+    audio = REPO / "assets" / "examples" / "speech.wav"
+    _assert_one_error_line(
+        _run(str(REPO / "inference.py"), "--config", config, "--output_dir", str(tmp_path / "a"), "inferance_steps=2"),
+        "Unknown setting 'inferance_steps'", "did you mean 'inference_steps'",
+    )  # fmt: skip
+    _assert_one_error_line(
+        _run(str(REPO / "finetune.py"), "--config", "configs/finetune.yaml", "--exp_name", "x", "data.no_such_key=1"),
+        "Unknown setting 'data.no_such_key'", "did you mean 'data.",
+    )  # fmt: skip
+    _assert_one_error_line(
+        _run(str(REPO / "finetune.py"), "--config", "configs/finetune.yaml", "--exp_name", "x", "seed=abc"),
+        "Invalid setting seed=abc",
+    )  # fmt: skip
+    _assert_one_error_line(
+        _run(str(REPO / "app.py"), "--config", config, "--output_dir", str(tmp_path / "w"), "crf=99"),
+        "crf must be at most 51, got 99",
+    )  # fmt: skip
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"image,audio,cfg_scal\n{image},{audio},2\n")
+    batch = str(REPO / "scripts" / "batch_inference.py")
+    result = _run(batch, "--manifest", str(manifest), "--output_dir", str(tmp_path / "b"), "--config", config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "line 2: column 'cfg_scal' is neither a file column nor a setting; did you mean 'cfg_scale'" in result.stderr
+    manifest.write_text(f"image,audio\n{image},{audio}\n")
+    result = _run(batch, "--manifest", str(manifest), "--output_dir", str(tmp_path / "b"), "--config", config, "fps=x")
+    _assert_one_error_line(result, "Invalid setting fps=x")
+    assert not any(tmp_path.glob("*/*.mp4"))
+
+
+@pytest.mark.e2e
+def test_help_settings_lists_every_setting_from_the_model():
+    for program, cls in (("inference.py", inference.InferenceConfig), ("finetune.py", training.TrainingConfig)):
+        result = _run(str(REPO / program), "--help-settings")
+        assert result.returncode == 0, result.stderr
+        for name, kind, default, text in schema.describe(cls):
+            assert (
+                f"  {name} " in result.stdout
+                and text in result.stdout
+                and f"[{kind}; default {default}]" in result.stdout
+            )
+
+
+@pytest.mark.e2e
+def test_finetune_first_run_offline_without_the_vae_or_a_wandb_login(pack, tmp_path):
+    """finetune.py with the README's config (report_to: wandb), no wandb login, offline with an empty cache, and
+    a checkpoint without its own VAE: the wandb warning and the short missing-model block, before accelerate."""
+    pytest.importorskip("wandb")
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(pack, checkpoint, ignore=shutil.ignore_patterns("vae"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env |= {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache"), "HOME": str(tmp_path)}
+    result = _run(
+        str(REPO / "finetune.py"), "--config", str(REPO / "configs" / "finetune.yaml"), "--exp_name", "first",
+        f"model_name_or_path={checkpoint}", f"output_dir={tmp_path / 'runs'}", env=env,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    block = result.stderr[result.stderr.index("error: ") :].splitlines()
+    assert block[0] == "error: 1 model is not available:"
+    assert block[1].startswith(f"  - vae={hub.VAE_REPO} (") and "HF_HUB_OFFLINE" in block[1]
+    assert hub.DOWNLOAD_COMMAND in block[2] and "vae=DIR" in block[3] and len(block) == 4
+    assert "wandb has no login here: logging offline" in result.stderr
+    assert "Distributed environment" not in result.stderr  # the accelerator never started
+    assert not (tmp_path / "runs").exists()
