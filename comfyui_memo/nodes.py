@@ -62,7 +62,9 @@ class LoadMemo:
                     "STRING",
                     {
                         "default": MEMO_REPO,
-                        "tooltip": "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo).",
+                        "tooltip": (
+                            "A folder in models/memo, a path, or a Hugging Face repo id (downloaded into models/memo)."
+                        ),
                     },
                 ),
                 "weight_dtype": (
@@ -77,14 +79,20 @@ class LoadMemo:
                     {
                         "default": "",
                         "multiline": True,
-                        "tooltip": "More settings of configs/inference.yaml, one key=value per line (e.g. vocal_separation=false).",
+                        "tooltip": (
+                            "More settings of configs/inference.yaml, one key=value per line"
+                            " (e.g. vocal_separation=false)."
+                        ),
                     },
                 ),
                 "speed": (
                     list(SPEEDS),
                     {
                         "default": DEFAULTS.speed,
-                        "tooltip": "exact: the published computation. fast: under a quarter of its compute, slightly different frames (README, Speed settings).",
+                        "tooltip": (
+                            "exact: the published computation. fast: under a quarter of its compute, slightly"
+                            " different frames (README, Speed settings)."
+                        ),
                     },
                 ),
             },

@@ -32,6 +32,7 @@ from memo.io.video import VideoWriter, check_output_path, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
+from memo.runtime.memory import fitting_mode
 from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
     apply_offload,
@@ -46,7 +47,16 @@ logger = logging.getLogger("memo")
 
 LOAD_SETTINGS = frozenset(
     ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
-    + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds", "compile", "offload", "parallel")
+    + (
+        "device",
+        "weight_dtype",
+        "vocal_separation",
+        "audio_chunk_seconds",
+        "compile",
+        "offload",
+        "fp8_weights",
+        "parallel",
+    )
 )
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
@@ -105,7 +115,7 @@ class MemoGenerator:
         if self.compiled:
             cache = use_inductor_cache()  # before the first call, where compilation happens
             compile_networks(self.pipeline)
-        apply_offload(self.pipeline, self.offload, self.device)
+        apply_offload(self.pipeline, self.offload, self.device, fp8=config.fp8_weights)
         self.conditions = ConditionModels.load(files, config, self.device)
         logger.info(
             "models: loaded on %s (%s, offload %s) in %.1f s",
@@ -310,8 +320,8 @@ class MemoGenerator:
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
-                f"vae_batch_size={config.vae_batch_size}. Try weight_dtype=bf16, vae_batch_size=1, or a smaller "
-                "resolution (e.g. resolution=384); offload=model or offload=group; close other programs using the GPU."
+                f"offload={self.offload}. {self.mode_that_fits(width, height)}Or try vae_batch_size=1, a smaller "
+                "resolution (e.g. resolution=384), fp8_weights=true; close other programs using the GPU."
             ) from error
         if self.compiled and compile_seconds() > compile_before:
             logger.info("generate: %.1f s of it compiling the networks", compile_seconds() - compile_before)
@@ -326,6 +336,16 @@ class MemoGenerator:
         audio = PreparedAudio(source=None, waveform=None, features=features, emotion_labels=labels, emotion="")
         self.render_clips(image, audio, seed, lambda frames: None, progress)
         return output_path
+
+    def mode_that_fits(self, width: int, height: int) -> str:
+        """A sentence naming the offload mode whose counted peak fits this device's memory, or ''."""
+        if self.device.type != "cuda":
+            return ""
+        total = torch.cuda.mem_get_info(self.device)[1]
+        mode = fitting_mode(total, width, height, self.dtype)
+        if mode is None or mode == self.offload:
+            return ""
+        return f"offload={mode} fits {total / 2**30:.0f} GiB at this size (counted; README, memory modes). "
 
     @contextlib.contextmanager
     def conditions_out_of_the_way(self) -> Iterator[None]:

@@ -29,6 +29,7 @@ from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
+from memo.runtime.memory import new_memory, vae_frames
 from memo.runtime.parallel import GuidanceParallel
 from memo.sampling.deep_cache import DeepFeatureCache
 from memo.sampling.guidance import ClipConditions, combine_guidance
@@ -447,8 +448,9 @@ class MemoPipeline(DiffusionPipeline):
         guided = any(step.batched for step in plan)  # the conditions hold both halves
         image_tokens = self.encode_image_tokens(face_embedding, guided=guided)
         reference_image = reference_image.to(device, self.vae.dtype)
-        memory = memory if memory is not None else TemporalMemory()
+        memory = memory if memory is not None else new_memory(self)
         memory.reset()
+        vae_batch_size = vae_frames(self, vae_batch_size)
 
         height, width = reference_image.shape[-2:]
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)

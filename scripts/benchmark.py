@@ -15,9 +15,9 @@ between runs shows), and the table reports the speed-up as a ratio. ``--variants
 ``compile``/``offload`` choice (``eager``, ``compiled``, ``model``, ``group``, or joined as
 ``compiled+model``) on freshly built networks and prints, per phase, s/frame, achieved TFLOP/s and the
 fraction of the chip's dense bf16 peak, and peak allocated/reserved GPU memory. ``--speed exact fast`` times
-each speed preset (memo/speed.py) in turn in the same process and reports FLOPs per frame next to the time;
+each speed preset (memo/sampling/speed.py) in turn in the same process and reports FLOPs per frame next to the time;
 those FLOPs are counted with PyTorch's FLOP counter on the same networks built on the ``meta`` device
-(memo/flops.py).
+(memo/bench/flops.py).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from collections.abc import Iterator
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from memo.bench.flops import clip_flops
+from memo.bench.flops import audio_features_flops, clip_flops
+from memo.bench.memory import SD_VAE_CONFIG
 from memo.conditions.audio_features import Wav2VecAudioEncoder
-from memo.constants import DTYPES
+from memo.constants import DTYPES, SAMPLE_RATE
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
@@ -48,13 +48,7 @@ from memo.runtime.placement import apply_offload
 from memo.sampling.speed import SPEEDS, SpeedSettings, preset, variants
 from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
 
-SD_VAE = dict(
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    sample_size=256,
-)
+SD_VAE = SD_VAE_CONFIG
 TINY_VAE = dict(
     block_out_channels=(16, 32, 32, 32),
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -199,14 +193,18 @@ def peak_memory(timer: Timer) -> str:
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
 
 
+def clip_waveform(frames: int, fps: float) -> torch.Tensor:
+    """Random speech-level audio at the model's sample rate that gives ``frames`` video frames at ``fps``."""
+    return torch.randn(math.ceil(frames / fps * SAMPLE_RATE) - 400) * 0.1
+
+
 def generate(
     pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, around, speed: SpeedSettings | None = None
 ) -> None:
     """One generation of ``args.clips`` clips with random inputs, each phase inside ``around(phase)``, at
     ``speed`` (default: exact with ``args.steps``)."""
     speed = speed or preset("exact", args.steps)
-    frames = args.clips * args.frames_per_clip
-    waveform = torch.randn(math.ceil(frames / args.fps * 16000) - 400) * 0.1
+    waveform = clip_waveform(args.clips * args.frames_per_clip, args.fps)
     with around("preprocessing (wav2vec2)"):
         features = audio(waveform, args.fps, args.frames_per_clip)
     with around_phases(pipe, around):
@@ -238,21 +236,27 @@ def run_timed(
     return timer
 
 
-def count_flops_per_frame(pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args) -> dict[str, float]:
-    """FLOPs per video frame of each phase, counted with torch's FlopCounterMode (matmuls, convolutions and
-    attention; elementwise work is not counted) over one clip of ``args.steps`` steps on the pipeline's own
-    device. Per-clip work (VAE, reference net) and per-step work scale alike with clips, so one clip gives
-    the per-frame count of any length."""
-    counts: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def count(name: str) -> Iterator[None]:
-        with FlopCounterMode(display=False) as counter:
-            yield
-        counts[name] += counter.get_total_flops()
-
-    one_clip = argparse.Namespace(**{**vars(args), "clips": 1})
-    generate(pipe, audio, one_clip, args.vae_batch_size, count)
+def count_flops_per_frame(audio: Wav2VecAudioEncoder, args) -> dict[str, float]:
+    """FLOPs per video frame of each phase of an exact generation of ``args.steps`` steps, counted by
+    memo.bench.flops (torch's FlopCounterMode: matmuls, convolutions and attention; elementwise work is not
+    counted): the networks' calls of one clip on the networks built on the meta device, and the audio
+    features of one clip's audio on ``audio``'s own device. Per-clip work (VAE, reference net) and per-step
+    work scale alike with clips, so one clip gives the per-frame count of any length."""
+    clip = clip_flops(
+        meta_pipeline(args),
+        preset("exact", args.steps),
+        args.resolution,
+        args.resolution,
+        frames_per_clip=args.frames_per_clip,
+    )
+    wav2vec = audio_features_flops(audio, clip_waveform(args.frames_per_clip, args.fps), args.fps, args.frames_per_clip)
+    counts = {
+        "preprocessing (wav2vec2)": wav2vec,
+        "reference net": clip.reference_net,
+        "denoising steps": clip.denoising,
+        "VAE encode": clip.vae_encode,
+        "VAE decode": clip.vae_decode,
+    }
     return {name: flops / args.frames_per_clip for name, flops in counts.items()}
 
 
@@ -309,9 +313,8 @@ def run_variants(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     for spec in args.variants.split(","):
         compiled, offload = parse_variant(spec)
         pipe, audio, compile_s = build_variant(args, device, dtype, compiled, offload)
-        if flops is None:  # the same work whatever the variant: counted once, on the eager path
-            with torch.compiler.set_stance("force_eager"):
-                flops = count_flops_per_frame(pipe, audio, args)
+        if flops is None:  # the same work whatever the variant: counted once
+            flops = count_flops_per_frame(audio, args)
         timer = run_timed(pipe, audio, args, args.vae_batch_size)
         phases = {}
         for name in PHASES:
@@ -352,11 +355,13 @@ def print_variants(results: list[dict]) -> None:
         reserved = max((row.get("peak_reserved_gib", 0.0) for row in phases), default=0.0)
         memory = f", peak {allocated:.2f} GiB allocated / {reserved:.2f} GiB reserved" if reserved else ""
         print(
-            f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, {result['s_per_frame']:.3f} s/frame"
+            f"\n{result['variant']} on {result['device']}: {result['total_seconds']:.2f} s, "
+            f"{result['s_per_frame']:.3f} s/frame"
             f"{memory} (compiling: {result['compile_seconds']:.1f} s before timing)"
         )
         print(
-            f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}{'alloc GiB':>11}{'reserved GiB':>14}"
+            f"{'phase':26}{'s/frame':>10}{'GFLOP/frame':>13}{'TFLOP/s':>9}{'of peak':>9}"
+            f"{'alloc GiB':>11}{'reserved GiB':>14}"
         )
         for name, row in result["phases"].items():
             gflop = f"{row['flops_per_frame'] / 1e9:.1f}" if "flops_per_frame" in row else "-"
@@ -367,9 +372,14 @@ def print_variants(results: list[dict]) -> None:
             print(f"{name:26}{row['s_per_frame']:>10.4f}{gflop:>13}{tflops:>9}{share:>9}{alloc:>11}{res:>14}")
 
 
+def meta_pipeline(args) -> MemoPipeline:
+    """The ``args.size`` networks built on the meta device, where memo.bench.flops counts at no cost."""
+    return build_pipeline(args.size, torch.device("meta"), DTYPES[args.dtype])[0]
+
+
 def flops_per_frame(args, speeds: dict[str, SpeedSettings]) -> dict[str, float]:
     """FLOPs per frame of one clip for each of ``speeds``, counted on the networks built on the meta device."""
-    meta, _ = build_pipeline(args.size, torch.device("meta"), DTYPES[args.dtype])
+    meta = meta_pipeline(args)
     return {
         name: clip_flops(meta, speed, args.resolution, args.resolution, frames_per_clip=args.frames_per_clip).per_frame
         for name, speed in speeds.items()
@@ -467,7 +477,8 @@ def main() -> None:
         ours_split = {p: (rows[0][1].get(p, 0.0) + rows[2][1].get(p, 0.0)) / 2 for p in phases}
         ours_mean = (rows[0][2] + rows[2][2]) / 2
         print(
-            f"\nspeed-up over the original's settings (against the mean of our two runs): {rows[1][2] / ours_mean:.2f}x overall; "
+            "\nspeed-up over the original's settings (against the mean of our two runs): "
+            f"{rows[1][2] / ours_mean:.2f}x overall; "
             + ", ".join(f"{p} {rows[1][1].get(p, 0) / max(ours_split[p], 1e-9):.2f}x" for p in phases[1:])
         )
 

@@ -1,7 +1,9 @@
 """The web app as a user meets it: ``python app.py`` on the tiny model pack, driven through gradio_client and a
 real headless Chromium; bad input comes back as our message, and a second request waits for the first.
 
-The browser test keeps a screenshot of the page with its video at ``test-artifacts/app.png``.
+The browser test keeps a screenshot of the page with its video at ``test-artifacts/app.png``. The server, the
+client and the browser are the ``e2e`` tier; the page's handlers and the start-up checks also run in this
+process (default tier).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 
 from memo.io.video import probe_video
@@ -91,6 +93,7 @@ def generate_args(image: Path, audio: Path, *, steps: int = 2, guidance: float =
     return handle_file(str(image)), handle_file(str(audio)), "auto", "64x64", steps, guidance, 7, "crop", speed
 
 
+@pytest.mark.e2e
 def test_renders_uploads_with_progress_and_queues_the_next_request(app_url, speech, tmp_path):
     from gradio_client.exceptions import AppError
     from gradio_client.utils import Status
@@ -122,12 +125,14 @@ def test_renders_uploads_with_progress_and_queues_the_next_request(app_url, spee
     assert good_when_bad_ended == 1, "the second request ran alongside the first instead of waiting for it"
 
 
+@pytest.mark.e2e
 def test_preview_shows_the_face_crop(app_url, tmp_path):
     client = gradio_client.Client(app_url, verbose=False, download_files=str(tmp_path))
     path = client.predict(gradio_client.handle_file(str(EXAMPLE_IMAGE)), "128x64", "crop", api_name="/preview")
     assert Image.open(path).size == (128, 64)
 
 
+@pytest.mark.e2e
 def test_the_page_in_a_browser_renders_the_example(app_url):
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MEMO_TEST_CHROMIUM)")
@@ -154,9 +159,44 @@ def test_the_page_in_a_browser_renders_the_example(app_url):
             browser.close()
 
 
-def test_bad_settings_stop_the_app_with_a_message(pack):
-    command = [sys.executable, str(REPO / "app.py"), "--config", str(pack / "inference.yaml"), "resolution=100"]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+def test_bad_settings_stop_the_app_with_a_message(pack, where):
+    from memo.apps import web
+
+    args = ["--config", str(pack / "inference.yaml"), "resolution=100"]
+    if where == "program":
+        command = [sys.executable, str(REPO / "app.py"), *args]
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    else:
+        result = run_main(web.main, args)
     assert result.returncode == 2
     assert "error: Invalid settings: width must be a positive multiple of 64" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path):
+    """The handlers the page calls, on one loaded generator: a video with progress, the face crop, our message."""
+    import gradio as gr
+
+    from memo.apps.web import WebApp
+    from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
+
+    generator = MemoGenerator(load_config(pack / "inference.yaml", ["cfg_scale=1"]))
+    app = WebApp(generator, tmp_path / "web")
+    app.build()
+    progress: list[tuple[float, str]] = []
+
+    def record(fraction, desc=""):
+        progress.append((fraction, desc))
+
+    video = app.generate(str(EXAMPLE_IMAGE), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", progress=record)
+    info = probe_video(video)
+    assert Path(video).parent == tmp_path / "web"
+    assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
+    assert any("left" in desc for _, desc in progress), progress
+    assert app.preview(str(EXAMPLE_IMAGE), "128x64", "crop").size == (128, 64)
+    faceless = tmp_path / "flat_grey.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
+    with pytest.raises(gr.Error, match="No face was found in .*flat_grey.png"):
+        app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record)

@@ -1,6 +1,9 @@
 """scripts/batch_inference.py on the tiny model pack: two CPU processes under ``accelerate launch`` share a
 manifest, a bad job is reported while the others render, a rerun skips finished outputs, and a bad manifest is
-refused before any work."""
+refused before any work.
+
+One process runs in this process (``memo.apps.batch.main``); two under ``accelerate launch`` are the ``e2e`` tier.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 
+from memo.apps.batch import main as batch_main
 from memo.io.video import probe_video
 
 SCRIPT = REPO / "scripts" / "batch_inference.py"
@@ -42,20 +46,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 1) -> subprocess.CompletedProcess:
-    arguments = [str(SCRIPT), "--manifest", str(manifest), "--output_dir", str(output_dir)]
+def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 0) -> subprocess.CompletedProcess:
+    """The batch program: in this process (``processes=0``), or started as ``processes`` CPU processes."""
+    arguments = ["--manifest", str(manifest), "--output_dir", str(output_dir)]
     arguments += ["--config", str(pack / "inference.yaml"), "inference_steps=1"]
+    if processes == 0:
+        return run_main(batch_main, arguments, cwd=REPO)
     launcher = []
     if processes > 1:
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
         launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         launcher += ["--main_process_port", str(free_port())]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, *launcher, *arguments]
+    command = [sys.executable, *launcher, str(SCRIPT), *arguments]
     return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
 
 
-def test_two_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inputs, tmp_path):
+@pytest.mark.parametrize("processes", [0, pytest.param(2, marks=pytest.mark.e2e)])
+def test_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inputs, tmp_path, processes):
     manifest = inputs / "jobs.csv"
     manifest.write_text(
         "image,audio,output,emotion,seed,cfg_scale\n"
@@ -64,7 +72,7 @@ def test_two_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, 
         "grey.png,speech.wav,grey,,,\n"
     )
     out = tmp_path / "out"
-    result = batch(pack, manifest, out, processes=2)
+    result = batch(pack, manifest, out, processes=processes)
     assert result.returncode == 1, result.stderr  # one job failed
     assert "Traceback" not in result.stdout
     outputs = [out / "happy.mp4", out / "talks" / "auto.mp4"]
@@ -73,9 +81,10 @@ def test_two_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, 
         assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
     assert not (out / "grey.mp4").exists()
     summary = json.loads((out / "batch_summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["processes"] == max(processes, 1)
     assert [job["line"] for job in summary["done"]] == [2, 3]
-    assert {job["process"] for job in summary["done"]} == {0, 1}  # line 2 on process 0, line 3 on process 1
+    if processes == 2:
+        assert {job["process"] for job in summary["done"]} == {0, 1}  # line 2 on process 0, line 3 on process 1
     [failed] = summary["failed"]
     assert failed["line"] == 4 and "No face was found" in failed["reason"] and "grey.png" in failed["reason"]
     assert "1 failed" in result.stdout and "No face was found" in result.stdout

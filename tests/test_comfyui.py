@@ -5,6 +5,9 @@ layouts (IMAGE as LoadImage makes it, AUDIO as LoadAudio makes it).
 ComfyUI itself cannot be installed here, so the few calls the pack makes into it (``comfy.model_management``,
 ``comfy.utils.ProgressBar``, ``folder_paths``) are answered by small stand-ins that behave as ComfyUI's do
 (read from the sources named in the README's ComfyUI section); nothing else of ComfyUI is imitated.
+
+The default tier checks the import, the schema, the example workflow and one node on the models; the runs of
+the generating nodes are the ``e2e`` tier.
 """
 
 from __future__ import annotations
@@ -255,6 +258,7 @@ def test_every_node_definition_is_valid_for_comfyui(comfy):
 # -- the nodes on the tiny pack ---------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, speech, tmp_path):
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
     assert audio["waveform"].shape[:2] == (1, 2) and audio["sample_rate"] == 44100
@@ -278,6 +282,7 @@ def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, spee
         assert sum(1 for _ in container.decode(video=0)) == FRAMES
 
 
+@pytest.mark.e2e
 def test_speed_input_of_load_memo_reaches_generation(comfy, memo, speech):
     settings = "\n".join(f"{key}={getattr(memo.generator.config, key)}" for key in ("vae", "wav2vec", "emotion2vec"))
     fast = run(
@@ -297,6 +302,7 @@ def test_speed_input_of_load_memo_reaches_generation(comfy, memo, speech):
     assert ProgressBar.made[-1].total == 3 * 2  # fast runs 40 % of the 5 steps: 2 per clip
 
 
+@pytest.mark.e2e
 def test_emotion_labels_can_be_read_edited_and_fed_to_generate(comfy, memo, speech):
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
     labels, text = run(comfy, "MemoEmotion", memo=memo, audio=audio, emotion="auto", overrides="")
@@ -336,6 +342,7 @@ def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo, caplog)
     assert "reaches 255 but ComfyUI images are 0..1" in caplog.text
 
 
+@pytest.mark.e2e
 def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
     error = comfy.pack.runtime.MemoNodeError
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
@@ -402,6 +409,7 @@ def test_bad_input_is_a_one_line_comfyui_error(comfy, memo, speech):
         run(comfy, "MemoGenerate", memo=memo, image=image, audio=silent_nan, **GENERATE)
 
 
+@pytest.mark.e2e
 def test_stop_button_interrupts_between_steps_and_models_go_back(comfy, memo, speech):
     image, audio = load_image_node(EXAMPLE_IMAGE), load_audio_node(speech)
     comfy.management.calls.clear()

@@ -115,7 +115,7 @@ def test_full_size_layout_matches_published_keys() -> None:
 
 
 def test_missing_model_files_are_reported(tmp_path: Path) -> None:
-    with pytest.raises(MissingModelError, match="does not exist"):
+    with pytest.raises(MissingModelError, match="no such folder"):
         Emotion2VecEncoder.from_pretrained(tmp_path / "absent")
     (tmp_path / "config.yaml").write_text("model_conf: {}\n")
     with pytest.raises(FileNotFoundError, match="model.pt"):

@@ -5,10 +5,14 @@ line, exit status 2, and nothing written.
 The kinds: audio decoded once (damaged files, 24-bit WAV), the output location checked up front (a file in the
 way, a read-only folder, no room), images as a person sees them (the pixel tests are in test_framing.py), empty
 path arguments, missing optional runtimes, and batch inference and the web app reporting a failing job alike.
+
+The programs run in this process (their ``main``); what needs a process of its own (a read-only mount, a
+Python without a runtime) starts the real program and is in the ``e2e`` tier.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
@@ -21,9 +25,10 @@ import av
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 
+from memo.apps import batch, cli
 from memo.io.audio import decode_audio
 from memo.io.video import OutputLocationError, check_output_folder, probe_video
 
@@ -41,8 +46,13 @@ def field(name: str) -> Path:
     return path
 
 
-def run(pack: Path, *args: str, cwd: Path | None = None, wrap: list[str] | None = None, env=None):
-    """``inference.py`` as a user runs it (no --verbose), optionally inside a wrapper command."""
+def run(pack: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``inference.py``'s command line (no --verbose), in this process."""
+    return run_main(cli.main, ["--config", str(pack / "inference.yaml"), *args], cwd=cwd or REPO)
+
+
+def run_program(pack: Path, *args: str, cwd: Path | None = None, wrap: list[str] | None = None, env=None):
+    """``inference.py`` as a user starts it (no --verbose), optionally inside a wrapper command."""
     command = [*(wrap or []), sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml")]
     return subprocess.run(
         [*command, *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=600, env=env, check=False
@@ -199,7 +209,11 @@ def read_only(folder: Path) -> list[str] | None:
     return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(folder)]
 
 
-@pytest.mark.parametrize("where", ["a_file", "below_a_file", "read_only", "below_read_only"])
+@pytest.mark.parametrize(
+    "where",
+    ["a_file", "below_a_file", pytest.param("read_only", marks=pytest.mark.e2e),
+     pytest.param("below_read_only", marks=pytest.mark.e2e)],
+)  # fmt: skip
 def test_unwritable_output_location_stops_before_any_model_loads(pack, tmp_path, where):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -217,11 +231,10 @@ def test_unwritable_output_location_stops_before_any_model_loads(pack, tmp_path,
         output_dir = area / ("" if where == "read_only" else "new/videos")
         culprit = f"creating a file in {area}"
     before = listing(tmp_path)
-    try:
-        result = run(
-            pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(inputs / "speech.wav"),
-            "--output_dir", str(output_dir), *FAST, wrap=wrap,
-        )  # fmt: skip
+    args = ["--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(inputs / "speech.wav")]
+    args += ["--output_dir", str(output_dir), *FAST]
+    try:  # a read-only mount needs a process of its own
+        result = run(pack, *args) if wrap is None else run_program(pack, *args, wrap=wrap)
     finally:
         area.chmod(0o755)
     line = assert_stopped_early(result, "Cannot write to the output folder", str(output_dir).rstrip("/"), culprit)
@@ -274,9 +287,8 @@ def test_an_empty_path_argument_is_named(pack, tmp_path, option):
 def test_batch_empty_output_dir_is_named(pack, tmp_path):
     manifest = tmp_path / "jobs.csv"
     manifest.write_text(f"image,audio\n{EXAMPLE_IMAGE},{EXAMPLE_AUDIO}\n")
-    command = [sys.executable, str(REPO / "scripts" / "batch_inference.py"), "--manifest", str(manifest)]
-    command += ["--output_dir", "", "--config", str(pack / "inference.yaml")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    args = ["--manifest", str(manifest), "--output_dir", "", "--config", str(pack / "inference.yaml")]
+    result = run_main(batch.main, args, cwd=tmp_path)
     assert_stopped_early(result, "--output_dir is empty")
     assert listing(tmp_path) == ["jobs.csv"]
 
@@ -326,11 +338,19 @@ def hiding(tmp_path: Path, *modules: str) -> dict[str, str]:
         ("audio_separator", ['pip install -e ".[gpu]"', "vocal_separation=false"]),
     ],
 )
-def test_a_missing_runtime_is_one_line_naming_what_to_install(pack, tmp_path, hidden, install):
-    env = hiding(tmp_path, hidden)
+@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+def test_a_missing_runtime_is_one_line_naming_what_to_install(pack, tmp_path, monkeypatch, hidden, install, where):
     out = tmp_path / "out"
     args = ["--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(EXAMPLE_AUDIO), "--output_dir", str(out)]
-    result = run(pack, *args, "inference_steps=1", "vocal_separation=true", env=env)
+    args += ["inference_steps=1", "vocal_separation=true"]
+    if where == "program":  # a Python that cannot import it
+        result = run_program(pack, *args, env=hiding(tmp_path, hidden))
+    else:  # the up-front check finds no such module
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *rest: None if name == hidden else find_spec(name, *rest)
+        )
+        result = run(pack, *args)
     assert_stopped_early(result, f"{hidden} is not installed", *install)
     assert not out.exists()
 

@@ -1,8 +1,13 @@
-"""inference.py end to end on the tiny model pack: real image and speech in, a decoded mp4 out, and a clear
-message with no traceback and no output for every kind of bad input."""
+"""inference.py on the tiny model pack: real image and speech in, a decoded mp4 out, and a clear message with
+no traceback and no output for every kind of bad input.
+
+The command line runs in this process (``memo.apps.cli.main``, as ``inference.py`` calls it); the tests marked
+``e2e`` start the real program.
+"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +16,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 
+from memo.apps import cli
 from memo.io.video import probe_video
 
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -35,8 +41,20 @@ def speech(tmp_path_factory) -> Path:
 
 
 def run(pack: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The command line in this process."""
+    return run_main(cli.main, ["--config", str(pack / "inference.yaml"), *args], cwd=cwd or REPO)
+
+
+def run_program(pack: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``inference.py`` as a user starts it."""
     command = [sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd or REPO, timeout=600)
+
+
+@pytest.fixture(params=["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+def runner(request):
+    """The command line run in this process (default tier) and as the real program (e2e tier)."""
+    return run if request.param == "in_process" else run_program
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -46,8 +64,10 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
         assert fragment in result.stderr, result.stderr
 
 
-def test_renders_a_video_with_the_input_audio(pack, speech, tmp_path):
-    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path))
+def test_renders_a_video_with_the_input_audio(pack, speech, tmp_path, runner):
+    result = runner(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     output = tmp_path / "portrait_speech_cut.mp4"
     info = probe_video(output)
@@ -126,10 +146,10 @@ def _bad_audio(kind: str, directory: Path) -> Path:
         ("faceless", ["faceless.png", "face"]),
     ],
 )
-def test_bad_image(pack, speech, tmp_path, image_kind, fragments):
+def test_bad_image(pack, speech, tmp_path, image_kind, fragments, runner):
     image = _bad_image(image_kind, tmp_path)
     out = tmp_path / "out"
-    result = run(pack, "--input_image", str(image), "--input_audio", str(speech), "--output_dir", str(out))
+    result = runner(pack, "--input_image", str(image), "--input_audio", str(speech), "--output_dir", str(out))
     assert_user_error(result, *fragments)
     assert not out.exists() or not any(out.iterdir())
 
@@ -232,3 +252,67 @@ def test_first_run_offline_lists_the_missing_models_once(tmp_path):
     assert "python scripts/download_models.py" in block[5] and "model_name_or_path=DIR" in block[6]
     assert len(block) == 7, block
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_without_the_models_lists_what_is_missing_in_process(pack, speech, tmp_path, monkeypatch):
+    """The same refusal with the hub cut off here: every download ends as the hub's offline mode ends it."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import memo.io.hub
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError(f"{kwargs['repo_id']} is not in the cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(memo.io.hub, "snapshot_download", offline)
+    result = run(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(speech), "--output_dir", str(tmp_path / "out"),
+        "model_name_or_path=memoavatar/memo", "wav2vec=facebook/wav2vec2-base-960h", "emotion=auto",
+        "emotion2vec=emotion2vec/emotion2vec_plus_large",
+    )  # fmt: skip
+    assert_user_error(result, "models are not available", "memoavatar/memo", "facebook/wav2vec2-base-960h")
+    assert "emotion2vec/emotion2vec_plus_large" in result.stderr and "scripts/download_models.py" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+def test_tiny_flag_builds_the_random_pack_and_says_so(tmp_path, monkeypatch, where):
+    """``inference.py --tiny``, the README's offline check: the pack is built in the cache on first use, the
+    bundled example renders with it, and the screen says twice that the weights are random."""
+    import memo.tiny.pack
+
+    out = tmp_path / "out"
+    args = ["--tiny", "--output_dir", str(out), "fps=10", "vocal_separation=false", "emotion=happy"]
+    if where == "program":  # the cache is under the user's home
+        env = {**os.environ, "HOME": str(tmp_path)}
+        command = [sys.executable, str(REPO / "inference.py"), *args]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+        cache = tmp_path / ".cache" / "memo"
+    else:
+        cache = tmp_path / "cache"
+        monkeypatch.setattr(memo.tiny.pack, "CACHE_DIR", cache)
+        result = run_main(cli.main, args, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("RANDOM") == 2 and "not a MEMO result" in result.stderr, result.stderr
+    info = probe_video(out / "portrait_speech_tiny.mp4")
+    assert info.num_frames == int(np.ceil(soundfile.info(EXAMPLE_AUDIO).duration * 10)) and info.has_audio
+    [pack] = cache.iterdir()  # one complete pack, no leftover of its build
+    assert pack.name.startswith("tiny-pack-") and (pack / "inference.yaml").is_file()
+    built = (pack / "inference.yaml").stat().st_mtime_ns
+    assert memo.tiny.pack.cached_tiny_pack(cache) == pack / "inference.yaml"  # reused, not built again
+    assert (pack / "inference.yaml").stat().st_mtime_ns == built
+
+
+def test_without_tiny_the_published_weights_are_asked_for(tmp_path, monkeypatch):
+    """No silent fallback: without --tiny and without the hub, the run stops and names the published models."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import memo.io.hub
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError(f"{kwargs['repo_id']} is not in the cache")
+
+    monkeypatch.setattr(memo.io.hub, "snapshot_download", offline)
+    result = run_main(cli.main, ["--output_dir", str(tmp_path / "out"), "vocal_separation=false"], cwd=REPO)
+    assert_user_error(result, "not available", "memoavatar/memo")
+    assert "RANDOM" not in result.stderr and not (tmp_path / "out").exists()

@@ -1,5 +1,6 @@
 """notebooks/quickstart.ipynb run top to bottom in a real Jupyter kernel on the tiny model pack: it renders the
-example into an mp4 (decoded and counted here), shows it inline, and draws its plots."""
+example into an mp4 (decoded and counted here), shows it inline, and draws its plots (the ``e2e`` tier; the
+notebook's form and its install cell are checked in the default tier)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import nbformat
+import pytest
 from conftest import REPO
 from nbclient import NotebookClient
 
@@ -33,6 +35,7 @@ def test_install_cell_opened_outside_the_checkout_says_so(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.e2e
 def test_quickstart_runs_top_to_bottom_and_makes_the_video(tmp_path, monkeypatch):
     # The kernel imports this checkout's memo package and writes everything under tmp_path.
     monkeypatch.setenv("PYTHONPATH", str(REPO))

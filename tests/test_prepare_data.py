@@ -1,6 +1,10 @@
 """scripts/calculate_durations.py and scripts/prepare_data.py on real mp4 files with real speech and the tiny
 model pack: every output file and field, the failures and their reasons, a killed run resumed without redoing
-finished videos, and two shards merged into what a single run gives."""
+finished videos, and two shards merged into what a single run gives.
+
+The scripts run in this process (their ``main``); the runs that need processes of their own (a killed run, two
+shards at once, the README's workflow through finetune.py) are the ``e2e`` tier.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO
+from conftest import REPO, load_program, run_main
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -95,6 +99,7 @@ def prepare_command(pack: Path, videos: Path, out: Path, *extra: str) -> list[st
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
+    """A script started as a program: ``[python, scripts/NAME.py, *args]``."""
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -107,6 +112,23 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def mtimes(out: Path, video_id: str) -> dict[str, int]:
     return {kind: (out / kind / f"{video_id}.safetensors").stat().st_mtime_ns for kind in KINDS}
+
+
+def run_in_process(command: list[str]) -> subprocess.CompletedProcess:
+    """The same command, ``[python, scripts/NAME.py, *args]``, through the script's ``main`` in this process."""
+    script = load_program(str(Path(command[1]).relative_to(REPO) if Path(command[1]).is_absolute() else command[1]))
+    result = run_main(script.main, command[2:], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def prepared(pack, videos, tmp_path_factory) -> Path:
+    """One whole run in this process (vocal separation off): its output folder."""
+    out = tmp_path_factory.mktemp("prepared")
+    run_in_process(prepare_command(pack, videos, out, "vocal_separation=false"))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +197,7 @@ def test_shards_split_the_videos_stably():
 def test_calculate_durations(videos, tmp_path):
     report = tmp_path / "durations.json"
     command = [sys.executable, str(REPO / "scripts" / "calculate_durations.py"), str(videos), "--json", str(report)]
-    result = run(command)
+    result = run_in_process(command)
     expected = {"talk_a.mp4": 1.6, "clips/talk_b.mp4": 2.0, "clips/talk_c.mp4": 1.5, "faceless.mp4": 1.0}
     expected.update({"crowd.mp4": 1.0, "pal.mp4": 1.2, "mute.mp4": 1.0})
     data = json.loads(report.read_text())
@@ -189,8 +211,17 @@ def test_calculate_durations(videos, tmp_path):
     assert result.stdout.index("Unreadable (1)") < result.stdout.index("broken.mp4")
 
 
-def test_every_usable_video_is_prepared(single_run, videos):
-    out = single_run["out"]
+def test_every_usable_video_is_prepared(prepared, videos):
+    check_prepared(prepared, videos)
+
+
+@pytest.mark.e2e
+def test_a_killed_and_resumed_run_prepares_every_usable_video(single_run, videos):
+    check_prepared(single_run["out"], videos)
+
+
+def check_prepared(out: Path, videos: Path) -> None:
+    """Every usable video's entry and files, every other one's failure, no leftovers."""
     entries = read_jsonl(out / "metadata.jsonl")
     assert sorted(entry["id"] for entry in entries) == sorted(USABLE)
     embeddings = []
@@ -224,6 +255,7 @@ def test_every_usable_video_is_prepared(single_run, videos):
     assert not [path for path in out.rglob(".*") if path.name != ".merge.lock"]
 
 
+@pytest.mark.e2e
 def test_a_killed_run_resumes_without_redoing_finished_videos(single_run):
     assert single_run["returncode"] == -signal.SIGKILL
     killed = single_run["killed"]
@@ -237,6 +269,28 @@ def test_a_killed_run_resumes_without_redoing_finished_videos(single_run):
         assert f"prepared {video_id}:" not in stderr
 
 
+def test_shards_one_after_the_other_merge_into_a_single_runs_data(prepared, pack, videos, tmp_path):
+    out = tmp_path / "sharded"
+    logs = [
+        run_in_process(
+            prepare_command(pack, videos, out, "--shard", str(i), "--num_shards", "2", "vocal_separation=false")
+        )
+        for i in (0, 1)
+    ]
+    assert "merged the 2 shards: 3 videos, 5 failures" in logs[1].stderr
+    merged = read_jsonl(out / "metadata.jsonl")
+    assert [entry["id"] for entry in merged] == sorted(USABLE)
+    again = run_in_process([sys.executable, "scripts/prepare_data.py", "--merge", "--output_dir", str(out)])
+    assert read_jsonl(out / "metadata.jsonl") == merged and "merged: 3 videos, 5 failures" in again.stderr
+    for entry in merged:
+        name = f"{entry['id']}.safetensors"
+        for kind in KINDS:
+            assert load_file(out / kind / name).keys() == load_file(prepared / kind / name).keys()
+            for key, value in load_file(out / kind / name).items():
+                assert torch.equal(value, load_file(prepared / kind / name)[key]), (kind, name)
+
+
+@pytest.mark.e2e
 def test_two_shards_merge_into_a_single_runs_videos(sharded_run, single_run, videos, pack):
     out = sharded_run["out"]
     shard_ids = [{entry["id"] for entry in read_jsonl(out / f"metadata.shard-{i}-of-2.jsonl")} for i in (0, 1)]
@@ -268,9 +322,9 @@ def test_two_shards_merge_into_a_single_runs_videos(sharded_run, single_run, vid
             assert torch.equal(load_file(out / kind / name)[key], load_file(single / kind / name)[key])
 
 
-def test_frame_counts_match_the_training_decoder(single_run):
+def test_frame_counts_match_the_training_decoder(prepared):
     decord = pytest.importorskip("decord")
-    for entry in read_jsonl(single_run["out"] / "metadata.jsonl"):
+    for entry in read_jsonl(prepared / "metadata.jsonl"):
         assert len(decord.VideoReader(entry["video"])) == entry["num_frames"]
 
 
@@ -299,6 +353,7 @@ def talking_head(path: Path, seconds: float, start: float, seed: int, size: int 
     path.with_suffix(".wav").unlink()
 
 
+@pytest.mark.e2e
 def test_readme_finetuning_workflow_on_ordinary_talking_head_videos(pack, tmp_path):
     """calculate_durations -> prepare_data -> finetune.py, as the README gives them, on one's own talking-head
     videos with the tiny pack: every video is usable (one face each, as the real detector finds) and trains."""

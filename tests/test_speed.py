@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO
+from conftest import REPO, run_main
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_pipeline import FPC, make_inputs
 
+from memo.apps import cli
 from memo.apps.batch import ManifestError, load_jobs
 from memo.io.video import probe_video
 from memo.models.diffusion_net import DeepFeatures
@@ -206,7 +207,8 @@ def test_full_size_fast_costs_under_a_quarter_of_exact_at_512():
 
 
 def test_counted_flops_match_a_whole_pipeline_call(tiny_pipeline):
-    """memo.bench.flops sums per-call counts over the step plan; on the tiny nets it agrees with counting a real call."""
+    """memo.bench.flops sums per-call counts over the step plan; on the tiny nets it agrees with counting a real
+    call."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from memo.bench.flops import clip_flops
@@ -254,20 +256,26 @@ def test_speed_is_a_manifest_column(pack, tmp_path):
         load_jobs(manifest, tmp_path / "out", pack / "inference.yaml", [])
 
 
-def test_inference_renders_a_video_at_speed_fast(pack, tmp_path):
+@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+def test_inference_renders_a_video_at_speed_fast(pack, tmp_path, where):
     speech, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
     soundfile.write(tmp_path / "speech.wav", speech[: rate * 3 // 2], rate)
-    command = [sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"),
-               "--input_image", str(REPO / "assets" / "examples" / "portrait.jpg"),
-               "--input_audio", str(tmp_path / "speech.wav"),
-               "--output_dir", str(tmp_path), "speed=fast", "inference_steps=5"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    args = ["--config", str(pack / "inference.yaml"),
+            "--input_image", str(REPO / "assets" / "examples" / "portrait.jpg"),
+            "--input_audio", str(tmp_path / "speech.wav"),
+            "--output_dir", str(tmp_path), "speed=fast", "inference_steps=5"]  # fmt: skip
+    if where == "program":
+        command = [sys.executable, str(REPO / "inference.py"), *args]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    else:
+        result = run_main(cli.main, args, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "speed fast (unipc, guided steps 0%-25%, deep cache every 2)" in result.stderr
     info = probe_video(tmp_path / "portrait_speech.mp4")
     assert info.num_frames == 45 and info.has_audio  # 1.5 s x 30 fps
 
 
+@pytest.mark.e2e
 def test_fidelity_measurement_runs_end_to_end(tmp_path):
     """scripts/measure_fidelity.py reduced: 2 clips, a few VAE and training steps, 1 held-out clip, 5 steps."""
     command = [sys.executable, "scripts/measure_fidelity.py", "--work_dir", str(tmp_path), "--videos", "2",

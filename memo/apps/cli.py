@@ -86,6 +86,14 @@ def output_name(image: Path, audio: Path) -> str:
     return f"{image.stem}_{audio.stem}.mp4"
 
 
+def model_settings(pack_config: Path) -> list[str]:
+    """The tiny pack's settings as ``key=value`` overrides: its models, and the small size and step count they
+    are made for."""
+    from omegaconf import OmegaConf
+
+    return [f"{key}={value}" for key, value in OmegaConf.to_container(OmegaConf.load(pack_config)).items()]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Generate a talking video from one portrait and one audio file with MEMO.",
@@ -97,7 +105,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="check the installation offline: render with a tiny pack of RANDOM weights, built on first use "
+        "(the video is noise; the name ends in _tiny.mp4); the config's model settings are replaced by the pack's",
+    )
     return parser.parse_args(argv)
+
+
+TINY_NOTICE = (
+    "--tiny: the weights are RANDOM (a tiny stand-in pack in %s), so the video is noise: this checks the "
+    "installation, it is not a MEMO result. Run without --tiny for the published weights."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +144,23 @@ def _run(args: argparse.Namespace) -> int:
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
         output_dir = as_path(args.output_dir, "--output_dir")
-        config = load_config(args.config, args.overrides)
+        name = output_name(image, audio)
+        if args.tiny:
+            from memo.tiny.pack import cached_tiny_pack
+
+            pack_config = cached_tiny_pack()
+            logger.warning(TINY_NOTICE, pack_config.parent)
+            config = load_config(args.config, [*model_settings(pack_config), *args.overrides])
+            name = f"{Path(name).stem}_tiny.mp4"
+        else:
+            config = load_config(args.config, args.overrides)
         if launched_processes() > 1 and config.parallel == "none":
             raise ConfigError(
                 f"launched as {launched_processes()} processes but parallel=none (each would render the same "
                 "video); add parallel=guidance, or run one process"
             )
         check_runtimes(config.vocal_separation)
-        output = check_output_path(output_dir / output_name(image, audio), args.overwrite)
+        output = check_output_path(output_dir / name, args.overwrite)
         load_image(image)
         check_audio(audio)
         # Nothing has been written yet: the output folder is made when the video is (memo.io.video.VideoWriter).
@@ -141,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
         quiet_checks = False
         generator = MemoGenerator(config)
         generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
+        if args.tiny:
+            logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0
     except UserError as error:
         if args.verbose:

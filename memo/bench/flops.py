@@ -1,4 +1,4 @@
-"""FLOPs of generating one clip, counted with PyTorch's FLOP counter, for any speed settings.
+"""FLOPs of one clip and of its audio features, counted with PyTorch's FLOP counter, for any speed settings.
 
 Every network call a clip makes is run once under ``torch.utils.flop_counter.FlopCounterMode`` (the VAE
 encoding the reference image and past frames, the audio projection, the reference net, the diffusion net
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import ClipState, MemoPipeline
 from memo.sampling.deep_cache import DeepFeatureCache
@@ -31,12 +32,23 @@ def _count(fn) -> tuple[int, object]:
 
 @dataclass
 class ClipFlops:
-    """FLOPs of one clip by part; ``per_frame`` divides the total by the clip's frames."""
+    """FLOPs of one clip by part; ``per_frame`` divides the total by the clip's frames.
 
-    vae_and_projections: int
+    ``vae_encode``: the reference image and past frames; ``vae_decode``: the clip's frames; ``projections``:
+    the audio projection of the clip's window; ``reference_net``: its pass over both guidance halves;
+    ``denoising``: every diffusion-net call of the clip's step plan.
+    """
+
+    vae_encode: int
+    vae_decode: int
+    projections: int
     reference_net: int
     denoising: int
     frames: int
+
+    @property
+    def vae_and_projections(self) -> int:
+        return self.vae_encode + self.vae_decode + self.projections
 
     @property
     def total(self) -> int:
@@ -110,4 +122,12 @@ def clip_flops(
         return kinds[key]
 
     denoising = sum(step(todo, update=index == 0) for index, todo in enumerate(plan))
-    return ClipFlops(encode + decode + projections, reference_flops, denoising, frames_per_clip)
+    return ClipFlops(encode, decode, projections, reference_flops, denoising, frames_per_clip)
+
+
+@torch.no_grad()
+def audio_features_flops(encoder: Wav2VecAudioEncoder, waveform: torch.Tensor, fps: float, frames_per_clip: int) -> int:
+    """The FLOPs of extracting the audio features of ``waveform`` (samples at 16 kHz) for video at ``fps``:
+    one real call of ``encoder`` (wav2vec2 and the resampling to frames), on the device it lives on."""
+    flops, _ = _count(lambda: encoder(waveform, fps, frames_per_clip))
+    return flops

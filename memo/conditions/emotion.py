@@ -185,9 +185,10 @@ def format_emotion_spans(spans: Sequence[EmotionSpan]) -> str:
 def apply_emotion_overrides(per_sample: torch.Tensor, text: str, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """Per-sample labels with the spans of ``text`` written over them (later lines win); a copy.
 
-    Blank lines and ``#`` comment lines are skipped. Each other line is ``START-STOP: emotion`` or ``START-STOP s: emotion`` in seconds, as
-    :func:`format_emotion_spans` writes; STOP may be ``end``. Raises :class:`EmotionOverrideError` naming the
-    line when it cannot be read, names an unknown emotion, or lies outside the audio.
+    Blank lines and ``#`` comment lines are skipped. Each other line is ``START-STOP: emotion`` or
+    ``START-STOP s: emotion`` in seconds, as :func:`format_emotion_spans` writes; STOP may be ``end``. Raises
+    :class:`EmotionOverrideError` naming the line when it cannot be read, names an unknown emotion, or lies
+    outside the audio.
     """
     labels = per_sample.detach().cpu().long().clone()
     seconds = labels.numel() / sample_rate

@@ -19,6 +19,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from memo.constants import NUM_EMOTIONS
+from memo.models.temporal_memory import chunked_feed_forward
 
 
 class EmotionAdaLayerNorm(nn.Module):
@@ -66,6 +67,7 @@ class JointAudioBlock(nn.Module):
             processor=JointAttnProcessor2_0(),
         )
         self.ff = FeedForward(dim, activation_fn="geglu")
+        self.ff_chunks = 1
         self.norm3 = nn.LayerNorm(dim)
         if not is_final:
             self.audio_ff = FeedForward(audio_dim, activation_fn="geglu")
@@ -80,7 +82,7 @@ class JointAudioBlock(nn.Module):
         audio = self.audio_attn1(self.audio_norm1(audio, emotion).to(dtype)) + audio
         joint_x, joint_audio = self.attn2(self.norm2(x, emotion), self.audio_norm2(audio, emotion).to(dtype))
         x = joint_x + x
-        x = self.ff(self.norm3(x)) + x
+        x = chunked_feed_forward(self.ff, self.norm3(x), self.ff_chunks) + x
         if self.is_final:
             return x, None
         audio = joint_audio + audio

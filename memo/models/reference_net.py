@@ -231,7 +231,7 @@ class ReferenceNet(ModelMixin, ConfigMixin):
             x = self._run(resnet, self._attend(attention, x, context, mid), temb)
 
         up: list[list[torch.Tensor]] = []
-        for i, block in enumerate(self.up_blocks):
+        for block in self.up_blocks:
             features = []
             attentions = getattr(block, "attentions", [None] * len(block.resnets))
             for resnet, attention in zip(block.resnets, attentions):

@@ -12,6 +12,8 @@ from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from memo.models.temporal_memory import chunked_feed_forward
+
 
 class SpatialBlock(nn.Module):
     """One transformer block: reference-joined self-attention, image cross-attention, GEGLU feed-forward."""
@@ -26,6 +28,7 @@ class SpatialBlock(nn.Module):
         )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
+        self.ff_chunks = 1
 
     def forward(
         self,
@@ -60,7 +63,7 @@ class SpatialBlock(nn.Module):
             )
         x = attended + x
         x = self.attn2(self.norm2(x), encoder_hidden_states=image_tokens.repeat_interleave(rows // batch, 0)) + x
-        return self.ff(self.norm3(x)) + x
+        return chunked_feed_forward(self.ff, self.norm3(x), self.ff_chunks) + x
 
 
 class SpatialTransformer(nn.Module):

@@ -34,6 +34,12 @@ class TemporalMemory:
     def __len__(self) -> int:
         return len(self.states)
 
+    def view(self, states: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> TemporalMemory:
+        """A memory placed as this one holding ``states`` (views of this one's, e.g. one guidance half)."""
+        view = TemporalMemory(self.decay)
+        view.states = states
+        return view
+
     def absorb(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fold the past frames' keys and values, (positions, heads, frames, d), into layer ``name``'s memory.
 
@@ -55,7 +61,8 @@ class TemporalMemory:
     def _entry(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.states:
             raise RuntimeError(
-                f"Temporal memory has no entry for {name!r}: the first denoising step of a video must update the memory."
+                f"Temporal memory has no entry for {name!r}: "
+                "the first denoising step of a video must update the memory."
             )
         return self.states[name]
 
@@ -69,6 +76,21 @@ class TemporalMemory:
         in place, without copying the memory."""
         memory_kv, memory_z = self._entry(name)
         return kv.add_(memory_kv, alpha=self.decay), z.add_(memory_z, alpha=self.decay)
+
+
+def chunked_feed_forward(ff: nn.Module, x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``ff(x)`` computed on ``chunks`` slices of the rows of ``x`` (dim 0) one after the other, so that its
+    hidden layer (4x wider than ``x``, GEGLU's doubled) is never held whole; 1 runs it whole."""
+    if chunks <= 1 or x.shape[0] < chunks:
+        return ff(x)
+    return torch.cat([ff(rows) for rows in x.chunk(chunks)])
+
+
+def set_feed_forward_chunks(network: nn.Module, chunks: int) -> None:
+    """Run every feed-forward layer of ``network`` in ``chunks`` row chunks (:func:`chunked_feed_forward`)."""
+    for module in network.modules():
+        if hasattr(module, "ff_chunks"):
+            module.ff_chunks = chunks
 
 
 class PositionalEncoding(nn.Module):
@@ -144,6 +166,7 @@ class TemporalTransformerBlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(num_attention_blocks))
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.ff_norm = nn.LayerNorm(dim)
+        self.ff_chunks = 1
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None, memory: TemporalMemory) -> torch.Tensor:
         """x: (positions, frames, dim); past: (positions, past_frames, dim) when the memory is to be updated."""
@@ -151,7 +174,7 @@ class TemporalTransformerBlock(nn.Module):
             if past is not None:
                 attention.remember(norm(past), memory)
             x = attention(norm(x), memory) + x
-        return self.ff(self.ff_norm(x)) + x
+        return chunked_feed_forward(self.ff, self.ff_norm(x), self.ff_chunks) + x
 
 
 class TemporalTransformer(nn.Module):

@@ -11,8 +11,9 @@
   Leaf level because the reference net calls its blocks' layers directly, so block-level hooks (on a block's
   ``forward``) would never fire.
 
-The temporal memory and the reference features are activations, not weights: no hook moves them, and they
-stay on the device in every mode.
+The temporal memory is state, not weights: no hook moves it; its placement and the working memory's cuts
+are the mode's ``memory.MemoryPlan``, which :func:`apply_offload` installs too. Opt-in, ``fp8`` stores the
+two large networks' weights in float8 (diffusers' layerwise casting), computing in their own dtype.
 """
 
 from __future__ import annotations
@@ -22,13 +23,29 @@ from dataclasses import dataclass
 
 import torch
 
+from memo.runtime.memory import MEMORY_TABLE, PLANS, apply_memory_plan, can_stream, counted_peak_bytes
+
 logger = logging.getLogger("memo")
 
 
-def apply_offload(pipe, offload: str, device: torch.device) -> None:
+FP8_STORAGE = torch.float8_e4m3fn
+"""The storage dtype of ``fp8`` weights: e4m3 (3 mantissa bits), the format diffusers' layerwise casting
+documents for inference."""
+
+
+def apply_offload(pipe, offload: str, device: torch.device, fp8: bool = False) -> None:
     """Put ``pipe``'s networks on ``device`` (``none``) or install diffusers' ``model`` / ``group`` offload
-    hooks that bring them there when they run. The hooks also work with ``device`` a CPU (they then move
-    nothing), which is how the tests check that every mode computes the same video."""
+    hooks that bring them there when they run, and the mode's memory plan (``memory.py``). The hooks also
+    work with ``device`` a CPU (they then move nothing), which is how the tests check that every mode
+    computes the same video. ``fp8``: the reference and diffusion nets' weights are stored in
+    ``FP8_STORAGE`` and cast up layer by layer as they run (norms, embeddings and in/out convolutions stay
+    as they are, diffusers' default skip list)."""
+    if offload not in PLANS:
+        raise ValueError(f"offload must be one of none, model, group; got {offload!r}.")
+    if fp8:
+        for network in (pipe.reference_net, pipe.diffusion_net):
+            network.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=network.dtype)
+    apply_memory_plan(pipe, offload, device)
     if offload == "none":
         pipe.to(device)
     elif offload == "model":
@@ -38,10 +55,8 @@ def apply_offload(pipe, offload: str, device: torch.device) -> None:
             onload_device=device,
             offload_device=torch.device("cpu"),
             offload_type="leaf_level",
-            use_stream=device.type == "cuda",
+            use_stream=can_stream(device),  # (not on fake tensors, which count memory: memo/bench/memory.py)
         )
-    else:
-        raise ValueError(f"offload must be one of none, model, group; got {offload!r}.")
 
 
 def effective_offload(offload: str, device: torch.device) -> str:
@@ -99,15 +114,8 @@ def condition_models_placement(
     return ConditionPlacement(False, f"{free_bytes / gib:.1f} GiB free < {needed / gib:.1f} GiB needed")
 
 
-WORKING_BYTES_PER_PIXEL = 12.5 * 2**30 / (512 * 512)
-"""Device memory generation needs per output pixel in bf16/fp16, beyond the weights: the H200 peak of
-scripts/benchmark.py at 512x512 (17.6 GiB, README) less the full-size networks' 4.95 GiB of bf16 weights
-(2,656 M parameters) and wav2vec2's 0.35 GiB (fp32), rounded up to 12.5 GiB. Of that, 6.5 GiB is the
-temporal memory and 0.76 GiB the reference features (counted on the meta device); all of it scales with
-the pixel count. Doubled for fp32."""
-
-
 def generation_working_bytes(width: int, height: int, dtype: torch.dtype) -> int:
-    """Estimated device memory generation needs beyond the weights at ``width`` x ``height`` (bytes)."""
-    scale = 2 if dtype == torch.float32 else 1
-    return int(WORKING_BYTES_PER_PIXEL * width * height * scale)
+    """Device memory generation with offload=none needs beyond the networks' weights at ``width`` x
+    ``height`` (bytes): the counted peak less the counted weights (``memory.MEMORY_TABLE``)."""
+    weights = MEMORY_TABLE["weights_bytes"] * (2 if dtype == torch.float32 else 1)
+    return counted_peak_bytes("none", width, height, dtype) - weights

@@ -33,9 +33,7 @@ def conditional_reference(reference: ReferenceFeatures) -> ReferenceFeatures:
 
 def conditional_memory(memory: TemporalMemory) -> TemporalMemory:
     """A view of ``memory`` holding only the conditional half's positions (no copy); for reading only."""
-    view = TemporalMemory(memory.decay)
-    view.states = {name: (_second_half(kv), _second_half(z)) for name, (kv, z) in memory.states.items()}
-    return view
+    return memory.view({name: (_second_half(kv), _second_half(z)) for name, (kv, z) in memory.states.items()})
 
 
 @dataclass

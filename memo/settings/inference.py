@@ -113,6 +113,9 @@ class InferenceConfig:
     offload: str = setting(
         "none", "none; model: each network on the GPU when used; group: layers streamed in", choices=OFFLOAD_CHOICES
     )
+    fp8_weights: bool = setting(
+        False, "store the two large networks' weights in fp8: about half their GPU memory, not exact (README)"
+    )
     vae_tile_size: int = setting(
         768, "frames with a side above this VAE-decode in tiles of this size (multiple of 64); 0: never"
     )

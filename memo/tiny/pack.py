@@ -10,6 +10,9 @@ CPU. The videos it makes are noise: it exercises code, not quality.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +23,9 @@ from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
 from memo.tiny.separator import write_tiny_vocal_separator
+
+CACHE_DIR = Path("~/.cache/memo").expanduser()
+"""Where :func:`cached_tiny_pack` keeps the pack it builds (beside the inductor cache of ``memo.runtime``)."""
 
 TINY_SETTINGS = {
     "resolution": 64,
@@ -51,3 +57,34 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
     config_path = root / "inference.yaml"
     OmegaConf.save(OmegaConf.create(config), config_path)
     return config_path
+
+
+def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
+    """The tiny pack in ``cache_dir`` (default :data:`CACHE_DIR`), built there on first use; returns its config.
+
+    The folder is named after a digest of the code that writes the pack, so a changed pack is built anew
+    rather than an old one reused. It is built in a temporary folder beside it and renamed when complete:
+    an interrupted build leaves no half pack behind.
+    """
+    source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
+    root = Path(cache_dir or CACHE_DIR).expanduser() / f"tiny-pack-{hashlib.sha256(source).hexdigest()[:12]}"
+    config = root / "inference.yaml"
+    if config.is_file():
+        return config
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=".tiny-pack-", dir=root.parent))
+    try:
+        write_tiny_pack(building)
+        # The config names the pack's folders: write it again for where the pack will live.
+        written = OmegaConf.load(building / "inference.yaml")
+        for key in ("model_name_or_path", "vae", "wav2vec", "emotion2vec"):
+            written[key] = str(root / Path(written[key]).relative_to(building.resolve()))
+        OmegaConf.save(written, building / "inference.yaml")
+        try:
+            building.rename(root)
+        except OSError:  # another process finished first: use its pack
+            if not config.is_file():
+                raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return config

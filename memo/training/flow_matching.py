@@ -43,7 +43,8 @@ class FlowMatchingObjective:
         self.mode_scale = float(mode_scale)
 
     def sample_timesteps(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw one timestep per sample: (timesteps (batch,) on the 0..1000 scale the networks take, sigmas (batch,))."""
+        """Draw one timestep per sample: (timesteps (batch,) on the 0..1000 scale the networks take,
+        sigmas (batch,))."""
         u = compute_density_for_timestep_sampling(
             weighting_scheme=self.weighting_scheme,
             batch_size=batch,

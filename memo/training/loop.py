@@ -163,7 +163,8 @@ def train(config: DictConfig) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     logger.info(
-        f"Trainable parameters: {sum(counts.values()) / 1e6:.3f} M ({', '.join(f'{k} {v / 1e6:.3f} M' for k, v in counts.items())})"
+        f"Trainable parameters: {sum(counts.values()) / 1e6:.3f} M "
+        f"({', '.join(f'{k} {v / 1e6:.3f} M' for k, v in counts.items())})"
     )
 
     # Optimizer, data, schedule.
@@ -255,7 +256,8 @@ def train(config: DictConfig) -> dict:
     accumulation = accelerator.gradient_accumulation_steps  # DeepSpeed's own setting wins when it has one
     if accumulation != config.gradient_accumulation_steps:
         logger.warning(
-            f"Gradient accumulation is {accumulation} steps (set by the launcher), not the config's {config.gradient_accumulation_steps}."
+            f"Gradient accumulation is {accumulation} steps (set by the launcher), "
+            f"not the config's {config.gradient_accumulation_steps}."
         )
     if ema is not None:
         ema.to(accelerator.device)

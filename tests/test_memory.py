@@ -1,0 +1,94 @@
+"""The memory counter checked against real runs, and the memory modes' frames (memo/bench/memory.py,
+memo/runtime/memory.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_pipeline import FPC, make_inputs
+
+from memo.bench.memory import MemoryCounter, fake_device, run_counted
+from memo.pipeline import MemoPipeline
+from memo.runtime.memory import HostTemporalMemory, new_memory
+from memo.runtime.placement import apply_offload
+
+CPU = torch.device("cpu")
+
+
+def inputs(clips: int) -> dict:
+    args = make_inputs(clips=clips)
+    args["emotion_labels"] = torch.zeros_like(args["emotion_labels"])  # counted runs take emotion 0
+    return args
+
+
+def call(clips: int = 2) -> dict:
+    return dict(past_frames=FPC, num_inference_steps=2, guidance_scale=3.5, seed=3, vae_batch_size=4)
+
+
+def load(checkpoint, offload: str = "none") -> MemoPipeline:
+    pipe = MemoPipeline.from_checkpoint(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    apply_offload(pipe, offload, CPU)
+    return pipe
+
+
+def test_counted_peak_matches_the_real_run(tiny_checkpoint):
+    """The same call once on real CPU tensors and once on fake ones: the fake run must allocate and free as
+    the real one does (within 5 %)."""
+    offload = "none"
+    real = run_counted(load(tiny_checkpoint, offload), MemoryCounter(CPU), inputs(2), frames_per_clip=FPC, **call())
+    pipe = load(tiny_checkpoint, offload)  # real weights; everything the call makes is fake
+    with fake_device():
+        counted = run_counted(pipe, MemoryCounter(CPU), inputs(2), frames_per_clip=FPC, **call())
+    assert real.frames == counted.frames == 2 * FPC
+    weights = real.peak_split["weights"]
+    working = real.peak_bytes - weights  # the run's own allocations, beyond the weights it starts with
+    assert working > 0.1 * weights
+    # Within 5 % of what the run allocates itself (stricter than 5 % of the whole peak).
+    assert abs(counted.peak_bytes - real.peak_bytes) <= 0.05 * working
+    assert counted.peak_split["weights"] == weights
+
+
+def test_peak_does_not_grow_with_video_length_or_videos(tiny_checkpoint):
+    pipe = load(tiny_checkpoint)
+    with fake_device():
+        one = run_counted(pipe, MemoryCounter(CPU), inputs(1), frames_per_clip=FPC, **call())
+        many = run_counted(pipe, MemoryCounter(CPU), inputs(6), frames_per_clip=FPC, **call())
+        counter = MemoryCounter(CPU)
+        for _ in range(3):  # three videos in one process, one counter
+            again = run_counted(pipe, counter, inputs(1), frames_per_clip=FPC, **call())
+    assert many.frames == 6 * FPC
+    assert many.peak_bytes <= 1.02 * one.peak_bytes
+    assert again.peak_bytes <= 1.02 * one.peak_bytes
+
+
+@pytest.fixture(scope="module")
+def none_video(tiny_checkpoint):
+    return load(tiny_checkpoint)(**inputs(2), frames_per_clip=FPC, **call()).frames
+
+
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_memory_modes_give_the_video_of_none(tiny_checkpoint, none_video, offload):
+    """Host-streamed temporal memory, chunked feed-forward layers and one-frame VAE calls: the frames of
+    offload=none to float rounding (1e-3 relative; chunked matrix products may round differently)."""
+    pipe = load(tiny_checkpoint, offload)
+    memory = new_memory(pipe)
+    assert isinstance(memory, HostTemporalMemory)
+    video = pipe(**inputs(2), frames_per_clip=FPC, memory=memory, **call()).frames
+    assert len(memory) > 0 and all(kv.device == CPU for kv, _ in memory.states.values())
+    assert video.shape == none_video.shape
+    torch.testing.assert_close(video, none_video, rtol=1e-3, atol=1e-3)
+
+
+def test_the_mode_that_fits_comes_from_the_counted_table():
+    from memo.runtime.memory import MEMORY_TABLE, counted_peak_bytes, fitting_mode
+
+    gib, bf16 = 2**30, torch.bfloat16
+    assert counted_peak_bytes("group", 512, 512, bf16) == MEMORY_TABLE["peak_bytes"]["group"]["512"]
+    peaks = [counted_peak_bytes(mode, 512, 512, bf16) for mode in ("none", "model", "group")]
+    assert peaks == sorted(peaks, reverse=True)  # each lower mode needs less
+    assert fitting_mode(24 * gib, 512, 512, bf16) == "none"
+    assert fitting_mode(8 * gib, 512, 512, bf16) == "model"
+    assert fitting_mode(4 * gib, 512, 512, bf16) == "group"
+    assert fitting_mode(1 * gib, 768, 768, bf16) is None
+    assert counted_peak_bytes("none", 512, 512, torch.float32) == 2 * peaks[0]
