@@ -276,7 +276,8 @@ class MemoGenerator:
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
         speed = config.speed_settings
-        logger.info(
+        log = logger.info if self.parallel is None or self.parallel.is_main else logger.debug
+        log(
             "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s",
             clips,
             speed.steps,

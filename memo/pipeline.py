@@ -326,6 +326,7 @@ class MemoPipeline(DiffusionPipeline):
             if parallel is not None:  # this process runs one guidance half (runtime/parallel.py)
                 noise_pred = parallel.predict_noise(
                     self.predict_noise,
+                    self.diffusion_net,
                     latents,
                     t,
                     state.conditions,

@@ -29,7 +29,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_processes(*args: str) -> list[str]:
+def two_processes(*args: str, launcher: str = "torchrun") -> list[str]:
+    if launcher == "accelerate":  # --multi_gpu: on CPUs accelerate would otherwise start one process
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), *args]  # fmt: skip
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             *args]  # fmt: skip
 
@@ -57,7 +60,8 @@ def frames_and_sound(path):
 @pytest.mark.e2e
 @pytest.mark.parametrize(
     "offload, steps, guidance_end, deep_cache_interval, solver",
-    [("none", 2, 1.0, 1, "euler"), ("model", 4, 0.25, 2, "unipc")],  # exact; speed=fast's settings under offload
+    # exact; speed=fast's settings under offload=model (row-chunked feed-forward); group
+    [("none", 2, 1.0, 1, "euler"), ("model", 4, 0.25, 2, "unipc"), ("group", 2, 1.0, 1, "euler")],
 )
 def test_two_processes_compute_the_frames_of_one(
     tiny_checkpoint, offload, steps, guidance_end, deep_cache_interval, solver
@@ -78,18 +82,25 @@ def test_two_processes_compute_the_frames_of_one(
 
 
 @pytest.mark.e2e
-def test_inference_on_two_processes_writes_the_video_of_one(pack, tmp_path):
+@pytest.mark.parametrize(
+    "launcher, settings",
+    [("torchrun", ["speed=exact"]), ("accelerate", ["speed=fast", "inference_steps=10"])],  # fast: 4 steps, 3 alone
+)
+def test_inference_on_two_processes_writes_the_video_of_one(pack, tmp_path, launcher, settings):
     audio = speech(tmp_path, 1.0)
     # As many threads as each launched process has (torch.distributed.run sets 1): CPU kernels split their sums
     # by thread, so the thread count is part of what makes two runs round alike.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one")],
+    one = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one", *settings)],
                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)  # fmt: skip
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(two_processes(*inference(pack, audio, tmp_path / "two", "parallel=guidance")),
-                         capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    command = two_processes(
+        *inference(pack, audio, tmp_path / "two", "parallel=guidance", *settings), launcher=launcher
+    )
+    two = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stderr.count("memo: output:") == 1  # rank 0 writes, rank 1 says nothing of it
+    assert two.stderr.count("memo: generate:") == 1
     expected, written = (
         probe_video(tmp_path / "one" / "portrait_speech.mp4"),
         probe_video(tmp_path / "two" / "portrait_speech.mp4"),

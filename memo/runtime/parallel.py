@@ -17,22 +17,26 @@ only its half of the temporal memory. What the halves share, and how:
   its prediction. Both ranks then take the same solver step, so their latents never diverge.
 
 Each half is computed as its rows of the batch of two, bit for bit (``ReferenceFeatures.item``; the emotion
-label is given twice so that its small projections run with the two rows they have in the batch). A failure of
+label is given twice so that its small projections run with the two rows they have in the batch; where the
+offload mode runs the feed-forward layers in row chunks, a half runs in half as many, so that its chunks are
+the batch's chunks of its rows: :func:`half_the_chunks`). A failure of
 either process ends the other's wait on the next collective (gloo notices a closed connection at once; a hung
 peer after :data:`COLLECTIVE_TIMEOUT`) as a :class:`ParallelError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from memo.errors import UserError
 from memo.sampling.deep_cache import DeepFeatureCache
@@ -73,6 +77,26 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+@contextlib.contextmanager
+def half_the_chunks(network: nn.Module) -> Iterator[None]:
+    """Run ``network``'s row-chunked feed-forward layers (``ff_chunks``, set by the offload mode's memory plan)
+    in half as many chunks while one guidance half runs alone.
+
+    A layer's rows are the batch's, unconditional half first: ``c`` chunks of the batch of two are then
+    ``c / 2`` chunks of each half, the same rows in the same matrix products (for halves whose row count the
+    chunk size divides, as at every layer of the published sizes and the tiny pack), so a half rounds as the
+    batch does. Steps that run the conditional half alone in one process keep the whole count, as there."""
+    chunked = [module for module in network.modules() if getattr(module, "ff_chunks", 1) > 1]
+    counts = [module.ff_chunks for module in chunked]
+    for module, count in zip(chunked, counts):
+        module.ff_chunks = max(1, count // WORLD_SIZE)
+    try:
+        yield
+    finally:
+        for module, count in zip(chunked, counts):
+            module.ff_chunks = count
+
+
 class GuidanceParallel:
     """The two-process group of guidance-parallel generation and its exchanges.
 
@@ -87,7 +111,8 @@ class GuidanceParallel:
         if processes != WORLD_SIZE:
             raise ParallelError(
                 f"parallel=guidance needs exactly {WORLD_SIZE} processes, got {processes}; launch with "
-                "`accelerate launch --num_processes 2 inference.py ...` or "
+                "`accelerate launch --num_processes 2 inference.py ...` (on CPUs add --multi_gpu, else accelerate "
+                "starts one process) or "
                 "`torchrun --nproc_per_node 2 inference.py ...`, "
                 "or set parallel=none."
             )
@@ -178,6 +203,7 @@ class GuidanceParallel:
     def predict_noise(
         self,
         predict: Callable[..., torch.Tensor],
+        network: nn.Module,
         latents: torch.Tensor,
         timestep: torch.Tensor | float,
         conditions: ClipConditions,
@@ -187,15 +213,17 @@ class GuidanceParallel:
         deep_cache: DeepFeatureCache | None,
     ) -> torch.Tensor:
         """The step's prediction as one process computes it: (2, C, frames, h, w) for a batched step, (1, ...)
-        for a conditional-only one. ``predict`` is the pipeline's one-process ``predict_noise``;
-        ``conditions`` the clip's whole (guidance batch of two) conditions."""
+        for a conditional-only one. ``predict`` is the pipeline's one-process ``predict_noise`` and
+        ``network`` the diffusion net it runs; ``conditions`` the clip's whole (guidance batch of two) conditions."""
         if conditions.batch != WORLD_SIZE:
             raise ParallelError("parallel=guidance needs guidance (cfg_scale above 1).")
         if latents.shape[2] % WORLD_SIZE:
             raise ParallelError(f"parallel=guidance needs an even number of frames per clip, got {latents.shape[2]}.")
         kwargs = dict(update_memory=update_memory, whole=todo.whole, deep_cache=deep_cache)
         if todo.batched:
-            return self.gather_halves(predict(latents, timestep, self.own_half(conditions), **kwargs))
+            with half_the_chunks(network):
+                half = predict(latents, timestep, self.own_half(conditions), **kwargs)
+            return self.gather_halves(half)
         if self.is_main:
             return self.from_conditional(None, latents)
         return self.from_conditional(predict(latents, timestep, self.conditional_alone(conditions), **kwargs), latents)
