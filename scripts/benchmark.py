@@ -37,32 +37,20 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.bench.flops import audio_features_flops, clip_flops
-from memo.bench.memory import SD_VAE_CONFIG
+from memo.bench.memory import full_size_pipeline
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.constants import DTYPES, SAMPLE_RATE
-from memo.models.diffusion_net import DiffusionNet
-from memo.models.projections import AudioProjModel, ImageProjModel
-from memo.models.reference_net import ReferenceNet
 from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import compile_networks, compile_seconds
 from memo.runtime.parallel import WORLD_SIZE, GuidanceParallel
 from memo.runtime.placement import apply_offload
 from memo.sampling.speed import SPEEDS, SpeedSettings, preset, variants
-from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
-
-SD_VAE = SD_VAE_CONFIG
-TINY_VAE = dict(
-    block_out_channels=(16, 32, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
-    norm_num_groups=8,
-)
+from memo.tiny.networks import tiny_memo_networks, tiny_vae, tiny_wav2vec2_config
 
 
 def synchronize(device: torch.device) -> None:
@@ -152,43 +140,17 @@ def around_phases(pipe: MemoPipeline, around) -> Iterator[None]:
 
 
 def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> tuple[MemoPipeline, Wav2VecAudioEncoder]:
-    """Random-weight networks at the published sizes (``full``) or the tiny ones, built on ``device``."""
-    with torch.device(device):
-        if size == "full":
-            nets = dict(
-                reference_net=ReferenceNet(),
-                diffusion_net=DiffusionNet(),
-                image_proj=ImageProjModel(),
-                audio_proj=AudioProjModel(),
-                vae=AutoencoderKL(**SD_VAE),
-            )
+    """Random-weight networks at the published sizes (``full``, :func:`memo.bench.memory.full_size_pipeline`)
+    or the tiny ones, built on ``device``."""
+    if size == "full":
+        pipe = full_size_pipeline(device, dtype)
+        with torch.device(device):
             wav2vec = Wav2Vec2Model(Wav2Vec2Config())
-        else:
-            nets = dict(
-                reference_net=ReferenceNet(**UNET),
-                diffusion_net=DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM),
-                image_proj=ImageProjModel(cross_attention_dim=TOKEN_DIM),
-                audio_proj=AudioProjModel(
-                    blocks=WAV2VEC_LAYERS,
-                    channels=WAV2VEC_DIM,
-                    intermediate_dim=32,
-                    output_dim=TOKEN_DIM,
-                    context_tokens=4,
-                ),
-                vae=AutoencoderKL(**TINY_VAE),
-            )
-            wav2vec = Wav2Vec2Model(
-                Wav2Vec2Config(
-                    hidden_size=WAV2VEC_DIM,
-                    num_hidden_layers=WAV2VEC_LAYERS,
-                    num_attention_heads=2,
-                    intermediate_size=32,
-                    conv_dim=(16,) * 7,
-                    num_conv_pos_embeddings=16,
-                    num_conv_pos_embedding_groups=2,
-                )
-            )
-    pipe = MemoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **nets).to(device=device, dtype=dtype)
+    else:
+        with torch.device(device):
+            nets = {**tiny_memo_networks(), "vae": tiny_vae()}
+            wav2vec = Wav2Vec2Model(tiny_wav2vec2_config())
+        pipe = MemoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **nets).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, Wav2VecAudioEncoder(wav2vec.eval(), Wav2Vec2FeatureExtractor()).to(device)
 
