@@ -149,3 +149,37 @@ def test_a_non_finite_manifest_cell_stops_the_batch(pack, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "line 2: Invalid settings: cfg_scale must be a finite number, got nan" in result.stderr
     assert listing(tmp_path) == before
+
+
+# -- the web app ------------------------------------------------------------------------------------
+
+
+def test_the_web_app_refuses_non_finite_and_fractional_numbers(pack, tmp_path, caplog):
+    """The page's API takes any JSON number: NaN or a fraction for a whole-number field was an 'unexpected
+    ValueError' with a traceback in the log, or silently cut (2.5 steps ran as 2)."""
+    import gradio as gr
+
+    from memo.apps.web import WebApp
+    from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
+
+    samples, rate = speech_clip(1.0)
+    soundfile.write(tmp_path / "speech.wav", samples, rate)
+    app = WebApp(MemoGenerator(load_config(pack / "inference.yaml")), tmp_path / "web")
+    image, audio = str(EXAMPLE_IMAGE), str(tmp_path / "speech.wav")
+    cases = [
+        (2, 3.5, math.nan, "seed must be a whole number, got nan"),
+        (2.5, 3.5, 7, "inference_steps must be a whole"),
+    ]
+    cases += [
+        (2, math.nan, 7, "cfg_scale must be a finite number, got nan"),
+        (2, 3.5, math.inf, "seed must be a whole"),
+    ]
+    for steps, cfg_scale, seed, message in cases:
+        with pytest.raises(gr.Error) as caught:
+            app.generate(
+                image, audio, "auto", "64x64", steps, cfg_scale, seed, "crop", "fast", progress=lambda *a, **k: None
+            )
+        assert message in caught.value.message
+    assert "Traceback" not in caplog.text and "unexpected" not in caplog.text
+    assert not (tmp_path / "web").exists()
