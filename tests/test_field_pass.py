@@ -183,3 +183,34 @@ def test_the_web_app_refuses_non_finite_and_fractional_numbers(pack, tmp_path, c
         assert message in caught.value.message
     assert "Traceback" not in caplog.text and "unexpected" not in caplog.text
     assert not (tmp_path / "web").exists()
+
+
+# -- output names -----------------------------------------------------------------------------------
+
+
+def test_an_output_name_too_long_for_the_file_system_is_one_line(pack, tmp_path):
+    """``<image>_<audio>.mp4`` over 255 bytes was an OSError traceback (exit 1) from the output check."""
+    samples, rate = speech_clip(1.0)
+    audio = tmp_path / f"{'interview-take-' * 10}.wav"  # each name fits; together, 267 bytes
+    soundfile.write(audio, samples, rate)
+    image = tmp_path / f"{'studio-portrait-' * 7}.jpg"
+    image.write_bytes(EXAMPLE_IMAGE.read_bytes())
+    before = listing(tmp_path)
+    args = ["--input_image", str(image), "--input_audio", str(audio), "--output_dir", str(tmp_path / "out")]
+    result = run(pack, *args)
+    assert_stopped_early(result, "The output name 'studio-portrait-", "is 267 bytes long; a file name may have at most")
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["y" * 251 + ".mp4", "é" * 125 + ".mp4"])
+def test_an_output_name_that_fits_is_written_however_long(tmp_path, name):
+    """A name that fits (255 bytes at most) failed with 'File name too long' for its longer hidden partial name,
+    after the whole render. The writer the programs use, with a name of 255 bytes (ASCII, and 2-byte UTF-8)."""
+    from memo.io.audio import audio_from_samples
+    from memo.io.video import VideoWriter, check_output_path
+
+    output = check_output_path(tmp_path / name, overwrite=False)
+    with VideoWriter(output, 30, 64, 64, audio=audio_from_samples(np.zeros(1600, np.float32), 16000)) as writer:
+        writer.write(np.zeros((3, 3, 64, 64), np.float32))
+    assert probe_video(output).num_frames == 3
+    assert listing(tmp_path) == [name]
