@@ -65,3 +65,10 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import compilation_time_metrics
 
     return float(sum(compilation_time_metrics.get(_COMPILE_METRIC, [])))
+
+
+def compiled_graphs() -> int:
+    """Graphs compiled in this process so far (torch._dynamo's own count: each recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
