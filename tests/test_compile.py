@@ -52,8 +52,10 @@ def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
         ("false", "cuda", False),
     ],
 )
-def test_compile_setting(setting, device, expected):
+def test_compile_setting(setting, device, expected, caplog):
     assert compile_enabled(setting, torch.device(device)) is expected
+    warned = "compile=true on the CPU" in caplog.text
+    assert warned == (setting == "true" and device == "cpu")  # forced on the CPU: told it is slow and inexact
 
 
 def test_inductor_cache_directory(tmp_path, monkeypatch):

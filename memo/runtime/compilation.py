@@ -30,6 +30,12 @@ _COMPILE_METRIC = "_compile.compile_inner"  # torch._dynamo's timer around traci
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """Whether to compile, for a validated ``compile`` setting: ``auto`` compiles on CUDA only (on a CPU the
     compile takes longer than it saves on one video); ``true``/``false`` force it."""
+    if setting == "true" and device.type == "cpu":
+        logger.warning(
+            "compile=true on the CPU: inductor compiles for many minutes (about 18 on two cores for the tiny "
+            "pack) and its CPU code currently shifts the frames (about 5/255 on average); compile=false is "
+            "exact and faster here."
+        )
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 
