@@ -31,7 +31,13 @@ from memo.io.image import load_image
 from memo.io.video import VideoWriter, check_output_path, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
-from memo.runtime.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
+from memo.runtime.compilation import (
+    compile_enabled,
+    compile_networks,
+    compile_seconds,
+    compiled_graphs,
+    use_inductor_cache,
+)
 from memo.runtime.memory import fitting_mode
 from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
@@ -296,7 +302,7 @@ class MemoGenerator:
             if progress is not None:
                 progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
-        compile_before = compile_seconds()
+        compile_before, graphs_before = compile_seconds(), compiled_graphs()
         try:
             with self.conditions_out_of_the_way():
                 self.pipeline(
@@ -325,7 +331,11 @@ class MemoGenerator:
                 "resolution (e.g. resolution=384), fp8_weights=true; close other programs using the GPU."
             ) from error
         if self.compiled and compile_seconds() > compile_before:
-            logger.info("generate: %.1f s of it compiling the networks", compile_seconds() - compile_before)
+            logger.info(
+                "generate: %.1f s of it compiling the networks (%d graphs)",
+                compile_seconds() - compile_before,
+                compiled_graphs() - graphs_before,
+            )
 
     def _generate_other_half(self, output_path: Path, progress: Progress | None) -> Path:
         """Rank 1 of ``parallel=guidance``: rank 0's prepared conditions in, this half computed, nothing written."""

@@ -18,7 +18,7 @@ from test_pipeline import FPC, make_inputs
 from torch._dynamo.utils import counters
 
 from memo.pipeline import MemoPipeline
-from memo.runtime.compilation import compile_enabled, compile_networks, use_inductor_cache
+from memo.runtime.compilation import compile_enabled, compile_networks, compiled_graphs, use_inductor_cache
 
 
 def generate(pipe):
@@ -37,9 +37,9 @@ def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     # One reference-net graph; three diffusion-net graphs: the memory created (first clip, first step),
     # folded into (later clips, first step), only read (other steps). A second video compiles nothing.
-    assert counters["stats"]["unique_graphs"] == 4
+    assert compiled_graphs() == 4
     assert torch.equal(generate(pipe), compiled)
-    assert counters["stats"]["unique_graphs"] == 4
+    assert compiled_graphs() == 4
 
 
 @pytest.mark.parametrize(
@@ -52,8 +52,10 @@ def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
         ("false", "cuda", False),
     ],
 )
-def test_compile_setting(setting, device, expected):
+def test_compile_setting(setting, device, expected, caplog):
     assert compile_enabled(setting, torch.device(device)) is expected
+    warned = "compile=true on the CPU" in caplog.text
+    assert warned == (setting == "true" and device == "cpu")  # forced on the CPU: told it is slow and inexact
 
 
 def test_inductor_cache_directory(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import signal
 import sys
 import time
@@ -75,6 +76,15 @@ def parse_size(text: str) -> dict[str, int]:
     return {"width": width, "height": height}
 
 
+def whole_number(value: float, name: str) -> int:
+    """A number field of the page (Gradio gives floats; the API takes any JSON number) as the whole number the
+    setting ``name`` takes; :class:`gr.Error` for NaN, infinity or a fraction, which ``int`` would raise on or
+    silently cut."""
+    if not math.isfinite(value) or value != int(value):
+        raise gr.Error(f"{name} must be a whole number, got {value}.", duration=None, print_exception=False)
+    return int(value)
+
+
 class EtaProgress:
     """Feeds the generator's progress callback to ``gr.Progress``, with the time left from the rate so far."""
 
@@ -132,9 +142,13 @@ class WebApp:
         if not audio:
             raise gr.Error("Upload or record the speech first, or click 'Use the example'.", print_exception=False)
         with shown_in_page("Generation"):
-            settings = {"inference_steps": int(inference_steps), "cfg_scale": float(cfg_scale)}
+            settings = {
+                "inference_steps": whole_number(inference_steps, "inference_steps"),
+                "cfg_scale": float(cfg_scale),
+            }
             settings |= {"framing": framing, "speed": speed}
-            settings |= {"emotion": emotion, **parse_size(size)} | ({} if seed is None else {"seed": int(seed)})
+            settings |= {"emotion": emotion, **parse_size(size)}
+            settings |= {} if seed is None else {"seed": whole_number(seed, "seed")}
             generator = self.generator.with_settings(**settings)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"

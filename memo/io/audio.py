@@ -253,6 +253,7 @@ def decode_audio(path: str | os.PathLike) -> DecodedAudio:
     path = as_path(path, "The audio path")
     container, stream = _open_audio(path)
     with container:
+        declared = _declared_seconds(container, stream)
         chunks, target, damage = _decode_stream(container, stream)
 
     if not chunks or not sum(chunk.shape[1] for chunk in chunks):
@@ -263,9 +264,12 @@ def decode_audio(path: str | os.PathLike) -> DecodedAudio:
             ) from damage.first_error
         raise AudioError(f"{path} contains no audio samples (its audio track is empty). Pass audio with sound in it.")
     samples = np.concatenate(chunks, axis=1)
-    np.clip(samples, -1.0, 1.0, out=samples)
     rate, layout = target
+    _silence_non_finite(samples, rate, path)
+    np.clip(samples, -1.0, 1.0, out=samples)
+    missing = _missing_seconds(path, declared, samples.shape[1] / rate)
     if damage.skipped:
+        damage.lost_seconds = max(damage.lost_seconds, missing)
         lost = f"about {damage.lost_seconds:.2f} s of audio lost" if damage.lost_seconds else "length lost unknown"
         logger.warning(
             "audio: %s is damaged: skipped %d unreadable part(s) (%s; %s); using the %.2f s that decode.",
@@ -275,7 +279,64 @@ def decode_audio(path: str | os.PathLike) -> DecodedAudio:
             lost,
             samples.shape[1] / rate,
         )
+    elif missing:
+        damage.lost_seconds = missing
+        logger.warning(
+            "audio: %s decodes to %.2f s, about %.2f s less than its header gives: the file is likely cut short "
+            "(an unfinished download, copy or recording); using the %.2f s that decode.",
+            path,
+            samples.shape[1] / rate,
+            missing,
+            samples.shape[1] / rate,
+        )
     return DecodedAudio(samples=samples, rate=rate, layout=layout, path=path, lost_seconds=damage.lost_seconds)
+
+
+CUT_SHORT = (0.1, 0.05)
+"""A file is taken as cut short when it decodes to at least this many seconds and this share of its declared
+length less than its header declares (codec priming and padding differ by a few hundredths of a second)."""
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """The length the file's header declares, in seconds, or None when it declares none."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    return container.duration / 1e6 if container.duration else None
+
+
+def _missing_seconds(path: Path, declared: float | None, decoded: float) -> float:
+    """How much shorter than its header declares the file decodes (seconds; 0 when not by :data:`CUT_SHORT`).
+
+    FFmpeg shortens a WAV's declared length to what the file holds, so for a RIFF file the header's own byte
+    count is compared with the file's size (a streaming writer's 0 or 0xFFFFFFFF declares nothing)."""
+    with path.open("rb") as file:
+        head = file.read(12)
+    if len(head) == 12 and head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        riff = int.from_bytes(head[4:8], "little")
+        size = path.stat().st_size
+        if 0 < riff < 0xFFFFFFFF and riff + 8 > size:
+            declared = decoded * (riff + 8) / size
+    if declared is None:
+        return 0.0
+    missing = declared - decoded
+    least, share = CUT_SHORT
+    return missing if missing >= least and missing >= share * declared else 0.0
+
+
+def _silence_non_finite(samples: np.ndarray, rate: int, path: Path) -> None:
+    """Replace NaN and infinite samples (a float WAV from a faulty effect or export) by silence, in place, with
+    a warning: they would turn the audio features, and so every frame, into NaN."""
+    bad = ~np.isfinite(samples)
+    count = int(np.count_nonzero(bad))
+    if count:
+        samples[bad] = 0.0
+        logger.warning(
+            "audio: %s holds %d sample(s) that are not numbers (NaN or infinite, about %.3f s); they are replaced "
+            "by silence. Re-export the audio for a clean result.",
+            path,
+            count,
+            count / samples.shape[0] / rate,
+        )
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:

@@ -35,6 +35,18 @@ PARTIAL_PATTERN = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.partial(\.[A-Za-z0-9]+)
 """The names :class:`Partial` gives: ``.NAME.<pid>-<8 hex>.partial`` and an optional suffix such as ``.mp4``."""
 
 
+NAME_MAX = 255
+"""The longest file name, in bytes, of the usual file systems (ext4, XFS, Btrfs, APFS, NTFS in UTF-16 units)."""
+
+
+def _hidden_name(name: str, suffix: str) -> str:
+    """``.NAME.<pid>-<8 hex>.partial[SUFFIX]``, NAME cut (on a character boundary) so that the whole fits
+    :data:`NAME_MAX` bytes: a target name that fits must never fail for its longer partial name."""
+    tail = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}"
+    room = NAME_MAX - 1 - len(os.fsencode(tail))
+    return f".{os.fsencode(name)[:room].decode('utf-8', 'ignore')}{tail}"
+
+
 def _lock(fd: int, wait: bool) -> bool:
     """Take the exclusive advisory lock on ``fd``; False when ``wait`` is off and another process holds it."""
     if fcntl is None:
@@ -126,9 +138,7 @@ class Partial:
             _CLEANED.add(folder)
             remove_abandoned(folder)
         while True:
-            self.path = self.target.with_name(
-                f".{self.target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}"
-            )
+            self.path = self.target.with_name(_hidden_name(self.target.name, suffix))
             if directory:
                 self.path.mkdir()
                 self._fd = os.open(self.path, _open_flags(True))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from memo.errors import UserError, as_path
-from memo.io.partial import Partial
+from memo.io.partial import NAME_MAX, Partial
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -167,6 +167,12 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     ``overwrite`` or a folder in its place, :class:`OutputLocationError` when its folder cannot be written.
     """
     path = as_path(path, "The output path")
+    size = len(os.fsencode(path.name))
+    if size > NAME_MAX:
+        raise OutputLocationError(
+            f"The output name {path.name!r} is {size} bytes long; a file name may have at most {NAME_MAX}. Give "
+            "the image or audio file a shorter name, or the output one (batch: the manifest's output column)."
+        )
     check_output_folder(path.parent)
     if path.is_dir():
         raise OutputExistsError(

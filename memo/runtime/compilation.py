@@ -30,6 +30,12 @@ _COMPILE_METRIC = "_compile.compile_inner"  # torch._dynamo's timer around traci
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """Whether to compile, for a validated ``compile`` setting: ``auto`` compiles on CUDA only (on a CPU the
     compile takes longer than it saves on one video); ``true``/``false`` force it."""
+    if setting == "true" and device.type == "cpu":
+        logger.warning(
+            "compile=true on the CPU: inductor compiles for many minutes (about 18 on two cores for the tiny "
+            "pack) and its CPU code currently shifts the frames (about 5/255 on average); compile=false is "
+            "exact and faster here."
+        )
     return device.type == "cuda" if setting == "auto" else setting == "true"
 
 
@@ -65,3 +71,10 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import compilation_time_metrics
 
     return float(sum(compilation_time_metrics.get(_COMPILE_METRIC, [])))
+
+
+def compiled_graphs() -> int:
+    """Graphs compiled in this process so far (torch._dynamo's own count: each recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -140,7 +141,9 @@ def range_problems(settings: Any, prefix: str = "") -> list[str]:
         if value is None or isinstance(value, (list, dict)):
             continue
         meta = field.metadata
-        if meta.get("choices") is not None and value not in meta["choices"]:
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+            problems.append(f"{name} must be a finite number, got {value}")
+        elif meta.get("choices") is not None and value not in meta["choices"]:
             problems.append(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
         elif meta.get("minimum") is not None and value < meta["minimum"]:
             problems.append(f"{name} must be at least {meta['minimum']}, got {value}")
