@@ -16,8 +16,8 @@ that only a trained model has), so this script makes a model that has learned so
 4. on the held-out clip, with the same noise: the untrained and the trained model at the exact settings
    against the ground-truth frames, then each speed setting and the ``fast`` preset against the exact
    path's frames and against the ground truth (PSNR in dB and SSIM on frames in [0, 1]), and the paper's
-   figures against the ground truth (FID, FVD, CSIM and motion from memo.evaluation, as scripts/evaluate.py
-   computes them, with ``--metric_models``' networks).
+   figures against the ground truth (FID, FVD, CSIM, motion, and Sync-C / Sync-D / offset against the clip's
+   sound, from memo.evaluation as scripts/evaluate.py computes them, with ``--metric_models``' networks).
 
 Each stage keeps its output in ``--work_dir`` and is skipped when that output is there, so a rerun only
 evaluates. Prints a Markdown table (and writes ``results.json``). Run it alone: it trains on all cores.
@@ -45,6 +45,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from memo.evaluation import metrics
 from memo.evaluation.models import MetricModels
+from memo.evaluation.run import score_frames
 from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 from memo.pipeline import MemoPipeline
@@ -59,6 +60,7 @@ FRAMES_PER_CLIP, PAST_FRAMES = 8, 4
 FACE_CENTRE, MOUTH, CROP = (230, 140), (226, 150), 256  # in the 512x512 portrait: face crop centre, mouth, side
 CAPTION_BOX = (38, 40, SIZE, SIZE)  # flat lower-right patch (x1, y1, x2, y2): the tiny face detector's second box
 GUIDANCE = 3.5
+PAPER_FIGURES = ("fid", "fvd", "csim", "motion", "sync_c", "sync_d", "sync_offset")
 
 
 def speech_envelope(samples: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,8 +187,9 @@ def finetune(work: Path, pack: Path, steps: int) -> Path:
     return checkpoint
 
 
-def held_out_inputs(work: Path, clips: int) -> tuple[dict, np.ndarray]:
-    """The pipeline inputs of the held-out clip's first ``clips`` clips, and its frames as ground truth."""
+def held_out_inputs(work: Path, clips: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
+    """The pipeline inputs of the held-out clip's first ``clips`` clips, its frames as ground truth and its
+    sound (16 kHz mono, None when it has none) for the Sync figures."""
     folder = work / "prepared" / "heldout"
     entry = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
     video = Path(entry["video"]) if Path(entry["video"]).is_absolute() else folder / entry["video"]
@@ -200,7 +203,10 @@ def held_out_inputs(work: Path, clips: int) -> tuple[dict, np.ndarray]:
         audio_features=load_file(folder / entry["audio_emb"])["audio_emb"][: len(frames)],
         emotion_labels=load_file(folder / entry["audio_emotion"])["emotion"][: len(frames)],
     )
-    return inputs, frames
+    sound = metrics.read_video(video).audio
+    if sound is not None:
+        sound = sound[: int(round(len(frames) / FPS * metrics.SYNC_SAMPLE_RATE))]
+    return inputs, frames, sound
 
 
 def scores(frames: np.ndarray, target: np.ndarray) -> tuple[float, float]:
@@ -210,24 +216,9 @@ def scores(frames: np.ndarray, target: np.ndarray) -> tuple[float, float]:
     return float(psnr), float(ssim)
 
 
-def paper_metrics(frames: np.ndarray, target: np.ndarray, models: MetricModels) -> dict[str, float]:
-    """FID, FVD, CSIM and motion (memo.evaluation, as scripts/evaluate.py computes them) of frames against the
-    target frames, both (n, H, W, 3) in [0, 1]; CSIM against the target's first frame as the portrait."""
-    a, b = (np.round(x * 255).astype(np.uint8) for x in (frames, target))
-    out = {
-        "fid": metrics.fid(
-            metrics.inception_features(models.inception(), a), metrics.inception_features(models.inception(), b)
-        ),
-        "motion": metrics.motion(a),
-    }
-    clips_a, clips_b = metrics.clips(a), metrics.clips(b)
-    if len(clips_a):
-        out["fvd"] = metrics.fvd(
-            metrics.i3d_features(models.i3d(), clips_a), metrics.i3d_features(models.i3d(), clips_b)
-        )
-    (portrait,), _ = metrics.face_embeddings(models.faces(), b[:1])
-    out["csim"] = metrics.csim(portrait, metrics.face_embeddings(models.faces(), a)[0])
-    return out
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) frames in [0, 1] as uint8, as they would be written."""
+    return np.round(np.clip(frames, 0, 1) * 255).astype(np.uint8)
 
 
 def evaluations(speed: SpeedSettings) -> str:
@@ -239,8 +230,8 @@ def evaluations(speed: SpeedSettings) -> str:
 
 
 def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int, models: MetricModels) -> dict:
-    inputs, truth = held_out_inputs(work, clips)
-    truth = truth.astype(np.float32) / 255
+    inputs, truth_frames, sound = held_out_inputs(work, clips)
+    truth = truth_frames.astype(np.float32) / 255
     noise = torch.randn(clips, 1, 4, FRAMES_PER_CLIP, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
     common = dict(
         inputs, frames_per_clip=FRAMES_PER_CLIP, past_frames=PAST_FRAMES, guidance_scale=GUIDANCE, latents=noise
@@ -263,7 +254,7 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int, m
         results["settings"][name] = dict(
             vs_truth=scores(frames, truth),
             vs_exact=scores(frames, exact),
-            paper_vs_truth=paper_metrics(frames, truth, models),
+            paper_vs_truth=score_frames(to_uint8(frames), truth_frames, models, FPS, sound),
             evaluations=evaluations(speed),
             seconds=time.perf_counter() - start,
         )
@@ -278,17 +269,17 @@ def table(results: dict) -> str:
         f"Untrained model, exact settings, vs ground truth: PSNR {results['untrained_vs_truth'][0]:.2f} dB, "
         f"SSIM {results['untrained_vs_truth'][1]:.3f}.",
         "",
-        f"FID / FVD / CSIM / motion vs ground truth with the metric networks of {results['metric_models']}.",
+        f"FID / FVD / CSIM / motion / Sync-C / Sync-D / offset vs ground truth (the held-out clip's frames and "
+        f"sound) with the metric networks of {results['metric_models']}.",
         "",
         "| setting | diffusion-net passes per clip | PSNR / SSIM vs ground truth | PSNR / SSIM vs exact "
-        "| FID | FVD | CSIM | motion |",
-        "|---|---|---|---|---|---|---|---|",
+        "| FID | FVD | CSIM | motion | Sync-C | Sync-D | offset |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["settings"].items():
         vs_exact = "identical" if row is exact else f"{row['vs_exact'][0]:.2f} dB / {row['vs_exact'][1]:.3f}"
         paper = " | ".join(
-            f"{row['paper_vs_truth'][key]:.4g}" if key in row["paper_vs_truth"] else "-"
-            for key in ("fid", "fvd", "csim", "motion")
+            f"{row['paper_vs_truth'][key]:.4g}" if key in row["paper_vs_truth"] else "-" for key in PAPER_FIGURES
         )
         lines.append(
             f"| {name} | {row['evaluations']} | {row['vs_truth'][0]:.2f} dB / {row['vs_truth'][1]:.3f} | {vs_exact} "

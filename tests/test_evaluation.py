@@ -4,6 +4,7 @@ the documented loop make_eval_set -> batch_inference -> evaluate end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,10 @@ from scipy.ndimage import gaussian_filter
 
 from memo.evaluation import metrics as m
 from memo.evaluation.models import INCEPTION, MetricModels
+from memo.evaluation.run import score_frames
+from memo.io import hub
 from memo.io.audio import audio_from_samples
+from memo.io.hub import METRIC_MODELS, MissingModelError, default_metric_models_dir, download_metric_models
 from memo.io.video import VideoWriter
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import BRIGHT_LEVEL, LOUD_RMS, write_tiny_metric_models
@@ -34,6 +38,19 @@ def models(tmp_path_factory) -> MetricModels:
     root = tmp_path_factory.mktemp("metric_models")
     write_tiny_metric_models(root / "metrics")
     write_tiny_face_models(root / "misc" / "face_analysis" / "models")
+    return MetricModels(root)
+
+
+@pytest.fixture(scope="module", params=["tiny", "published"])
+def any_models(request, models) -> MetricModels:
+    """The tiny stand-ins, and the published metric networks where this machine has them (the default folder of
+    ``scripts/download_models.py --metrics``; skipped otherwise): known answers hold for both."""
+    if request.param == "tiny":
+        return models
+    root = default_metric_models_dir()
+    missing = [model.file for model in METRIC_MODELS.values() if not (root / "metrics" / model.file).is_file()]
+    if missing:
+        pytest.skip(f"the published metric networks are not in {root / 'metrics'} ({', '.join(missing)})")
     return MetricModels(root)
 
 
@@ -54,9 +71,9 @@ def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(images.astype(np.float32), sigma=axes).round().astype(np.uint8)
 
 
-def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(models):
+def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(any_models):
     images = textures(6, 64, seed=0)
-    net = models.inception()
+    net = any_models.inception()
     reference = m.inception_features(net, images)
     itself = m.fid(reference, reference)  # float error of eigenvalues of a rank-5 2048x2048 product
     assert abs(itself) < 1e-5 * np.trace(np.cov(reference, rowvar=False))
@@ -89,15 +106,17 @@ def test_fid_equals_torch_fidelity_called_directly(models, tmp_path):
     assert ours > 0
 
 
-def test_fvd_is_zero_for_a_set_against_itself_and_grows_with_noise(models):
+def test_fvd_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(any_models):
     clips = textures(2 * m.FVD_CLIP_FRAMES, 32, seed=5).reshape(2, m.FVD_CLIP_FRAMES, 32, 32, 3)
-    net = models.i3d()
+    net = any_models.i3d()
     reference = m.i3d_features(net, clips)
     assert reference.shape == (2, 400)
     itself = m.fvd(reference, reference)
     assert abs(itself) < 1e-5 * float(np.square(reference).sum())
     by_noise = [m.fvd(m.i3d_features(net, noisy(clips, s)), reference) for s in (10, 60)]
     assert 100 * abs(itself) < by_noise[0] < by_noise[1], by_noise
+    by_blur = [m.fvd(m.i3d_features(net, blurred(clips, s)), reference) for s in (1, 4)]
+    assert 100 * abs(itself) < by_blur[0] < by_blur[1], by_blur
 
 
 def talking_clip(loud: np.ndarray, seed: int, size: int = 64) -> np.ndarray:
@@ -151,6 +170,48 @@ def test_csim_is_one_for_the_same_face_and_lower_for_another(models):
     assert m.csim(same, frames_other) < 0.99
 
 
+def test_score_frames_gives_measure_fidelity_the_paper_figures_with_sync_on_the_sound(models):
+    """scripts/measure_fidelity.py's figures: in sync with the sound shifted by 4 frames, offset 4; the frames
+    against themselves FID 0; a frozen face: CSIM 1, motion 0 (within float error)."""
+    loud = runs(40, seed=16)
+    frames = talking_clip(loud, seed=17)
+    ours = score_frames(frames, frames, models, FPS, voice(loud, seed=18, lead=4))
+    assert set(ours) == {"fid", "fvd", "csim", "motion", "sync_c", "sync_d", "sync_offset"}
+    assert ours["sync_offset"] == 4 and ours["sync_c"] > 0.2
+    assert abs(ours["fid"]) < 1e-3 and abs(ours["fvd"]) < 1e-3
+    assert ours["motion"] > 0
+    frozen = score_frames(np.repeat(frames[:1], len(frames), axis=0), frames, models, FPS)
+    assert frozen["motion"] < 1e-5 * ours["motion"] and frozen["csim"] == pytest.approx(1.0, abs=1e-6)
+    assert frozen["fid"] > 100 * abs(ours["fid"]) and "sync_c" not in frozen  # no sound given
+
+
+def test_download_metric_models_fetches_the_missing_files_and_says_one_line_offline(tmp_path, monkeypatch):
+    """The registry's metric rows through the real download code, from file:// addresses standing in for theirs."""
+    published = tmp_path / "published"
+    published.mkdir()
+    rows = {}
+    for name, model in METRIC_MODELS.items():
+        (published / model.file).write_bytes(name.encode() * 1000)
+        rows[name] = dataclasses.replace(model, url=(published / model.file).as_uri())
+    monkeypatch.setattr(hub, "METRIC_MODELS", rows)
+    target = tmp_path / "models"
+    monkeypatch.setattr(hub, "hub_offline", lambda: True)
+    with pytest.raises(MissingModelError, match="HF_HUB_OFFLINE is set"):
+        download_metric_models(target)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    (target / "metrics").mkdir(parents=True)
+    (target / "metrics" / rows["i3d"].file).write_bytes(b"kept")  # already there: not fetched again
+    paths = download_metric_models(target)
+    assert [p.name for p in paths] == [model.file for model in rows.values()]
+    assert (target / "metrics" / rows["syncnet"].file).read_bytes() == b"syncnet" * 1000
+    assert (target / "metrics" / rows["i3d"].file).read_bytes() == b"kept"
+    assert sorted(p.name for p in (target / "metrics").iterdir()) == sorted(m.file for m in rows.values())
+    monkeypatch.setattr(hub, "METRIC_MODELS", {"gone": dataclasses.replace(rows["i3d"], file="x", url="file:///nope")})
+    with pytest.raises(MissingModelError, match="the download from file:///nope failed"):
+        download_metric_models(target)
+    assert not [p for p in (target / "metrics").iterdir() if p.name.endswith(".partial")]
+
+
 def write_video(path: Path, frames: np.ndarray, fps: float, audio: np.ndarray | None) -> None:
     track = None if audio is None else audio_from_samples(audio, 16000, name=path.name)
     height, width = frames.shape[1:3]
@@ -176,6 +237,8 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     write_video(gen / "unpaired.mp4", frames, FPS, voice(loud, seed=15))
     write_video(ref / "rate.mp4", frames, FPS, voice(loud, seed=15))
     write_video(gen / "rate.mp4", frames, 30, voice(loud, seed=15))
+    write_video(ref / "short.mp4", frames, FPS, voice(loud, seed=15))
+    write_video(gen / "short.mp4", frames[:30], FPS, voice(loud[:30], seed=15))
     write_video(ref / "mute.mp4", frames, FPS, None)
     write_video(gen / "mute.mp4", frames, FPS, None)
     write_video(ref / "broken.mp4", frames, FPS, voice(loud, seed=15))
@@ -194,10 +257,13 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     assert 0.5 < good["csim"] < 1  # the frames' brightness and texture change; the portrait is frame 0
     assert good["motion"] > 0
     assert report["videos"]["mute"]["csim"] == pytest.approx(good["csim"], abs=1e-3)  # scored, but for Sync
+    (warning,) = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: short.mp4: 30 frames, the reference 40")
+    assert report["videos"]["short"]["sync_offset"] == 0 and report["videos"]["short"]["frames"] == 30
     assert set(report["set"]) >= {"sync_c", "sync_d", "sync_offset", "csim", "motion"}
     assert "| good |" in (tmp_path / "report.md").read_text()
-    # good: 2 shapes, faces, portrait, lip, audio, motion; mute: 2 shapes, faces, portrait, motion; rate: 2 shapes
-    assert "features: 14 computed, 0 from the cache" in run.stderr, run.stderr
+    # good, short: 2 shapes, faces, portrait, lip, audio, motion; mute: 2 shapes, faces, portrait, motion; rate: 2
+    assert "features: 21 computed, 0 from the cache" in run.stderr, run.stderr
 
     (gen / "unpaired.mp4").unlink()
     (gen / "broken.mp4").unlink()
@@ -206,7 +272,7 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     rerun = evaluate(*args, "--overwrite", cwd=tmp_path)
     assert "error: mute.mp4:" in rerun.stderr and rerun.returncode == 2
     # only the new rate.mp4's own features are computed; its reference's shape and the others' come from the cache
-    assert "features: 6 computed, 13 from the cache" in rerun.stderr, rerun.stderr
+    assert "features: 6 computed, 20 from the cache" in rerun.stderr, rerun.stderr
 
 
 def test_a_missing_metric_model_is_one_line_with_the_download_command(tmp_path):
@@ -216,7 +282,8 @@ def test_a_missing_metric_model_is_one_line_with_the_download_command(tmp_path):
     run = evaluate("--generated", "gen", "--reference", "ref", "--metrics", "fid", "--models", "empty", cwd=tmp_path)
     assert run.returncode == 2
     (line,) = run.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "curl -L -o" in line and INCEPTION.url in line and "licence" in line
+    assert line.startswith("error: ") and "scripts/download_models.py --metrics empty" in line
+    assert "curl -L -o" in line and INCEPTION.url in line and INCEPTION.licence in line
     assert not (tmp_path / "report.json").exists()
 
 

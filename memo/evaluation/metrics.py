@@ -268,6 +268,25 @@ def sync_frames_ok(frames: int) -> bool:
     return frames > VIDEO_WINDOW
 
 
+def video_sync_embeddings(net: SyncNet, frames: np.ndarray, boxes: np.ndarray, fps: float) -> torch.Tensor:
+    """Lip embeddings (:func:`lip_embeddings`) of (T, H, W, 3) uint8 frames at ``fps`` with their (T, 4) face
+    boxes (NaN rows where none was found), resampled to SyncNet's 25 fps; ValueError when shorter than one
+    window or without any face."""
+    frames, boxes = resample_frames(frames, fps), resample_frames(boxes, fps)
+    if not sync_frames_ok(len(frames)):
+        raise ValueError("is shorter than SyncNet's 5-frame window")
+    return lip_embeddings(net, face_crops(frames, boxes))
+
+
+def audio_sync_embeddings(net: SyncNet, audio: np.ndarray, windows: int) -> torch.Tensor:
+    """Audio embeddings (:func:`audio_embeddings`) of (S,) 16 kHz mono sound for at most ``windows`` video
+    windows (fewer when the sound is shorter); ValueError when it covers none."""
+    count = min(windows, int(len(audio) // (SYNC_SAMPLE_RATE / FPS)) - VIDEO_WINDOW)
+    if count < 1:
+        raise ValueError("has less than 0.2 s of sound")
+    return audio_embeddings(net, mfcc(audio), count)
+
+
 # ---------------------------------------------------------------- motion
 
 

@@ -1,6 +1,7 @@
 """The metric networks: where each file lives in a model folder, where it is published, its licence, and loaders.
 
-A model folder (``--models``) holds ``metrics/<file>`` for each network below and ``misc/face_analysis/models``
+A model folder (``--models``) holds ``metrics/<file>`` for each network of the registry's
+:data:`memo.io.hub.METRIC_MODELS` (where each is published, its licence) and ``misc/face_analysis/models``
 (the ArcFace recognizer and SCRFD detector MEMO itself loads), as the published ``memoavatar/memo`` repo and
 the tiny pack (``scripts/make_tiny_checkpoint.py``) lay them out. Nothing is downloaded implicitly: a missing
 file is one error line with the download command.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +20,9 @@ from memo.errors import import_runtime
 from memo.io.hub import (
     FACE_MODELS_FOLDER,
     MEMO_REPO,
+    METRIC_MODELS,
     MissingModelError,
+    default_metric_models_dir,
     require_model_file,
     resolve_model_dir,
 )
@@ -31,42 +33,8 @@ FACE_REPO = MEMO_REPO
 """Where the face models come from when the model folder has none."""
 
 
-@dataclass(frozen=True)
-class MetricWeights:
-    """One metric network's file: its name under ``metrics/``, what it is, where it is published, its licence."""
-
-    file: str
-    what: str
-    url: str
-    licence: str
-
-
-INCEPTION = MetricWeights(
-    "weights-inception-2015-12-05-6726825d.pth",
-    "The FID Inception-v3 (torch-fidelity's port of TensorFlow's 2015-12-05 graph, pool3 2048-d features)",
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-    "Apache-2.0 (TensorFlow models)",
-)
-I3D = MetricWeights(
-    "i3d_pretrained_400.pt",
-    "The FVD I3D (Kinetics-400, as cd-fvd and TATS load it)",
-    "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt",
-    "Apache-2.0 (DeepMind kinetics-i3d), port MIT (TATS)",
-)
-SYNCNET = MetricWeights(
-    "syncnet_v2.model",
-    "SyncNet (syncnet_v2, VGG Oxford) for Sync-C / Sync-D",
-    "https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model",
-    "MIT (joonson/syncnet_python)",
-)
-REGISTRY = {"inception": INCEPTION, "i3d": I3D, "syncnet": SYNCNET}
-
-
-def default_models_dir() -> Path:
-    """``$MEMO_EVAL_MODELS``, else ``$XDG_CACHE_HOME/memo/evaluation`` (``~/.cache/memo/evaluation``)."""
-    if os.environ.get("MEMO_EVAL_MODELS"):
-        return Path(os.environ["MEMO_EVAL_MODELS"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "memo" / "evaluation"
+INCEPTION, I3D, SYNCNET = (METRIC_MODELS[name] for name in ("inception", "i3d", "syncnet"))
+default_models_dir = default_metric_models_dir
 
 
 class MetricModels:
@@ -78,9 +46,9 @@ class MetricModels:
         self._loaded: dict[str, object] = {}
 
     def path(self, name: str) -> Path:
-        """The file of metric network ``name`` (a key of :data:`REGISTRY`); MissingModelError when absent."""
-        weights = REGISTRY[name]
-        return require_model_file(self.root / "metrics" / weights.file, weights.what, weights.url, weights.licence)
+        """The file of metric network ``name`` (a key of :data:`memo.io.hub.METRIC_MODELS`); MissingModelError
+        (one line with the download command) when absent."""
+        return require_model_file(self.root, METRIC_MODELS[name])
 
     def fingerprint(self, name: str) -> str:
         """A short hash of network ``name``'s file (size, mtime, head bytes): features cached with other

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -323,11 +324,7 @@ def _sync(pair, models, cache, fingerprint, gen, faces, shape) -> dict[str, Any]
 
     def lips():
         video = gen.get()
-        frames = m.resample_frames(video.frames, fps)
-        boxes = m.resample_frames(faces["boxes"], fps)
-        if not m.sync_frames_ok(len(frames)):
-            raise ValueError("is shorter than SyncNet's 5-frame window")
-        return {"e": m.lip_embeddings(models.syncnet(), m.face_crops(frames, boxes)).numpy()}
+        return {"e": m.video_sync_embeddings(models.syncnet(), video.frames, faces["boxes"], fps).numpy()}
 
     lip = cache.get(pair.generated, "syncnet-lip", fingerprint, lips)["e"]
     source = pair.audio or pair.generated
@@ -339,16 +336,46 @@ def _sync(pair, models, cache, fingerprint, gen, faces, shape) -> dict[str, Any]
             audio = gen.get().audio
             if audio is None:
                 raise ValueError("has no decodable sound track")
-        count = min(len(lip), int(len(audio) // (m.SYNC_SAMPLE_RATE / FPS)) - m.VIDEO_WINDOW)
-        if count < 1:
-            raise ValueError("has less than 0.2 s of sound")
-        return {"e": m.audio_embeddings(models.syncnet(), m.mfcc(audio), count).numpy()}
-
-    import torch
+        return {"e": m.audio_sync_embeddings(models.syncnet(), audio, len(lip)).numpy()}
 
     audio = cache.get(source, "syncnet-audio", fingerprint, sound)["e"]
     result = m.sync_scores(torch.from_numpy(lip), torch.from_numpy(audio))
     return {"sync_c": _clean(result.confidence), "sync_d": _clean(result.distance), "sync_offset": result.offset}
+
+
+def score_frames(
+    frames: np.ndarray,
+    target: np.ndarray,
+    models: MetricModels,
+    fps: float,
+    audio: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The figures of :func:`evaluate` for frames held in memory (``scripts/measure_fidelity.py``): ``fid``,
+    ``fvd`` (when both have a 16-frame clip), ``csim`` against ``target``'s first frame as the portrait,
+    ``motion``, and with ``audio`` ((S,) 16 kHz mono, the sound the frames should speak) ``sync_c``, ``sync_d``,
+    ``sync_offset``. ``frames`` and ``target`` are (T, H, W, 3) uint8 at ``fps``; a figure that cannot be
+    computed (no face found, too short) is left out."""
+    out: dict[str, float] = {
+        "fid": m.fid(m.inception_features(models.inception(), frames), m.inception_features(models.inception(), target))
+    }
+    clips_a, clips_b = m.clips(frames), m.clips(target)
+    if len(clips_a) and len(clips_b):
+        out["fvd"] = m.fvd(m.i3d_features(models.i3d(), clips_a), m.i3d_features(models.i3d(), clips_b))
+    embeddings, boxes = m.face_embeddings(models.faces(), frames)
+    (portrait,), _ = m.face_embeddings(models.faces(), target[:1])
+    if not np.isnan(portrait).any():
+        value = m.csim(portrait, embeddings)
+        if math.isfinite(value):
+            out["csim"] = value
+    out["motion"] = m.motion(frames, boxes)
+    if audio is not None and not np.isnan(boxes).all():
+        try:
+            lip = m.video_sync_embeddings(models.syncnet(), frames, boxes, fps)
+            result = m.sync_scores(lip, m.audio_sync_embeddings(models.syncnet(), audio, len(lip)))
+        except ValueError:
+            return out
+        out.update(sync_c=result.confidence, sync_d=result.distance, sync_offset=result.offset)
+    return out
 
 
 def markdown(evaluation: Evaluation) -> str:

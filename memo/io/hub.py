@@ -1,7 +1,8 @@
 """The model registry, and where model files come from: a local directory, or the Hugging Face hub's cache.
 
-:data:`REGISTRY` is the one table of every published model the program loads: which setting chooses it, its
-hub repo, the files taken from it, its licence and its approximate download size. The loaders
+:data:`REGISTRY` is the one table of every published model inference and training load: which setting chooses it, its
+hub repo, the files taken from it, its licence and its approximate download size; :data:`METRIC_MODELS` is
+the same for the evaluation's metric networks, which are published outside the hub. The loaders
 (``memo.loading``, ``MemoPipeline.from_checkpoint``, training), ``scripts/download_models.py``, the ComfyUI
 node and the README's model table all read it.
 
@@ -13,6 +14,9 @@ which are missing, the one command that downloads them all, and how to use local
 from __future__ import annotations
 
 import os
+import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from memo.errors import UserError
+from memo.io.partial import Partial
 
 NETWORK_FOLDERS = ("reference_net", "diffusion_net", "image_proj", "audio_proj")
 """The four MEMO networks, each a folder (``config.json`` + weights) of a checkpoint in the published layout."""
@@ -218,18 +223,109 @@ def download_all(
     }
 
 
-def require_model_file(path: str | os.PathLike, what: str, url: str, licence: str) -> Path:
-    """``path`` when it is a file; otherwise a :class:`MissingModelError` in one line naming ``what`` the file
-    is, the command that downloads it from ``url`` into place, and its ``licence``.
+@dataclass(frozen=True)
+class FileModel:
+    """One row of :data:`METRIC_MODELS`: a model file published outside the Hugging Face hub, kept as
+    ``<models folder>/metrics/<file>``: what it is, the address it is published at, its licence."""
 
-    For model files published outside the Hugging Face hub (metric networks), which are never fetched
-    implicitly: evaluation must give the same numbers offline as online.
-    """
-    path = Path(path).expanduser()
+    name: str
+    file: str
+    what: str
+    url: str
+    licence: str
+
+
+METRIC_MODELS: dict[str, FileModel] = {
+    model.name: model
+    for model in (
+        FileModel(
+            "inception",
+            "weights-inception-2015-12-05-6726825d.pth",
+            "The FID Inception-v3 (torch-fidelity's port of TensorFlow's 2015-12-05 graph, pool3 2048-d features)",
+            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+            "Apache-2.0 (TensorFlow models)",
+        ),
+        FileModel(
+            "i3d",
+            "i3d_pretrained_400.pt",
+            "The FVD I3D (Kinetics-400, as cd-fvd and TATS load it)",
+            "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt",
+            "Apache-2.0 (DeepMind kinetics-i3d), port MIT (TATS)",
+        ),
+        FileModel(
+            "syncnet",
+            "syncnet_v2.model",
+            "SyncNet (syncnet_v2, VGG Oxford) for Sync-C / Sync-D",
+            "https://www.robots.ox.ac.uk/~vgg/software/lipsync/data/syncnet_v2.model",
+            "MIT (joonson/syncnet_python)",
+        ),
+    )
+}
+"""The evaluation's metric networks (``scripts/evaluate.py``), the second table of the registry. They are never
+fetched implicitly (evaluation must give the same numbers offline as online); ``scripts/download_models.py
+--metrics DIR`` fetches them once."""
+
+METRICS_FOLDER = "metrics"
+"""The folder of a models folder (``evaluate.py --models``, the tiny pack) that holds the metric files."""
+
+
+def default_metric_models_dir() -> Path:
+    """Where the metric files are kept by default: ``$MEMO_EVAL_MODELS``, else ``$XDG_CACHE_HOME/memo/evaluation``
+    (``~/.cache/memo/evaluation``)."""
+    if os.environ.get("MEMO_EVAL_MODELS"):
+        return Path(os.environ["MEMO_EVAL_MODELS"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "memo" / "evaluation"
+
+
+def metric_download_command(models_dir: str | os.PathLike) -> str:
+    """The project command that downloads every metric file into ``models_dir``."""
+    return f"{DOWNLOAD_COMMAND} --metrics {models_dir}"
+
+
+def require_model_file(models_dir: str | os.PathLike, model: FileModel) -> Path:
+    """``models_dir/metrics/<file>`` when it is a file; otherwise a :class:`MissingModelError` in one line naming
+    what the file is, the command that downloads it (the project's, and ``curl`` from its address) and its
+    licence."""
+    models_dir = Path(models_dir).expanduser()
+    path = models_dir / METRICS_FOLDER / model.file
     if path.is_file():
         return path
     raise MissingModelError(
-        f"{what} is missing: {path} does not exist. Download it once with "
-        f"`mkdir -p {path.parent} && curl -L -o {path} {url}` (licence: {licence}), "
-        f"or give --models a folder that holds it (a tiny random stand-in: scripts/make_tiny_checkpoint.py)."
+        f"{model.what} is missing: {path} does not exist. Download it once with "
+        f"`{metric_download_command(models_dir)}` (or `mkdir -p {path.parent} && curl -L -o {path} {model.url}`; "
+        f"licence: {model.licence}), or give --models a folder that holds it (a tiny random stand-in: "
+        "scripts/make_tiny_checkpoint.py)."
     )
+
+
+def download_metric_models(models_dir: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Fetch the files of :data:`METRIC_MODELS` ``names`` (default: all) that ``models_dir/metrics`` lacks, each
+    written under a temporary name and renamed into place when complete; returns every file's path.
+
+    Raises :class:`MissingModelError` when ``HF_HUB_OFFLINE`` is set (the program is told not to use the
+    network) and a file is missing, or when a download fails (the files already complete are kept).
+    """
+    folder = Path(models_dir).expanduser() / METRICS_FOLDER
+    paths = []
+    for model in (METRIC_MODELS[name] for name in (names or METRIC_MODELS)):
+        path = folder / model.file
+        paths.append(path)
+        if path.is_file():
+            continue
+        if hub_offline():
+            raise MissingModelError(
+                f"{model.what} is missing from {folder} and HF_HUB_OFFLINE is set; unset it to download {model.url}."
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with Partial(path) as partial, urllib.request.urlopen(model.url, timeout=60) as response:
+                with open(partial.path, "wb") as out:
+                    shutil.copyfileobj(response, out, length=1 << 20)
+                partial.publish(sync=True)
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise MissingModelError(
+                f"{model.what}: the download from {model.url} failed ({reason}); check the network and run "
+                "the command again."
+            ) from None
+    return paths
