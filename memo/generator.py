@@ -38,7 +38,7 @@ from memo.runtime.compilation import (
     compiled_graphs,
     use_inductor_cache,
 )
-from memo.runtime.memory import fitting_mode
+from memo.runtime.memory import apply_memory_plan, fitting_mode, release_networks
 from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
     apply_offload,
@@ -157,11 +157,15 @@ class MemoGenerator:
         """Move the torch models to ``device``, e.g. off a GPU that a host program shares between models.
 
         Face analysis and vocal separation stay on the ONNX Runtime device chosen at load. With ``offload``
-        the networks stay under their hooks, which already keep them on the CPU between videos.
+        the networks stay under their hooks, which already keep them on the CPU between videos. Without, the
+        memory plan is made anew for ``device`` (on a GPU the networks take turns on it: ``runtime/memory.py``).
         """
         self.device = torch.device(device)
         if self.offload == "none":
-            self.pipeline.to(self.device)
+            release_networks(self.pipeline)
+            apply_memory_plan(self.pipeline, "none", self.device)
+            if self.pipeline.network_turns is None:
+                self.pipeline.to(self.device)
         self.conditions.to(self.device)
         return self
 

@@ -29,7 +29,14 @@ from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.runtime.memory import new_memory, vae_frames
+from memo.runtime.memory import (
+    features_on_host,
+    new_memory,
+    reference_frames_only,
+    release_networks,
+    use_networks,
+    vae_frames,
+)
 from memo.runtime.parallel import GuidanceParallel
 from memo.sampling.deep_cache import DeepFeatureCache
 from memo.sampling.guidance import ClipConditions, combine_guidance
@@ -92,6 +99,13 @@ class MemoPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_proj->audio_proj->reference_net->diffusion_net->vae"
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """The device the networks run on: also while they wait in host memory between turns
+        (``memo.runtime.memory.NetworkTurns``)."""
+        turns = getattr(self, "network_turns", None)
+        return turns.device if turns is not None else super()._execution_device
 
     def __init__(
         self,
@@ -253,6 +267,7 @@ class MemoPipeline(DiffusionPipeline):
         reference_latents = self.encode_frames(pixels, vae_batch_size).to(dtype)
         context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
         reference = self.reference_net(reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), 0.0, context)
+        reference = features_on_host(self, reference)
         audio_tokens = self.audio_proj(audio[None].to(device, self.audio_proj.dtype)).to(dtype)
         emotion = torch.tensor([clip_emotion(emotion_labels)], device=device)
         if guided:
@@ -347,6 +362,9 @@ class MemoPipeline(DiffusionPipeline):
                 noise_pred, guided=todo.guided, batched=todo.batched, guidance_scale=guidance_scale
             )
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if step == 0:  # the memory holds the past frames now: only the reference frame's features are read
+                conditions = state.conditions
+                conditions.reference = reference_frames_only(self, conditions.reference, conditions.batch)
             if callback_on_step_end is not None:
                 tensors = {"latents": latents, "noise_pred": noise_pred}
                 replaced = callback_on_step_end(self, state.index, step, t, tensors) or {}
@@ -447,6 +465,7 @@ class MemoPipeline(DiffusionPipeline):
 
         # 2. Encode the conditions that hold for the whole video.
         guided = any(step.batched for step in plan)  # the conditions hold both halves
+        use_networks(self, "conditions")
         image_tokens = self.encode_image_tokens(face_embedding, guided=guided)
         reference_image = reference_image.to(device, self.vae.dtype)
         memory = memory if memory is not None else new_memory(self)
@@ -466,6 +485,7 @@ class MemoPipeline(DiffusionPipeline):
             progress.set_description(f"clip {clip + 1}/{num_clips}")
             window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
             # 2, per clip: the reference features (image + past frames), audio tokens and emotion.
+            use_networks(self, "conditions")
             conditions = self.encode_clip_conditions(
                 reference_image=reference_image,
                 past=history[-past_frames:],
@@ -491,6 +511,7 @@ class MemoPipeline(DiffusionPipeline):
             scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
 
             # 4. Denoise the clip.
+            use_networks(self, "denoise")
             clip_latents = self.denoise(
                 state,
                 scheduler=scheduler,
@@ -501,7 +522,10 @@ class MemoPipeline(DiffusionPipeline):
                 parallel=parallel,
             )
 
-            # 5. Decode, hand out, and keep the last frames as the next clip's past.
+            # 5. Decode, hand out, and keep the last frames as the next clip's past; the clip's conditions
+            # (its reference features) are freed first.
+            del state, conditions
+            use_networks(self, "decode")
             frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
             history = frames * 2 - 1
             visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
@@ -511,6 +535,7 @@ class MemoPipeline(DiffusionPipeline):
             if output_type is not None:
                 kept.append(clip_video)
         progress.close()
+        release_networks(self)
         self.maybe_free_model_hooks()
 
         if output_type is None:

@@ -6,9 +6,10 @@
 No GPU is used or needed: the networks (shapes from the published configs) run on fake tensors that stand
 for a CUDA device, and every allocation, free and host<->device copy is counted (memo/bench/memory.py).
 Counted peaks are allocated bytes (torch.cuda.max_memory_allocated's measure); the CUDA context and the
-allocator's fragmentation come on top. One clip of 16 frames and --steps steps are counted: the peak of
-every step after the first is the same (printed), so more steps or clips do not raise it; the bytes moved
-per frame are extended to --full-steps steps.
+allocator's fragmentation come on top. Two clips of 16 frames and --steps steps each are counted: the first
+clip starts with an empty temporal memory, the second has it full, as every later clip does; the step peaks
+are printed, so that more steps or clips can be seen not to raise it; the bytes moved per frame are
+extended to --full-steps steps.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype")
     parser.add_argument("--offload", nargs="+", default=["none", "model", "group"], help="modes to count")
     parser.add_argument("--fp8", action="store_true", help="fp8 weight storage (offload's fp8 option)")
-    parser.add_argument("--clips", type=int, default=1, help="clips of 16 frames to count")
+    parser.add_argument(
+        "--clips", type=int, default=2, help="clips of 16 frames to count (from the 2nd on, the memory is full)"
+    )
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per clip to count")
     parser.add_argument("--full-steps", type=int, default=20, help="steps per clip the transfer cost is given for")
     parser.add_argument("--json", type=Path, help="write the counts here as JSON")
@@ -73,7 +76,9 @@ def write_table(args) -> None:
     table = {"dtype": args.dtype, "weights_bytes": weight_bytes, "peak_bytes": {}, "moved_per_frame": {}}
     for resolution in (256, 512, 768):
         for mode in ("none", "model", "group"):
-            count = count_generation(mode, resolution=resolution, dtype=DTYPES[args.dtype], steps=args.steps)
+            count = count_generation(
+                mode, resolution=resolution, dtype=DTYPES[args.dtype], steps=args.steps, clips=args.clips
+            )
             table["peak_bytes"].setdefault(mode, {})[str(resolution)] = count.peak_bytes
             table["moved_per_frame"].setdefault(mode, {})[str(resolution)] = count.moved_per_frame_at(args.full_steps)
             print(mode, resolution, f"{count.peak_bytes / GIB:.2f} GiB", flush=True)

@@ -92,3 +92,67 @@ def test_the_mode_that_fits_comes_from_the_counted_table():
     assert fitting_mode(4 * gib, 512, 512, bf16) == "group"
     assert fitting_mode(1 * gib, 768, 768, bf16) is None
     assert counted_peak_bytes("none", 512, 512, torch.float32) == 2 * peaks[0]
+
+
+def fake_cuda_pipeline(checkpoint, scheduler) -> MemoPipeline:
+    """The tiny networks (the checkpoint's configs) with random fake weights; call inside ``fake_device()``
+    with a ``scheduler`` made outside (its set-up reads tensor values)."""
+    from diffusers import AutoencoderKL
+
+    from memo.pipeline import NETWORKS
+
+    networks = {name: cls.from_config(cls.load_config(checkpoint / name)) for name, cls in NETWORKS.items()}
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(checkpoint / "vae"))
+    pipe = MemoPipeline(vae=vae, scheduler=scheduler, **networks)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_networks_take_turns_on_an_accelerator_and_leave_after_each_video(tiny_checkpoint):
+    """offload=none on a (fake) CUDA device: the networks that do not run wait on the host, so the peak holds
+    fewer weights than there are; every video gives its device memory back; length does not raise the peak."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from memo.bench.memory import _all_weights
+    from memo.runtime.memory import TURNS
+    from memo.runtime.placement import module_bytes
+
+    cuda = torch.device("cuda", 0)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    with fake_device():
+        pipe = fake_cuda_pipeline(tiny_checkpoint, scheduler)
+        apply_offload(pipe, "none", cuda)
+        assert pipe._execution_device == cuda and all(t.device == CPU for t in _all_weights(pipe))
+        counter = MemoryCounter(cuda)
+        one = run_counted(pipe, counter, inputs(1), frames_per_clip=FPC, **call())
+        left = counter.device_bytes()  # weights, memory and features all gone: the scheduler's timesteps stay
+        assert left <= 1024
+        for _ in range(2):  # more videos in the same process
+            again = run_counted(pipe, counter, inputs(1), frames_per_clip=FPC, **call())
+        assert counter.device_bytes() == left
+        many = run_counted(pipe, MemoryCounter(cuda), inputs(6), frames_per_clip=FPC, **call())
+    every = module_bytes(*(getattr(pipe, name) for name in dict.fromkeys(n for p in TURNS.values() for n in p)))
+    assert one.peak_split["weights"] < every
+    assert one.to_device_bytes >= every  # each network came in at least once
+    assert again.peak_bytes <= 1.02 * one.peak_bytes
+    assert many.frames == 6 * FPC and many.peak_bytes <= 1.02 * one.peak_bytes
+
+
+def test_reference_frames_only_after_the_memory_step_give_the_same_frames(tiny_checkpoint, none_video, monkeypatch):
+    """offload=none on an accelerator keeps the reference features on the host until a clip's first step and
+    then only the reference frame's rows: on the CPU the same cut (forced on) gives bit-identical frames."""
+    import memo.runtime.memory as memory_module
+
+    monkeypatch.setattr(memory_module, "_features_wait_on_host", lambda pipe: True)
+    pipe = load(tiny_checkpoint)
+    cuts = []
+    cut = memory_module.reference_frames_only
+
+    def counted_cut(*args):
+        cuts.append(cut(*args))
+        return cuts[-1]
+
+    monkeypatch.setattr("memo.pipeline.reference_frames_only", counted_cut)
+    video = pipe(**inputs(2), frames_per_clip=FPC, **call()).frames
+    assert len(cuts) == 2 and all(f.shape[0] in (0, 2) for block in cuts[0].down for f in block)
+    assert torch.equal(video, none_video)

@@ -108,7 +108,7 @@ def test_compile_cannot_be_forced_with_group_offload():
 
 def test_condition_models_placement_rule():
     need = generation_working_bytes(512, 512, torch.bfloat16)
-    assert 10 * GIB < need < 11 * GIB  # counted: 10.36 GiB (scripts/memory_budget.py)
+    assert 11 * GIB < need <= 12 * GIB  # counted: 11.96 GiB, weights included (scripts/memory_budget.py)
     assert generation_working_bytes(1024, 512, torch.bfloat16) > 1.8 * need
     assert generation_working_bytes(512, 512, torch.float32) == 2 * need
     models = 2 * GIB

@@ -152,7 +152,9 @@ class LayerStack(nn.Module):
             )
 
     def _condition(self, i: int, x: torch.Tensor, feature: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``."""
+        """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``.
+        ``feature`` may wait in host memory (``memo.runtime.memory``): it is copied to ``x``'s device here."""
+        feature = feature.to(x.device)
         reference = _reference_frame(feature, ctx)
         if hasattr(self, "attentions"):
             x, ctx.audio = self._run(

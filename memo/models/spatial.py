@@ -62,6 +62,7 @@ class SpatialBlock(nn.Module):
                 ]
             )
         x = attended + x
+        del normed, joined, attended  # their memory is free again before the feed-forward, where a step peaks
         x = self.attn2(self.norm2(x), encoder_hidden_states=image_tokens.repeat_interleave(rows // batch, 0)) + x
         return chunked_feed_forward(self.ff, self.norm3(x), self.ff_chunks) + x
 

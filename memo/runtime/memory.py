@@ -5,7 +5,12 @@ in bf16) is state, not weights: no weight-offload hook moves it. Its placement, 
 is cut, is the mode's :class:`MemoryPlan`:
 
 - ``none``: the memory stays on the device; every kernel runs whole (the published computation, frames
-  bit-identical to every earlier release of this project).
+  bit-identical to every earlier release of this project). On an accelerator the networks take turns on it
+  (:class:`NetworkTurns`: the reference net, the projections and the VAE wait in host memory while the
+  diffusion net denoises, and the diffusion net waits there while they run), and the reference features'
+  past frames, which only the first step of a clip reads (it folds them into the memory), wait in host
+  memory until that step reads them, layer by layer, and are dropped after it. Only weights and features
+  move; no number changes.
 - ``model`` and ``group``: the memory waits in host memory (pinned on CUDA) and each layer's state is
   copied in just before the layer runs, the next layer's copy already under way (on a side CUDA stream);
   the feed-forward layers run in row chunks and the VAE decodes one frame at a time. Frames match ``none``
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from memo.models.reference_net import ReferenceFeatures
 from memo.models.temporal_memory import TemporalMemory, set_feed_forward_chunks
 
 
@@ -31,16 +37,23 @@ class MemoryPlan:
 
     ``memory_on_host``: the temporal memory lives on the host and is streamed in layer by layer;
     ``feed_forward_chunks``: feed-forward layers run in this many row chunks (1: whole);
-    ``vae_frames``: at most this many frames per VAE call (None: the ``vae_batch_size`` setting).
+    ``vae_frames``: at most this many frames per VAE call (None: the ``vae_batch_size`` setting);
+    ``networks_take_turns``: the networks not running wait in host memory (:class:`NetworkTurns`; the
+    offload modes' hooks do this themselves); ``reference_on_host``: the reference features wait in host
+    memory until the first step of their clip, then only the reference frame's stay (on the device).
     """
 
     memory_on_host: bool
     feed_forward_chunks: int
     vae_frames: int | None
+    networks_take_turns: bool = False
+    reference_on_host: bool = False
 
 
 PLANS = {
-    "none": MemoryPlan(memory_on_host=False, feed_forward_chunks=1, vae_frames=None),
+    "none": MemoryPlan(
+        memory_on_host=False, feed_forward_chunks=1, vae_frames=None, networks_take_turns=True, reference_on_host=True
+    ),
     "model": MemoryPlan(memory_on_host=True, feed_forward_chunks=8, vae_frames=1),
     "group": MemoryPlan(memory_on_host=True, feed_forward_chunks=8, vae_frames=1),
 }
@@ -116,6 +129,112 @@ class HostTemporalMemory(TemporalMemory):
         self.states[name] = held
 
 
+TURNS = {
+    "conditions": ("vae", "image_proj", "audio_proj", "reference_net"),
+    "denoise": ("diffusion_net",),
+    "decode": ("vae",),
+}
+"""The networks each phase of a clip runs (``MemoPipeline``): what :meth:`NetworkTurns.use` brings in."""
+
+
+class NetworkTurns:
+    """The networks of a pipeline on ``device`` only while their phase of the clip runs (``TURNS``).
+
+    Every weight keeps its host copy (pinned on CUDA, made once); a network comes in by copying it to the
+    device and leaves by pointing its weights back at the host copy, so leaving copies nothing. The values
+    are those of the host copy either way: the frames do not change. On a CPU device it does nothing.
+    """
+
+    def __init__(self, pipe, device: torch.device):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.active = self.device.type != "cpu"
+        self.host: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.present: set[str] = set()
+        if not self.active:
+            return
+        pinned = can_stream(self.device)
+        for name in dict.fromkeys(n for names in TURNS.values() for n in names):
+            module = getattr(pipe, name)
+            module.to("cpu")
+            tensors = [*module.parameters(), *module.buffers()]
+            for tensor in tensors:
+                if pinned:
+                    tensor.data = tensor.data.pin_memory()
+            self.host[name] = [(tensor, tensor.data) for tensor in tensors]
+
+    def use(self, phase: str) -> None:
+        """Bring the networks of ``phase`` to the device and send the others back to their host copies."""
+        if not self.active:
+            return
+        wanted = set(TURNS[phase])
+        for name in self.present - wanted:
+            for tensor, host in self.host[name]:
+                tensor.data = host
+        for name in wanted - self.present:
+            for tensor, host in self.host[name]:
+                tensor.data = host.to(self.device, non_blocking=True)
+        self.present = wanted
+
+    def release(self) -> None:
+        """Every network back to its host copy (at the end of a video, so that memory comes back)."""
+        for name in self.present:
+            for tensor, host in self.host[name]:
+                tensor.data = host
+        self.present = set()
+
+
+def use_networks(pipe, phase: str) -> None:
+    """Bring the networks of ``phase`` (``TURNS``) to the device when ``pipe``'s plan has them take turns."""
+    turns = getattr(pipe, "network_turns", None)
+    if turns is not None:
+        turns.use(phase)
+
+
+def release_networks(pipe) -> None:
+    """Send every network that takes turns back to the host (at the end of a video)."""
+    turns = getattr(pipe, "network_turns", None)
+    if turns is not None:
+        turns.release()
+
+
+def features_on_host(pipe, reference: ReferenceFeatures) -> ReferenceFeatures:
+    """``reference`` moved to host memory when ``pipe``'s plan keeps it there until the clip's first step
+    (the diffusion net copies each layer's feature in as it reads it); else ``reference`` itself."""
+    if not _features_wait_on_host(pipe):
+        return reference
+    return _map_features(reference, lambda feature: feature.to("cpu"))
+
+
+def reference_frames_only(pipe, reference: ReferenceFeatures, batch: int) -> ReferenceFeatures:
+    """After the step that folded the past frames into the temporal memory: ``reference`` (features of
+    ``batch`` items x (1 + past) frames) cut to each item's reference frame, on the device, when ``pipe``'s
+    plan keeps features on the host; the maps of layers without attention, read only by that step, become
+    empty. The diffusion net reads the same values from the cut features (``models/blocks.py``)."""
+    if not _features_wait_on_host(pipe):
+        return reference
+
+    def cut(feature: torch.Tensor) -> torch.Tensor:
+        if feature.dim() != 3:
+            return feature[:0].to(pipe.memory_device)
+        return feature.unflatten(0, (batch, -1))[:, :1].flatten(0, 1).to(pipe.memory_device)
+
+    return _map_features(reference, cut)
+
+
+def _features_wait_on_host(pipe) -> bool:
+    device = getattr(pipe, "memory_device", None)
+    return memory_plan(pipe).reference_on_host and device is not None and device.type != "cpu"
+
+
+def _map_features(reference: ReferenceFeatures, fn) -> ReferenceFeatures:
+    return ReferenceFeatures(
+        down=[[fn(f) for f in block] for block in reference.down],
+        mid=[fn(f) for f in reference.mid],
+        up=[[fn(f) for f in block] for block in reference.up],
+    )
+
+
 def memory_plan(pipe) -> MemoryPlan:
     """The plan :func:`apply_memory_plan` gave ``pipe`` (``none``'s when none was given)."""
     return getattr(pipe, "memory_plan", PLANS["none"])
@@ -127,6 +246,8 @@ def apply_memory_plan(pipe, offload: str, device: torch.device) -> None:
     pipe.memory_plan = plan
     pipe.memory_device = torch.device(device)
     set_feed_forward_chunks(pipe.diffusion_net, plan.feed_forward_chunks)
+    turns = plan.networks_take_turns and pipe.memory_device.type != "cpu"
+    pipe.network_turns = NetworkTurns(pipe, pipe.memory_device) if turns else None
 
 
 def new_memory(pipe) -> TemporalMemory:

@@ -2,7 +2,8 @@
 
 ``offload`` chooses between diffusers' own offloading hooks:
 
-- ``none``: every network stays on the device.
+- ``none``: every network runs on the device; on an accelerator they take turns there, the others waiting
+  in host memory (``memory.NetworkTurns``; frames unchanged).
 - ``model``: :meth:`DiffusionPipeline.enable_model_cpu_offload` over ``MemoPipeline.model_cpu_offload_seq``:
   a whole network moves to the device when it runs and leaves when the next one in the sequence starts
   (each clip moves the VAE, the reference net and the diffusion net in once).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memo.runtime.memory import MEMORY_TABLE, PLANS, apply_memory_plan, can_stream, counted_peak_bytes
+from memo.runtime.memory import PLANS, apply_memory_plan, can_stream, counted_peak_bytes
 
 logger = logging.getLogger("memo")
 
@@ -47,7 +48,8 @@ def apply_offload(pipe, offload: str, device: torch.device, fp8: bool = False) -
             network.enable_layerwise_casting(storage_dtype=FP8_STORAGE, compute_dtype=network.dtype)
     apply_memory_plan(pipe, offload, device)
     if offload == "none":
-        pipe.to(device)
+        if pipe.network_turns is None:  # else they come to the device in turns (memory.NetworkTurns)
+            pipe.to(device)
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "group":
@@ -115,7 +117,7 @@ def condition_models_placement(
 
 
 def generation_working_bytes(width: int, height: int, dtype: torch.dtype) -> int:
-    """Device memory generation with offload=none needs beyond the networks' weights at ``width`` x
-    ``height`` (bytes): the counted peak less the counted weights (``memory.MEMORY_TABLE``)."""
-    weights = MEMORY_TABLE["weights_bytes"] * (2 if dtype == torch.float32 else 1)
-    return counted_peak_bytes("none", width, height, dtype) - weights
+    """Device memory generation with offload=none needs at ``width`` x ``height`` (bytes), weights included:
+    on CUDA the networks wait in host memory between their turns (``memory.NetworkTurns``), so the free
+    memory measured with them loaded does not hold them; the counted peak (``memory.MEMORY_TABLE``)."""
+    return counted_peak_bytes("none", width, height, dtype)
