@@ -6,8 +6,9 @@ programs print it without a traceback.
 
 The optional runtimes face analysis and vocal separation run on are checked here too, so a missing one is
 one :class:`MissingRuntimeError` line: ``onnxruntime`` comes with the ``cpu`` or ``gpu`` extra (``onnxruntime``
-or ``onnxruntime-gpu``, which clash), ``insightface`` is installed on its own (it declares ``opencv-python``,
-which clashes with the headless OpenCV used here), and ``audio_separator`` needs onnxruntime. Programs check
+or ``onnxruntime-gpu``, which clash), ``insightface`` is added alone where it is missing (it declares
+``opencv-python`` and the CPU ``onnxruntime``, which clash with the headless OpenCV and ``onnxruntime-gpu``),
+and ``audio_separator`` needs onnxruntime. Programs check
 with :func:`check_runtimes` before any model loads; code that imports them goes through :func:`import_runtime`.
 """
 
@@ -96,6 +97,12 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 ONNXRUNTIME_INSTALL = 'pip install -e ".[gpu]" (or ".[cpu]" on a machine without CUDA)'
 INSIGHTFACE_INSTALL = 'pip install --no-deps "insightface>=0.7.3"'
+"""Adds insightface alone (the floor is pyproject.toml's). Its declared ``opencv-python`` and CPU ``onnxruntime``
+(insightface 2.1's Requires-Dist) are left out, as uv's ``exclude-dependencies`` leaves them out; everything
+else it requires (numpy, onnx, scipy, scikit-image, tqdm, requests) comes with the package already."""
+ONNXRUNTIME_GPU_INSTALL = "pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu"
+"""Puts back the CUDA build of ONNX Runtime where pip installed insightface's CPU ``onnxruntime`` beside it
+(both write the module ``onnxruntime``; whichever came last runs)."""
 EVAL_INSTALL = 'pip install -e ".[eval]"'
 INSTALL = {
     "onnxruntime": (ONNXRUNTIME_INSTALL, "face analysis and vocal separation run on it"),

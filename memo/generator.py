@@ -33,6 +33,7 @@ from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import compile_enabled, compile_networks, compile_seconds, use_inductor_cache
 from memo.runtime.memory import fitting_mode
+from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
     apply_offload,
     condition_models_placement,
@@ -46,7 +47,16 @@ logger = logging.getLogger("memo")
 
 LOAD_SETTINGS = frozenset(
     ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
-    + ("device", "weight_dtype", "vocal_separation", "audio_chunk_seconds", "compile", "offload", "fp8_weights")
+    + (
+        "device",
+        "weight_dtype",
+        "vocal_separation",
+        "audio_chunk_seconds",
+        "compile",
+        "offload",
+        "fp8_weights",
+        "parallel",
+    )
 )
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
@@ -89,7 +99,11 @@ class MemoGenerator:
 
     def __init__(self, config: InferenceConfig):
         self.config = config
+        if config.parallel == "guidance":
+            select_rank_device()
         self.device = pick_device(config.device)
+        # Before the models load, so that a launch with one process fails at once.
+        self.parallel = GuidanceParallel(self.device) if config.parallel == "guidance" else None
         self.dtype = DTYPES[config.weight_dtype]
         start = time.perf_counter()
         files = locate_models(config, need_emotion2vec=config.emotion == "auto")
@@ -262,7 +276,8 @@ class MemoGenerator:
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
         speed = config.speed_settings
-        logger.info(
+        log = logger.info if self.parallel is None or self.parallel.is_main else logger.debug
+        log(
             "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s",
             clips,
             speed.steps,
@@ -300,6 +315,7 @@ class MemoGenerator:
                     output_type=None,
                     callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
                     callback_on_step_end=on_step,
+                    parallel=self.parallel,
                     **speed.pipeline_kwargs(),
                 )
         except torch.OutOfMemoryError as error:
@@ -310,6 +326,17 @@ class MemoGenerator:
             ) from error
         if self.compiled and compile_seconds() > compile_before:
             logger.info("generate: %.1f s of it compiling the networks", compile_seconds() - compile_before)
+
+    def _generate_other_half(self, output_path: Path, progress: Progress | None) -> Path:
+        """Rank 1 of ``parallel=guidance``: rank 0's prepared conditions in, this half computed, nothing written."""
+        job = self.parallel.share(None)
+        if isinstance(job, ParallelError):
+            raise job
+        reference, embedding, features, labels, seed = job
+        image = PreparedImage(reference=reference, face_embedding=embedding, face=None, framed=None)
+        audio = PreparedAudio(source=None, waveform=None, features=features, emotion_labels=labels, emotion="")
+        self.render_clips(image, audio, seed, lambda frames: None, progress)
+        return output_path
 
     def mode_that_fits(self, width: int, height: int) -> str:
         """A sentence naming the offload mode whose counted peak fits this device's memory, or ''."""
@@ -358,12 +385,24 @@ class MemoGenerator:
         """Render ``image_path`` speaking ``audio_path`` into ``output_path`` (an mp4); returns the path.
 
         Nothing is written when an input is bad, and an existing output is kept unless ``overwrite``.
+
+        With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
+        and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
-        output_path = check_output_path(output_path, overwrite)
+        if self.parallel is not None and not self.parallel.is_main:
+            return self._generate_other_half(Path(output_path), progress)
         start = time.perf_counter()
-        image = self.prepare_image(image_path)
-        audio = self.prepare_audio(audio_path, emotion)
+        try:
+            output_path = check_output_path(output_path, overwrite)
+            image = self.prepare_image(image_path)
+            audio = self.prepare_audio(audio_path, emotion)
+        except UserError as error:
+            if self.parallel is not None:
+                self.parallel.share(ParallelError(str(error), quiet=True))
+            raise
         seed = self.config.seed if seed is None else seed
+        if self.parallel is not None:
+            self.parallel.share((image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed))
         self.render(image, audio, output_path, seed, overwrite, progress)
         info = probe_video(output_path)
         logger.info(

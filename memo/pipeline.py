@@ -30,6 +30,7 @@ from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
 from memo.runtime.memory import new_memory, vae_frames
+from memo.runtime.parallel import GuidanceParallel
 from memo.sampling.deep_cache import DeepFeatureCache
 from memo.sampling.guidance import ClipConditions, combine_guidance
 from memo.sampling.solvers import flow_scheduler
@@ -316,19 +317,32 @@ class MemoPipeline(DiffusionPipeline):
         guidance_scale: float,
         callback_on_step_end: StepCallback | None,
         progress: tqdm,
+        parallel: GuidanceParallel | None = None,
     ) -> torch.Tensor:
         """Run the clip's solver steps as ``plan`` says; returns the denoised (1, C, frames, h, w) latents."""
         latents = state.latents
         for step, t in enumerate(scheduler.timesteps):
             todo = plan[step]
-            noise_pred = self.predict_noise(
-                latents,
-                t,
-                state.conditions_for(todo.batched),
-                update_memory=step == 0,
-                whole=todo.whole,
-                deep_cache=state.deep_cache,
-            )
+            if parallel is not None:  # this process runs one guidance half (runtime/parallel.py)
+                noise_pred = parallel.predict_noise(
+                    self.predict_noise,
+                    self.diffusion_net,
+                    latents,
+                    t,
+                    state.conditions,
+                    todo,
+                    update_memory=step == 0,
+                    deep_cache=state.deep_cache,
+                )
+            else:
+                noise_pred = self.predict_noise(
+                    latents,
+                    t,
+                    state.conditions_for(todo.batched),
+                    update_memory=step == 0,
+                    whole=todo.whole,
+                    deep_cache=state.deep_cache,
+                )
             velocity = combine_guidance(
                 noise_pred, guided=todo.guided, batched=todo.batched, guidance_scale=guidance_scale
             )
@@ -367,6 +381,7 @@ class MemoPipeline(DiffusionPipeline):
         solver: str = "euler",
         guidance_window: tuple[float, float] = (0.0, 1.0),
         deep_cache_interval: int = 1,
+        parallel: GuidanceParallel | None = None,
     ) -> MemoPipelineOutput:
         """Generate the video.
 
@@ -400,6 +415,9 @@ class MemoPipeline(DiffusionPipeline):
                 runs on the others (``speed.plan_steps``, ``guidance.py``).
             deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
                 cached deep features in between (``sampling/deep_cache.py``); 1 turns the cache off.
+            parallel: run one guidance half in this process and exchange with the other process
+                (``runtime/parallel.py``); both processes call the pipeline with the same arguments and get
+                the same frames. Needs guidance (``guidance_scale`` above 1).
 
         The defaults are the exact, published computation; see ``memo/sampling/speed.py`` for the speed settings.
         """
@@ -440,7 +458,10 @@ class MemoPipeline(DiffusionPipeline):
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
         kept: list[torch.Tensor] = []
         history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
-        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **getattr(self, "_progress_bar_config", {}))
+        progress_config = dict(getattr(self, "_progress_bar_config", {}))
+        if parallel is not None and not parallel.is_main:
+            progress_config["disable"] = True  # one progress bar, on rank 0
+        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **progress_config)
         for clip in range(num_clips):
             progress.set_description(f"clip {clip + 1}/{num_clips}")
             window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
@@ -477,6 +498,7 @@ class MemoPipeline(DiffusionPipeline):
                 guidance_scale=guidance_scale,
                 callback_on_step_end=callback_on_step_end,
                 progress=progress,
+                parallel=parallel,
             )
 
             # 5. Decode, hand out, and keep the last frames as the next clip's past.

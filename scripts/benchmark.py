@@ -5,6 +5,7 @@
     python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --steps 2
     python scripts/benchmark.py --device cpu --dtype fp32 --resolution 64 --clips 1 --speed exact fast
     python scripts/benchmark.py --flops   # FLOPs per frame of every speed setting, counted, no run
+    python scripts/benchmark.py --device cuda --parallel guidance   # one video on two GPUs against one
 
 Prints seconds per frame, peak memory, and the time split between preprocessing (wav2vec2 features and
 condition projections), the reference net, the denoising steps, VAE encoding and VAE decoding. With
@@ -17,7 +18,10 @@ between runs shows), and the table reports the speed-up as a ratio. ``--variants
 fraction of the chip's dense bf16 peak, and peak allocated/reserved GPU memory. ``--speed exact fast`` times
 each speed preset (memo/sampling/speed.py) in turn in the same process and reports FLOPs per frame next to the time;
 those FLOPs are counted with PyTorch's FLOP counter on the same networks built on the ``meta`` device
-(memo/bench/flops.py).
+(memo/bench/flops.py). ``--parallel guidance`` times the same generation in one process, then on two
+processes (``cuda:0`` and ``cuda:1``, or two CPU processes with gloo) with one guidance half each
+(memo/runtime/parallel.py), and reports s/frame, the peak memory of each process and the bytes each sends
+per denoising step.
 """
 
 from __future__ import annotations
@@ -25,37 +29,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import resource
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.bench.flops import audio_features_flops, clip_flops
-from memo.bench.memory import SD_VAE_CONFIG
+from memo.bench.memory import full_size_pipeline
 from memo.conditions.audio_features import Wav2VecAudioEncoder
 from memo.constants import DTYPES, SAMPLE_RATE
-from memo.models.diffusion_net import DiffusionNet
-from memo.models.projections import AudioProjModel, ImageProjModel
-from memo.models.reference_net import ReferenceNet
 from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import compile_networks, compile_seconds
+from memo.runtime.parallel import WORLD_SIZE, GuidanceParallel
 from memo.runtime.placement import apply_offload
 from memo.sampling.speed import SPEEDS, SpeedSettings, preset, variants
-from memo.tiny.networks import TOKEN_DIM, UNET, WAV2VEC_DIM, WAV2VEC_LAYERS
-
-SD_VAE = SD_VAE_CONFIG
-TINY_VAE = dict(
-    block_out_channels=(16, 32, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
-    norm_num_groups=8,
-)
+from memo.tiny.networks import tiny_memo_networks, tiny_vae, tiny_wav2vec2_config
 
 
 def synchronize(device: torch.device) -> None:
@@ -145,43 +140,17 @@ def around_phases(pipe: MemoPipeline, around) -> Iterator[None]:
 
 
 def build_pipeline(size: str, device: torch.device, dtype: torch.dtype) -> tuple[MemoPipeline, Wav2VecAudioEncoder]:
-    """Random-weight networks at the published sizes (``full``) or the tiny ones, built on ``device``."""
-    with torch.device(device):
-        if size == "full":
-            nets = dict(
-                reference_net=ReferenceNet(),
-                diffusion_net=DiffusionNet(),
-                image_proj=ImageProjModel(),
-                audio_proj=AudioProjModel(),
-                vae=AutoencoderKL(**SD_VAE),
-            )
+    """Random-weight networks at the published sizes (``full``, :func:`memo.bench.memory.full_size_pipeline`)
+    or the tiny ones, built on ``device``."""
+    if size == "full":
+        pipe = full_size_pipeline(device, dtype)
+        with torch.device(device):
             wav2vec = Wav2Vec2Model(Wav2Vec2Config())
-        else:
-            nets = dict(
-                reference_net=ReferenceNet(**UNET),
-                diffusion_net=DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM),
-                image_proj=ImageProjModel(cross_attention_dim=TOKEN_DIM),
-                audio_proj=AudioProjModel(
-                    blocks=WAV2VEC_LAYERS,
-                    channels=WAV2VEC_DIM,
-                    intermediate_dim=32,
-                    output_dim=TOKEN_DIM,
-                    context_tokens=4,
-                ),
-                vae=AutoencoderKL(**TINY_VAE),
-            )
-            wav2vec = Wav2Vec2Model(
-                Wav2Vec2Config(
-                    hidden_size=WAV2VEC_DIM,
-                    num_hidden_layers=WAV2VEC_LAYERS,
-                    num_attention_heads=2,
-                    intermediate_size=32,
-                    conv_dim=(16,) * 7,
-                    num_conv_pos_embeddings=16,
-                    num_conv_pos_embedding_groups=2,
-                )
-            )
-    pipe = MemoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **nets).to(device=device, dtype=dtype)
+    else:
+        with torch.device(device):
+            nets = {**tiny_memo_networks(), "vae": tiny_vae()}
+            wav2vec = Wav2Vec2Model(tiny_wav2vec2_config())
+        pipe = MemoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), **nets).to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, Wav2VecAudioEncoder(wav2vec.eval(), Wav2Vec2FeatureExtractor()).to(device)
 
@@ -199,10 +168,16 @@ def clip_waveform(frames: int, fps: float) -> torch.Tensor:
 
 
 def generate(
-    pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, around, speed: SpeedSettings | None = None
+    pipe: MemoPipeline,
+    audio: Wav2VecAudioEncoder,
+    args,
+    vae_batch: int,
+    around,
+    speed: SpeedSettings | None = None,
+    parallel: GuidanceParallel | None = None,
 ) -> None:
     """One generation of ``args.clips`` clips with random inputs, each phase inside ``around(phase)``, at
-    ``speed`` (default: exact with ``args.steps``)."""
+    ``speed`` (default: exact with ``args.steps``); with ``parallel``, this process's guidance half."""
     speed = speed or preset("exact", args.steps)
     waveform = clip_waveform(args.clips * args.frames_per_clip, args.fps)
     with around("preprocessing (wav2vec2)"):
@@ -219,18 +194,24 @@ def generate(
             seed=0,
             vae_batch_size=vae_batch,
             output_type=None,
+            parallel=parallel,
             **speed.pipeline_kwargs(),
         )
 
 
 def run_timed(
-    pipe: MemoPipeline, audio: Wav2VecAudioEncoder, args, vae_batch: int, speed: SpeedSettings | None = None
+    pipe: MemoPipeline,
+    audio: Wav2VecAudioEncoder,
+    args,
+    vae_batch: int,
+    speed: SpeedSettings | None = None,
+    parallel: GuidanceParallel | None = None,
 ) -> Timer:
     """One timed generation; the Timer holds the per-phase seconds and memory peaks, ``total`` the seconds."""
     device = pipe._execution_device
     timer = Timer(device)
     start = time.perf_counter()
-    generate(pipe, audio, args, vae_batch, timer.phase, speed)
+    generate(pipe, audio, args, vae_batch, timer.phase, speed, parallel)
     synchronize(device)
     timer.total = time.perf_counter() - start
     return timer
@@ -418,6 +399,65 @@ def compare_speeds(args, pipe: MemoPipeline, audio: Wav2VecAudioEncoder) -> None
         )
 
 
+def parallel_device(args, rank: int) -> torch.device:
+    """Rank ``rank``'s device: its own GPU on CUDA, else ``args.device`` (both processes on the CPU)."""
+    return torch.device("cuda", rank) if args.device.startswith("cuda") else torch.device(args.device)
+
+
+def guidance_rank(rank: int, args, port: int, results) -> None:
+    """One process of ``--parallel guidance``: the same seeded networks, a warm-up, one timed generation."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
+    device = parallel_device(args, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(0)
+    pipe, audio = build_pipeline(args.size, device, DTYPES[args.dtype])
+    parallel = GuidanceParallel(device)
+    warm_up = argparse.Namespace(**{**vars(args), "clips": 1, "steps": 1})
+    run_timed(pipe, audio, warm_up, args.vae_batch_size, parallel=parallel)
+    sent, steps = parallel.bytes_sent, parallel.steps
+    timer = run_timed(pipe, audio, args, args.vae_batch_size, parallel=parallel)
+    per_step = (parallel.bytes_sent - sent) / max(parallel.steps - steps, 1)
+    results.put((rank, str(device), timer.total, peak_memory(timer), per_step))
+    parallel.close()
+
+
+def compare_guidance_parallel(args) -> None:
+    """``--parallel guidance``: one process, then two, on the same workload; s/frame, memory, bytes per step."""
+    import torch.multiprocessing as mp
+
+    if args.device.startswith("cuda") and torch.cuda.device_count() < WORLD_SIZE:
+        raise SystemExit(f"--parallel guidance on CUDA needs 2 GPUs, found {torch.cuda.device_count()}.")
+    frames = args.clips * args.frames_per_clip
+    device, dtype = parallel_device(args, 0), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    pipe, audio = build_pipeline(args.size, device, dtype)
+    run_timed(pipe, audio, argparse.Namespace(**{**vars(args), "clips": 1, "steps": 1}), args.vae_batch_size)
+    one = run_timed(pipe, audio, args, args.vae_batch_size)
+    del pipe, audio
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(guidance_rank, args=(args, port, results), nprocs=WORLD_SIZE, start_method="spawn")
+    ranks = sorted(results.get() for _ in range(WORLD_SIZE))
+    print(
+        f"\nparallel=guidance, {args.size} size, {args.resolution}x{args.resolution}, {args.clips} clips x "
+        f"{args.frames_per_clip} frames, {args.steps} steps, {args.dtype}"
+    )
+    print(f"{'':22}{'device':>10}{'s/frame':>10}{'bytes sent/step':>17}  peak memory")
+    print(f"{'one process':22}{str(device):>10}{one.total / frames:>10.3f}{0:>17,}  {peak_memory(one)}")
+    for rank, name, total, peak, per_step in ranks:
+        print(f"{f'two processes, rank {rank}':22}{name:>10}{total / frames:>10.3f}{per_step:>17,.0f}  {peak}")
+    slowest = max(total for _, _, total, _, _ in ranks)
+    print(f"\ntwo processes against one: {one.total / slowest:.2f}x the speed (slower rank's time)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -435,9 +475,13 @@ def main() -> None:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for compiled variants")
     parser.add_argument("--speed", nargs="+", choices=SPEEDS, help="time these speed presets side by side instead")
     parser.add_argument("--flops", action="store_true", help="only count FLOPs per frame of every speed setting")
+    parser.add_argument("--parallel", choices=("guidance",), help="time one video on two processes against one")
     args = parser.parse_args()
     if args.flops:
         print_flops_table(args)
+        return
+    if args.parallel:
+        compare_guidance_parallel(args)
         return
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.variants:

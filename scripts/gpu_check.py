@@ -36,7 +36,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import (  # noqa: E402  (scripts/ is not a package)
     DTYPES,
-    SD_VAE,
     build_pipeline,
     generate,
     print_variants,
@@ -44,9 +43,7 @@ from benchmark import (  # noqa: E402  (scripts/ is not a package)
     synchronize,
 )
 
-from memo.models.diffusion_net import DiffusionNet  # noqa: E402
-from memo.models.projections import AudioProjModel, ImageProjModel  # noqa: E402
-from memo.models.reference_net import ReferenceNet  # noqa: E402
+from memo.bench.memory import full_size_pipeline  # noqa: E402
 from memo.models.temporal_memory import TemporalMemory  # noqa: E402
 from memo.runtime.compilation import compile_networks  # noqa: E402
 from memo.runtime.placement import module_bytes  # noqa: E402
@@ -56,18 +53,10 @@ GIB = 2**30
 
 def memory_budget(args) -> dict:
     """Bytes the full-size networks keep on the device at the workload (meta device: nothing is computed)."""
-    from diffusers import AutoencoderKL
-
     dtype = DTYPES[args.dtype]
+    pipe = full_size_pipeline("meta", dtype)
+    nets = {name: getattr(pipe, name) for name in ("reference_net", "diffusion_net", "image_proj", "audio_proj", "vae")}
     with torch.device("meta"):
-        nets = dict(
-            reference_net=ReferenceNet(),
-            diffusion_net=DiffusionNet(),
-            image_proj=ImageProjModel(),
-            audio_proj=AudioProjModel(),
-            vae=AutoencoderKL(**SD_VAE),
-        )
-        nets = {name: net.to(dtype) for name, net in nets.items()}
         batch, past, frames, side = 2, args.frames_per_clip, args.frames_per_clip, args.resolution // 8
         with torch.no_grad():
             latents = torch.empty(batch * (1 + past), 4, side, side, dtype=dtype)

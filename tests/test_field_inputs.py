@@ -29,6 +29,7 @@ from conftest import REPO, run_main
 from PIL import Image
 
 from memo.apps import batch, cli
+from memo.errors import INSIGHTFACE_INSTALL
 from memo.io.audio import decode_audio
 from memo.io.video import OutputLocationError, check_output_folder, probe_video
 
@@ -335,7 +336,7 @@ def hiding(tmp_path: Path, *modules: str) -> dict[str, str]:
     "hidden, install",
     [
         ("onnxruntime", ['pip install -e ".[gpu]"', '".[cpu]"']),
-        ("insightface", ['pip install --no-deps "insightface']),
+        ("insightface", [INSIGHTFACE_INSTALL]),
         ("audio_separator", ['pip install -e ".[gpu]"', "vocal_separation=false"]),
     ],
 )

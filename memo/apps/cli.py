@@ -130,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from memo.runtime.parallel import launched_processes, process_rank
+
+    # Under a launcher every process checks the same settings and files; rank 0 alone reports what is wrong.
+    quiet_checks = process_rank() != 0
     try:
         from memo.errors import check_runtimes
         from memo.io.audio import check_audio
         from memo.io.image import load_image
         from memo.io.video import check_output_path
-        from memo.settings.inference import load_config
+        from memo.settings.inference import ConfigError, load_config
 
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
@@ -150,6 +154,11 @@ def _run(args: argparse.Namespace) -> int:
             name = f"{Path(name).stem}_tiny.mp4"
         else:
             config = load_config(args.config, args.overrides)
+        if launched_processes() > 1 and config.parallel == "none":
+            raise ConfigError(
+                f"launched as {launched_processes()} processes but parallel=none (each would render the same "
+                "video); add parallel=guidance, or run one process"
+            )
         check_runtimes(config.vocal_separation)
         output = check_output_path(output_dir / name, args.overwrite)
         load_image(image)
@@ -158,6 +167,7 @@ def _run(args: argparse.Namespace) -> int:
 
         from memo.generator import MemoGenerator
 
+        quiet_checks = False
         generator = MemoGenerator(config)
         generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
         if args.tiny:
@@ -166,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as error:
         if args.verbose:
             logger.exception("error")
+        if quiet_checks or getattr(error, "quiet", False):  # the other process of parallel=guidance says why
+            return 2
         return report_error(error)
     except KeyboardInterrupt as stop:
         return report_stop(stop, "no output was written.")

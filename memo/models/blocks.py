@@ -31,6 +31,7 @@ class FrameContext:
     update_memory: bool
     drop_reference: tuple[bool, ...] | None
     audio: torch.Tensor | None = None
+    item: int | None = None  # ReferenceFeatures.item: the one guidance item computed alone, if any
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,37 @@ def _resnet(net: NetSpec, in_channels: int, out_channels: int) -> ResnetBlock2D:
     )
 
 
-def _reference_frame(feature: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """The reference image's tokens (batch, H*W, C) in a reference-net feature of (batch*(1+past), ...); None
-    for layers without attention, whose features only feed the memory."""
-    return feature.unflatten(0, (batch, -1))[:, 0] if feature.dim() == 3 else None
+GUIDANCE_BATCH = 2
+"""Items of a guidance batch (unconditional, conditional): the batch of reference features computed for a
+diffusion-net call that runs one item of it alone (``FrameContext.item``)."""
 
 
-def _past_frames(feature: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
-    """The past frames of a reference-net feature as maps (batch*past, C, H, W)."""
+def _reference_frame(feature: torch.Tensor, ctx: FrameContext) -> torch.Tensor | None:
+    """The reference image's tokens in a reference-net feature of (batch*(1+past), ...), one row per item,
+    in the order frame row i joins them (row i meets row i mod items); None for layers without attention,
+    whose features only feed the memory.
+
+    For one item of a guidance batch computed alone (``ctx.item``), the rows are those of the whole batch,
+    turned so that its frames meet them as its rows of the batch of two did."""
+    if feature.dim() != 3:
+        return None
+    if ctx.item is None:
+        return feature.unflatten(0, (ctx.batch, -1))[:, 0]
+    references = feature.unflatten(0, (GUIDANCE_BATCH, -1))[:, 0]
+    first_row = ctx.item * ctx.temb.shape[0] // ctx.batch  # the row of its first frame in the batch of two
+    return references.roll(-first_row, 0)
+
+
+def _past_frames(feature: torch.Tensor, ctx: FrameContext, hw: tuple[int, int]) -> torch.Tensor:
+    """The past frames of a reference-net feature as maps (batch*past, C, H, W), of ``ctx.item`` alone if set."""
     if feature.dim() == 3:
         n, _, c = feature.shape
         feature = feature.reshape(n, *hw, c).permute(0, 3, 1, 2)
-    return feature.unflatten(0, (batch, -1))[:, 1:].flatten(0, 1)
+    if ctx.item is None:
+        return feature.unflatten(0, (ctx.batch, -1))[:, 1:].flatten(0, 1)
+    return feature.unflatten(0, (GUIDANCE_BATCH, -1))[ctx.item, 1:].clone(
+        memory_format=torch.contiguous_format
+    )  # laid out as the copy above
 
 
 class LayerStack(nn.Module):
@@ -133,7 +153,7 @@ class LayerStack(nn.Module):
 
     def _condition(self, i: int, x: torch.Tensor, feature: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         """Spatial attention with the reference, the audio module, then the temporal memory of layer ``i``."""
-        reference = _reference_frame(feature, ctx.batch)
+        reference = _reference_frame(feature, ctx)
         if hasattr(self, "attentions"):
             x, ctx.audio = self._run(
                 self._spatial_audio,
@@ -147,7 +167,7 @@ class LayerStack(nn.Module):
                 ctx.drop_reference,
             )
         if hasattr(self, "motion_modules"):
-            past = _past_frames(feature, ctx.batch, x.shape[-2:]) if ctx.update_memory else None
+            past = _past_frames(feature, ctx, x.shape[-2:]) if ctx.update_memory else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # A recomputation must not fold the past frames into the caller's memory a second time, so the
                 # checkpointed call works on a copy of this layer's memory entries and hands back the new ones.

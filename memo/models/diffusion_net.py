@@ -223,7 +223,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """The whole net (arguments and result as in :meth:`forward`)."""
         ctx = self._frame_context(
-            sample, timestep, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
+            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
         )
         x, skips = self._down_and_mid(sample, reference, ctx)
         x = self._up(x, skips, reference, ctx)
@@ -253,7 +253,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         if not 1 <= outer_layers <= layers:
             raise ValueError(f"outer_layers must be 1..{layers} (layers of the last up block), got {outer_layers}.")
         ctx = self._frame_context(
-            sample, timestep, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
+            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
         )
         x, skips = self._down_and_mid(sample, reference, ctx)
         x, skips = self._up(x, skips, reference, ctx, keep_outer=outer_layers)
@@ -281,7 +281,9 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         Arguments as in :meth:`forward`; the memory is only read. ``deep_features`` must come from a pass
         with the same batch, frames and latent size.
         """
-        ctx = self._frame_context(sample, timestep, image_tokens, audio_tokens, emotion, memory, False, drop_reference)
+        ctx = self._frame_context(
+            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, False, drop_reference
+        )
         outer_layers = deep_features.outer_layers
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
         _, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=outer_layers - 1)
@@ -295,6 +297,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float,
+        reference: ReferenceFeatures,
         image_tokens: torch.Tensor,
         audio_tokens: torch.Tensor,
         emotion: torch.Tensor,
@@ -317,6 +320,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
             update_memory=update_memory,
             drop_reference=drop_reference,
             audio=audio_tokens.flatten(0, 1).float(),
+            item=reference.item,
         )
 
     def _down_and_mid(

@@ -28,11 +28,17 @@ class ReferenceFeatures:
     """Per-layer features: ``down[block][layer]``, ``mid[layer]``, ``up[block][layer]``.
 
     Attention layers give (batch*frames, H*W, C) tokens, the others (batch*frames, C, H, W) maps.
+
+    ``item``: None when the diffusion net's batch is the batch of these features; else the features are of
+    a guidance batch of two (unconditional, conditional) and the diffusion net computes that one item of it
+    alone (guidance-parallel generation, ``memo/runtime/parallel.py``): its frames join the reference
+    frames as they would in the batch of two, and its temporal memory takes its own past frames.
     """
 
     down: list[list[torch.Tensor]]
     mid: list[torch.Tensor]
     up: list[list[torch.Tensor]]
+    item: int | None = None
 
 
 def _transformer_features(

@@ -38,15 +38,17 @@ class SpatialBlock(nn.Module):
         batch: int,
         drop_reference: tuple[bool, ...] | None,
     ) -> torch.Tensor:
-        """x: (batch*frames, tokens, dim); reference: (batch, tokens, dim) reference-frame features;
+        """x: (batch*frames, tokens, dim); reference: (items, tokens, dim) reference-frame features, row i of
+        x joined by reference i mod items (items = batch, or 2 for one guidance item computed alone);
         image_tokens: (batch, n, cross_dim); drop_reference: one flag per batch item, True for those that do
         not see the reference. The flags are plain Python bools, so which rows attend to what is known when
         the network is traced (no data-dependent branch, no host synchronisation).
         """
         rows = x.shape[0]
         normed = self.norm1(x)
-        # Row i of the frame batch is joined by reference i mod batch (the reference is tiled, as published).
-        joined = torch.cat([normed, reference.repeat(rows // batch, 1, 1)], dim=1)
+        # Row i of the frame batch is joined by reference i mod items (the reference is tiled, as published).
+        tiles = -(-rows // reference.shape[0])
+        joined = torch.cat([normed, reference.repeat(tiles, 1, 1)[:rows]], dim=1)
         if drop_reference is None or not any(drop_reference):
             attended = self.attn1(normed, encoder_hidden_states=joined)
         else:

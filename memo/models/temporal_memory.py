@@ -205,7 +205,9 @@ class TemporalTransformer(nn.Module):
         """(batch*frames, C, H, W) -> normalised, projected (batch*H*W, frames, inner)."""
         n, c, h, w = x.shape
         x = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(n, h * w, c))
-        return x.unflatten(0, (batch, n // batch)).transpose(1, 2).flatten(0, 1)
+        # contiguous: a batch of one would otherwise stay a strided view, and the kernels that follow round
+        # differently on it than on the copy a larger batch makes (guidance-parallel generation is exact).
+        return x.unflatten(0, (batch, n // batch)).transpose(1, 2).flatten(0, 1).contiguous()
 
     def forward(
         self, x: torch.Tensor, batch: int, past_frames: torch.Tensor | None, memory: TemporalMemory
@@ -217,7 +219,7 @@ class TemporalTransformer(nn.Module):
         for block in self.transformer_blocks:
             tokens = block(tokens, past, memory)
         tokens = self.proj_out(tokens).unflatten(0, (batch, h * w)).transpose(1, 2)
-        return tokens.reshape(n, h, w, c).permute(0, 3, 1, 2) + x
+        return tokens.reshape(n, h, w, c).contiguous().permute(0, 3, 1, 2) + x  # contiguous: as in _tokens
 
 
 class TemporalMemoryModule(nn.Module):

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from memo.constants import DTYPES, EMOTION_NAMES
 from memo.io.hub import EMOTION2VEC_REPO, MEMO_REPO, VAE_REPO, WAV2VEC_REPO
+from memo.runtime.parallel import PARALLEL_CHOICES
 from memo.sampling.speed import SOLVERS, SPEEDS, SpeedSettings, resolve_speed, speed_problems
 from memo.settings.schema import ConfigError, help_text, load_layers, range_problems, read_overrides, read_yaml, setting
 
@@ -118,6 +119,11 @@ class InferenceConfig:
     vae_tile_size: int = setting(
         768, "frames with a side above this VAE-decode in tiles of this size (multiple of 64); 0: never"
     )
+    parallel: str = setting(
+        "none",
+        "guidance: one video on two launched processes, one guidance half each; none: one process",
+        choices=PARALLEL_CHOICES,
+    )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -154,6 +160,16 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(
             "compile=true cannot be combined with offload=group (group offloading moves weights inside the "
             "networks' forward, which a whole-graph compile cannot trace); use compile=auto or offload=model"
+        )
+    if config.parallel == "guidance" and config.cfg_scale <= 1:
+        problems.append(
+            f"parallel=guidance splits the two halves of guidance, but cfg_scale={config.cfg_scale} runs without "
+            "guidance; use cfg_scale above 1 or parallel=none"
+        )
+    if config.parallel == "guidance" and config.num_generated_frames_per_clip % 2:
+        problems.append(
+            "parallel=guidance needs an even num_generated_frames_per_clip (each half's frames meet the two "
+            f"halves' reference frames in turn), got {config.num_generated_frames_per_clip}"
         )
     if config.vae_tile_size < 0 or config.vae_tile_size % 64:
         problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")

@@ -61,34 +61,34 @@ EMOTION2VEC_CONFIG = {
 }
 
 
-def write_memo_networks(root: Path) -> None:
-    """The four MEMO networks and the emotion classifier, in the layout of the published repo (``MEMO_REPO``)."""
-    ReferenceNet(**UNET).save_pretrained(root / "reference_net")
-    DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM).save_pretrained(root / "diffusion_net")
-    ImageProjModel(cross_attention_dim=TOKEN_DIM).save_pretrained(root / "image_proj")
-    AudioProjModel(
-        blocks=WAV2VEC_LAYERS, channels=WAV2VEC_DIM, intermediate_dim=32, output_dim=TOKEN_DIM, context_tokens=4
-    ).save_pretrained(root / "audio_proj")
-    AudioEmotionClassifierModel(
-        num_classifier_layers=3, num_classifier_channels=32, input_dim=EMOTION2VEC_DIM
-    ).save_pretrained(root / EMOTION_CLASSIFIER_FOLDER)
+def tiny_memo_networks() -> dict[str, torch.nn.Module]:
+    """The four MEMO networks at the tiny sizes with random weights (from the global torch generator), by the
+    published repo's folder names, in the order they are made."""
+    return {
+        "reference_net": ReferenceNet(**UNET),
+        "diffusion_net": DiffusionNet(**UNET, audio_attention_dim=TOKEN_DIM),
+        "image_proj": ImageProjModel(cross_attention_dim=TOKEN_DIM),
+        "audio_proj": AudioProjModel(
+            blocks=WAV2VEC_LAYERS, channels=WAV2VEC_DIM, intermediate_dim=32, output_dim=TOKEN_DIM, context_tokens=4
+        ),
+    }
 
 
-def write_vae(directory: Path) -> None:
-    """An AutoencoderKL in the diffusers layout (4 levels, so latents are 1/8 of the image)."""
-    AutoencoderKL(
+def tiny_vae() -> AutoencoderKL:
+    """An AutoencoderKL with 4 levels (latents are 1/8 of the image) and 16/32/32/32 channels, random."""
+    return AutoencoderKL(
         block_out_channels=(16, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=64,
-    ).save_pretrained(directory)
+    )
 
 
-def write_wav2vec2(directory: Path) -> None:
-    """A wav2vec2 model and its feature extractor in the transformers layout."""
-    config = Wav2Vec2Config(
+def tiny_wav2vec2_config() -> Wav2Vec2Config:
+    """A 2-layer, 16-d wav2vec2."""
+    return Wav2Vec2Config(
         hidden_size=WAV2VEC_DIM,
         num_hidden_layers=WAV2VEC_LAYERS,
         num_attention_heads=2,
@@ -97,7 +97,25 @@ def write_wav2vec2(directory: Path) -> None:
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
     )
-    Wav2Vec2Model(config).save_pretrained(directory)
+
+
+def write_memo_networks(root: Path) -> None:
+    """The four MEMO networks and the emotion classifier, in the layout of the published repo (``MEMO_REPO``)."""
+    for name, network in tiny_memo_networks().items():
+        network.save_pretrained(root / name)
+    AudioEmotionClassifierModel(
+        num_classifier_layers=3, num_classifier_channels=32, input_dim=EMOTION2VEC_DIM
+    ).save_pretrained(root / EMOTION_CLASSIFIER_FOLDER)
+
+
+def write_vae(directory: Path) -> None:
+    """:func:`tiny_vae` in the diffusers layout."""
+    tiny_vae().save_pretrained(directory)
+
+
+def write_wav2vec2(directory: Path) -> None:
+    """A wav2vec2 model (:func:`tiny_wav2vec2_config`) and its feature extractor in the transformers layout."""
+    Wav2Vec2Model(tiny_wav2vec2_config()).save_pretrained(directory)
     Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=False).save_pretrained(directory)
 
 

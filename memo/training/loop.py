@@ -11,6 +11,13 @@ several machines, with or without DeepSpeed, as ``accelerate launch`` sets it up
 5. loss, learning rate, throughput and data replacements are logged to the trackers and to
    ``<output_dir>/logs/metrics.jsonl``; checkpoints (:mod:`checkpointing`) and validation videos
    (:mod:`validation`) are written every so many steps.
+
+:func:`train` runs the phases in order, each a function of its own: :func:`make_accelerator`,
+:func:`build_model`, :func:`build_optimizer_for`, :func:`build_dataloader`, :func:`prepare_run` (which
+gathers what every later phase uses into a :class:`TrainingRun`), :func:`resume_run` (which returns the
+:class:`TrainState` the loop carries), then per batch :func:`training_step`, :func:`add_batch_stats` and, at
+the end of each optimizer step, :func:`end_optimizer_step` and :func:`save_and_validate`; :func:`finish_run`
+writes the last checkpoint and returns the summary.
 """
 
 from __future__ import annotations
@@ -21,11 +28,16 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
@@ -57,6 +69,9 @@ from memo.training.model import MemoTrainingModel
 from memo.training.optim import build_lr_scheduler, build_optimizer
 from memo.training.trainable import select_trainable
 from memo.training.validation import render_validation
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -120,8 +135,13 @@ class _Encoder:
         return torch.cat(latents) * self.vae.config.scaling_factor
 
 
-def train(config: DictConfig) -> dict:
-    """Run (or resume) a finetuning run as configured; returns a summary (final step, last loss, ...)."""
+# -- the phases of a run, in the order train() calls them ---------------------------------------------
+
+
+def make_accelerator(config: DictConfig) -> Accelerator:
+    """The run's :class:`~accelerate.Accelerator` (accumulation, mixed precision, trackers, DDP options from
+    ``config``); seeds every process when ``config.seed`` is set and, on the main process, creates
+    ``<output_dir>/logs`` and saves the config as ``<output_dir>/config.yaml``."""
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -136,8 +156,15 @@ def train(config: DictConfig) -> dict:
     if accelerator.is_main_process:
         (output_dir / "logs").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(config, output_dir / "config.yaml")
+    return accelerator
 
-    # Networks, trainable parts, memory savers.
+
+def build_model(
+    config: DictConfig, accelerator: Accelerator
+) -> tuple[MemoTrainingModel, AutoencoderKL, ConditionDropout, Path]:
+    """The networks to train as one :class:`MemoTrainingModel` (in train mode, trainable parts selected,
+    gradient checkpointing as configured), the frozen VAE on the accelerator's device in the mixed-precision
+    dtype, the conditioning dropout, and the local folder the networks came from."""
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     networks, vae, source = load_model_components(config.model_name_or_path, config.vae, weight_dtype)
     counts = select_trainable(
@@ -161,18 +188,24 @@ def train(config: DictConfig) -> dict:
     )
     model = MemoTrainingModel(**networks, dropout=dropout)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
     logger.info(
         f"Trainable parameters: {sum(counts.values()) / 1e6:.3f} M "
         f"({', '.join(f'{k} {v / 1e6:.3f} M' for k, v in counts.items())})"
     )
+    return model, vae, dropout, source
 
-    # Optimizer, data, schedule.
-    batch_size = int(config.train_batch_size)
+
+def build_optimizer_for(
+    config: DictConfig, accelerator: Accelerator, params: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The optimizer over ``params``; with ``scale_lr`` the learning rate is multiplied by the clips per
+    optimizer step (accumulation x per-device batch x processes)."""
     learning_rate = float(config.learning_rate)
     if config.scale_lr:
-        learning_rate *= accelerator.gradient_accumulation_steps * batch_size * accelerator.num_processes
-    optimizer = build_optimizer(
+        learning_rate *= (
+            accelerator.gradient_accumulation_steps * int(config.train_batch_size) * accelerator.num_processes
+        )
+    return build_optimizer(
         params,
         learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -180,7 +213,12 @@ def train(config: DictConfig) -> dict:
         eps=config.adam_epsilon,
         use_8bit_adam=config.use_8bit_adam,
     )
-    audio_config = networks["audio_proj"].config
+
+
+def build_dataloader(config: DictConfig, model: MemoTrainingModel) -> tuple[TalkingVideoDataset, DataLoader]:
+    """The dataset of ``config.data`` (audio windows and face embeddings shaped as ``model``'s projections
+    expect them) and its shuffling loader, with the worker count shared among this machine's processes."""
+    audio_config = model.audio_proj.config
     data = config.data
     dataset = TalkingVideoDataset(
         list(data.data_dirs),
@@ -193,38 +231,29 @@ def train(config: DictConfig) -> dict:
         past_zero_ratio=data.past_zero_ratio,
         audio_start_ratio=data.audio_start_ratio,
         audio_window_shape=(audio_config.seq_len, audio_config.blocks, audio_config.channels),
-        face_dim=networks["image_proj"].config.clip_embeddings_dim,
+        face_dim=model.image_proj.config.clip_embeddings_dim,
         max_attempts=data.max_attempts,
         length_tolerance=data.length_tolerance,
     )
     workers = dataloader_workers(data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dataloader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=int(config.train_batch_size),
         shuffle=True,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=int(data.prefetch_factor) if workers > 0 else None,
         persistent_workers=workers > 0,
     )
-    lr_scheduler = build_lr_scheduler(
-        optimizer,
-        config.lr_scheduler,
-        config.lr_warmup_steps,
-        config.max_train_steps,
-        accelerator.num_processes,
-        config.lr_num_cycles,
-        config.lr_power,
-    )
+    return dataset, dataloader
 
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=float(config.ema_decay))
-        accelerator.register_for_checkpointing(ema)
-
-    # Checkpoints keep the networks once, in the published layout, instead of accelerate's model file.
+def register_checkpoint_hooks(
+    accelerator: Accelerator, ema: EMAModel | None, params: list[torch.nn.Parameter], source: Path
+) -> None:
+    """Make accelerate's checkpoints hold the networks once, in the published layout (plus ``ema/`` when EMA
+    is on), instead of its own model file; loading reads them back. Under DeepSpeed, FSDP and Megatron-LM the
+    engine's own model files stay (it needs them) and the published layout is written beside them."""
     native = accelerator.distributed_type not in (
         DistributedType.DEEPSPEED,
         DistributedType.FSDP,
@@ -252,16 +281,85 @@ def train(config: DictConfig) -> dict:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
+
+@dataclass
+class TrainingRun:
+    """The parts of one run that :func:`prepare_run` builds once and every later phase reads."""
+
+    config: DictConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    """The :class:`MemoTrainingModel` as accelerate prepared it (wrapped under DDP)."""
+    vae: AutoencoderKL
+    params: list[torch.nn.Parameter]
+    optimizer: AcceleratedOptimizer
+    lr_scheduler: AcceleratedScheduler
+    dataset: TalkingVideoDataset
+    dataloader: DataLoader
+    dropout: ConditionDropout
+    encode: _Encoder
+    objective: FlowMatchingObjective
+    threshold: float | None
+    """The robust-training loss threshold, None when robust training is off."""
+    ema: EMAModel | None
+    """diffusers' ``EMAModel`` of ``params`` when ``use_ema``."""
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def accumulation(self) -> int:
+        """Batches per optimizer step: accelerate's (a DeepSpeed config's own setting wins over the config's)."""
+        return self.accelerator.gradient_accumulation_steps
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Optimizer steps per pass over this process's share of the data (at least 1)."""
+        return max(1, math.ceil(len(self.dataloader) / self.accumulation))
+
+    def record(self, entry: dict) -> None:
+        """Append ``entry`` as one JSON line to ``<output_dir>/logs/metrics.jsonl`` (main process only)."""
+        if self.accelerator.is_main_process:
+            with (self.output_dir / "logs" / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps(entry) + "\n")
+
+
+def prepare_run(config: DictConfig, accelerator: Accelerator) -> TrainingRun:
+    """Build the model, optimizer, data, schedule and EMA, register the checkpoint hooks, let accelerate
+    prepare them, and start the trackers; everything later phases need, in one :class:`TrainingRun`.
+    Raises ``ValueError`` when this process's share of the data holds no batch."""
+    model, vae, dropout, source = build_model(config, accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer_for(config, accelerator, params)
+    dataset, dataloader = build_dataloader(config, model)
+    lr_scheduler = build_lr_scheduler(
+        optimizer,
+        config.lr_scheduler,
+        config.lr_warmup_steps,
+        config.max_train_steps,
+        accelerator.num_processes,
+        config.lr_num_cycles,
+        config.lr_power,
+    )
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=float(config.ema_decay))
+        accelerator.register_for_checkpointing(ema)
+    register_checkpoint_hooks(accelerator, ema, params, source)
+
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
-    accumulation = accelerator.gradient_accumulation_steps  # DeepSpeed's own setting wins when it has one
-    if accumulation != config.gradient_accumulation_steps:
+    if len(dataloader) == 0:
+        raise ValueError("The dataloader yields no batch: the data holds fewer videos than processes.")
+    if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
         logger.warning(
-            f"Gradient accumulation is {accumulation} steps (set by the launcher), "
+            f"Gradient accumulation is {accelerator.gradient_accumulation_steps} steps (set by the launcher), "
             f"not the config's {config.gradient_accumulation_steps}."
         )
     if ema is not None:
         ema.to(accelerator.device)
-    encode = _Encoder(vae, weight_dtype, int(config.vae_batch_size))
     objective = FlowMatchingObjective(
         OmegaConf.to_container(config.noise_scheduler_kwargs),
         config.weighting_scheme,
@@ -269,211 +367,300 @@ def train(config: DictConfig) -> dict:
         config.logit_std,
         config.mode_scale,
     )
-    threshold = float(config.robust_loss_threshold) if config.robust_training else None
-
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers(config.tracker_project_name, config=_flat_config(config))
-    metrics_path = output_dir / "logs" / "metrics.jsonl"
-
-    def record(entry: dict) -> None:
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as stream:
-                stream.write(json.dumps(entry) + "\n")
-
-    # Resume.
-    global_step = 0
-    resume = resolve_resume(output_dir, config.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        if ema is not None:
-            ema.to(accelerator.device)
-        global_step = checkpoint_step(resume)
-        event = {
-            "event": "resume",
-            "checkpoint": str(resume),
-            "step": global_step,
-            "optimizer_steps": _optimizer_steps(optimizer),
-            "lr": lr_scheduler.get_last_lr()[0],
-        }
-        record(event)
-        logger.info(f"Resumed from {resume} at step {global_step}")
-    elif config.resume_from_checkpoint:
-        logger.info(f"No checkpoint in {output_dir} yet; starting from step 0")
-    start_step = global_step
-
-    if len(dataloader) == 0:
-        raise ValueError("The dataloader yields no batch: the data holds fewer videos than processes.")
-    updates_per_epoch = max(1, math.ceil(len(dataloader) / accumulation))
-    total_batch = batch_size * accelerator.num_processes * accumulation
-    logger.info(
-        f"Training: {len(dataset)} videos, {batch_size} per device x {accelerator.num_processes} processes x "
-        f"{accumulation} accumulation = {total_batch} clips per step, steps {global_step} -> {config.max_train_steps}"
+    return TrainingRun(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        vae=vae,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        dataloader=dataloader,
+        dropout=dropout,
+        encode=_Encoder(vae, DTYPES.get(accelerator.mixed_precision, torch.float32), int(config.vae_batch_size)),
+        objective=objective,
+        threshold=float(config.robust_loss_threshold) if config.robust_training else None,
+        ema=ema,
     )
 
-    def save_checkpoint(step: int) -> Path:
-        """Every process writes its part into one hidden partial folder; the main process renames it onto
-        ``checkpoint-<step>`` once all are done, so a killed run never leaves a checkpoint ``latest`` would
-        pick up half-written (the next run removes the partial, memo.io.partial)."""
-        path = output_dir / f"checkpoint-{step}"
-        with contextlib.ExitStack() as stack:
-            names = [None]
-            if accelerator.is_main_process:
-                for removed in prune_checkpoints(output_dir, config.checkpoints_total_limit):
-                    logger.info(f"Removed old checkpoint {removed}")
-                partial = stack.enter_context(Partial(path, directory=True))
-                names = [str(partial.path)]
-            names = broadcast_object_list(names)
-            accelerator.save_state(names[0])
-            if accelerator.is_main_process:
-                write_training_state(names[0], step)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                partial.publish()
-        accelerator.wait_for_everyone()
-        logger.info(f"Saved checkpoint {path}")
-        return path
 
-    validation = config.validation
+@dataclass
+class TrainState:
+    """What the loop carries from batch to batch: the step, and the sums of the optimizer step under way."""
 
-    def validate(step: int) -> None:
-        if accelerator.is_main_process:
-            entries = dataset.entries
-            wanted = validation.video_id
-            entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else entries[0]
-            if entry is None:
-                logger.warning(f"validation.video_id={wanted!r} is not in the data; skipping validation")
-            else:
-                try:
-                    path = render_validation(
-                        accelerator.unwrap_model(model).networks(),
-                        vae,
-                        entry,
-                        output_dir / "validation" / f"step-{step}.mp4",
-                        width=data.width,
-                        height=data.height,
-                        frames_per_clip=data.num_generated_frames_per_clip,
-                        past_frames=data.num_past_frames,
-                        num_frames=validation.num_frames,
-                        num_inference_steps=validation.inference_steps,
-                        guidance_scale=validation.cfg_scale,
-                        seed=validation.seed,
-                        reference_image=validation.reference_image,
-                    )
-                    record({"event": "validation", "step": step, "video": str(path)})
-                    logger.info(f"Validation video: {path}")
-                except Exception as err:  # noqa: BLE001 - a failed preview must not end a long run
-                    logger.error(f"Validation at step {step} failed: {type(err).__name__}: {err}")
-        accelerator.wait_for_everyone()
+    step: int = 0
+    """Optimizer steps done (the global step, as checkpoints and metrics name it)."""
+    start_step: int = 0
+    """The step this run started (or resumed) at."""
+    last_saved: int | None = None
+    """The step of the newest checkpoint of this run, None before the first."""
+    last_loss: float | None = None
+    """The mean loss of the last optimizer step."""
+    replaced: int = 0
+    """Samples the dataset replaced (unreadable files) so far, all processes together."""
+    loss_sum: float = 0.0
+    kept_sum: float = 0.0
+    seen_sum: float = 0.0
+    data_time: float = 0.0
+    """Sums over the batches of the optimizer step under way: loss (means over processes), clips kept by the
+    robust threshold, clips seen, seconds spent waiting for data."""
+    tick: float = field(default_factory=time.perf_counter)
+    """When the optimizer step under way began (``time.perf_counter``)."""
 
-    # Train.
-    loss_sum = kept_sum = seen_sum = 0.0
-    replaced_total = 0
-    last_loss = None
-    last_saved = global_step if resume is not None else None
-    tick = data_tick = time.perf_counter()
-    data_time = 0.0
-    first_epoch = global_step // updates_per_epoch
-    skip_batches = (global_step % updates_per_epoch) * accumulation
-    finished = global_step >= config.max_train_steps
+
+def resume_run(run: TrainingRun) -> TrainState:
+    """Load the checkpoint ``config.resume_from_checkpoint`` names (none, a folder, or ``latest``) with
+    accelerate, the optimizer, scheduler, random generators and EMA included, and log a ``resume`` event;
+    the state starts at its step (at 0 without one)."""
+    config, accelerator = run.config, run.accelerator
+    state = TrainState()
+    resume = resolve_resume(run.output_dir, config.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        if run.ema is not None:
+            run.ema.to(accelerator.device)
+        state.step = state.start_step = state.last_saved = checkpoint_step(resume)
+        run.record(
+            {
+                "event": "resume",
+                "checkpoint": str(resume),
+                "step": state.step,
+                "optimizer_steps": _optimizer_steps(run.optimizer),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+            }
+        )
+        logger.info(f"Resumed from {resume} at step {state.step}")
+    elif config.resume_from_checkpoint:
+        logger.info(f"No checkpoint in {run.output_dir} yet; starting from step 0")
+    return state
+
+
+def epoch_batches(run: TrainingRun, start_step: int) -> Iterator[tuple[int, dict]]:
+    """``(epoch, batch)`` from the epoch ``start_step`` falls in onwards, without end; a resumed run skips the
+    batches its first epoch already trained on, so that it sees what an uninterrupted run would."""
+    first_epoch = start_step // run.updates_per_epoch
+    skip_batches = (start_step % run.updates_per_epoch) * run.accumulation
     for epoch in itertools.count(first_epoch):
-        if finished:
-            break
-        loader = dataloader
+        loader = run.dataloader
         if epoch == first_epoch and skip_batches:
-            loader = accelerator.skip_first_batches(dataloader, skip_batches)
+            loader = run.accelerator.skip_first_batches(run.dataloader, skip_batches)
         for batch in loader:
-            data_time += time.perf_counter() - data_tick
-            with accelerator.accumulate(model):
-                pixels, references = batch["pixel_values"], batch["reference_values"]
-                clips, frames = pixels.shape[:2]
-                latents = encode(pixels.flatten(0, 1)).unflatten(0, (clips, frames)).transpose(1, 2)
-                reference_latents = encode(references.flatten(0, 1))
-                noise = torch.randn_like(latents)
-                timesteps, sigmas = objective.sample_timesteps(clips, latents.device)
-                noisy = objective.add_noise(latents, noise, sigmas)
-                prediction = model(
-                    noisy,
-                    timesteps,
-                    reference_latents,
-                    batch["face_emb"],
-                    batch["audio_emb"],
-                    batch["emotion"],
-                    dropout.sample(clips, latents.device),
+            yield epoch, batch
+
+
+@dataclass
+class BatchResult:
+    """What :func:`training_step` returns of one batch."""
+
+    loss: torch.Tensor
+    """The batch's (robust) mean loss, a 0-dim tensor."""
+    kept: torch.Tensor
+    """How many of its samples the robust threshold kept, a 0-dim tensor."""
+    clips: int
+    grad_norm: torch.Tensor | None
+    """The gradient norm before clipping, on the batch that completes an optimizer step when clipping is on."""
+
+
+def training_step(run: TrainingRun, batch: dict) -> BatchResult:
+    """One batch under accelerate's gradient accumulation: encode, noise, drop conditions, predict, backward;
+    on the batch that completes an optimizer step also clip, step the optimizer and the schedule."""
+    config, accelerator = run.config, run.accelerator
+    with accelerator.accumulate(run.model):
+        pixels, references = batch["pixel_values"], batch["reference_values"]
+        clips, frames = pixels.shape[:2]
+        latents = run.encode(pixels.flatten(0, 1)).unflatten(0, (clips, frames)).transpose(1, 2)
+        reference_latents = run.encode(references.flatten(0, 1))
+        noise = torch.randn_like(latents)
+        timesteps, sigmas = run.objective.sample_timesteps(clips, latents.device)
+        noisy = run.objective.add_noise(latents, noise, sigmas)
+        prediction = run.model(
+            noisy,
+            timesteps,
+            reference_latents,
+            batch["face_emb"],
+            batch["audio_emb"],
+            batch["emotion"],
+            run.dropout.sample(clips, latents.device),
+        )
+        losses = run.objective.per_sample_loss(prediction, noisy, latents, sigmas)
+        loss, kept = robust_mean(losses, run.threshold)
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients and config.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(run.params, float(config.max_grad_norm))
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return BatchResult(loss=loss, kept=kept, clips=clips, grad_norm=grad_norm)
+
+
+def add_batch_stats(run: TrainingRun, state: TrainState, batch: dict, result: BatchResult) -> None:
+    """Gather the batch's loss, kept, seen and replaced counts from all processes into ``state``'s sums."""
+    loss = result.loss
+    stats = torch.stack(
+        [
+            loss.detach().float(),
+            result.kept.float(),
+            torch.tensor(float(result.clips), device=loss.device),
+            batch["replaced"].sum().float().to(loss.device),
+        ]
+    )
+    gathered = run.accelerator.gather(stats[None]).reshape(-1, 4)
+    state.loss_sum += gathered[:, 0].mean().item()
+    state.kept_sum += gathered[:, 1].sum().item()
+    state.seen_sum += gathered[:, 2].sum().item()
+    state.replaced += int(gathered[:, 3].sum().item())
+
+
+def end_optimizer_step(run: TrainingRun, state: TrainState, epoch: int, grad_norm: torch.Tensor | None) -> None:
+    """Count the optimizer step, update the EMA, log its metrics (trackers, metrics.jsonl, every
+    ``logging_steps`` the console) and start the sums of the next one."""
+    state.step += 1
+    if run.ema is not None:
+        run.ema.step(run.params)
+    now = time.perf_counter()
+    state.last_loss = state.loss_sum / run.accumulation
+    metrics = {
+        "step": state.step,
+        "loss": state.last_loss,
+        "lr": run.lr_scheduler.get_last_lr()[0],
+        "samples_per_second": state.seen_sum / max(now - state.tick, 1e-9),
+        "step_time": now - state.tick,
+        "data_time": state.data_time,
+        "robust_kept_fraction": state.kept_sum / max(state.seen_sum, 1.0),
+        "replaced_samples": state.replaced,
+        "epoch": epoch,
+    }
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    if not math.isfinite(state.last_loss):
+        logger.warning(f"Non-finite loss at step {state.step}")
+    run.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+    run.record(metrics)
+    if state.step % run.config.logging_steps == 0:
+        logger.info(
+            f"step {state.step}: loss {state.last_loss:.4f}, lr {metrics['lr']:.3g}, "
+            f"{metrics['samples_per_second']:.2f} clips/s"
+        )
+    state.loss_sum = state.kept_sum = state.seen_sum = state.data_time = 0.0
+    state.tick = now
+
+
+def save_checkpoint(run: TrainingRun, step: int) -> Path:
+    """Write ``<output_dir>/checkpoint-<step>`` (removing the oldest beyond ``checkpoints_total_limit``).
+
+    Every process writes its part into one hidden partial folder; the main process renames it onto
+    ``checkpoint-<step>`` once all are done, so a killed run never leaves a checkpoint ``latest`` would
+    pick up half-written (the next run removes the partial, :mod:`memo.io.partial`)."""
+    accelerator = run.accelerator
+    path = run.output_dir / f"checkpoint-{step}"
+    with contextlib.ExitStack() as stack:
+        names = [None]
+        if accelerator.is_main_process:
+            for removed in prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit):
+                logger.info(f"Removed old checkpoint {removed}")
+            partial = stack.enter_context(Partial(path, directory=True))
+            names = [str(partial.path)]
+        names = broadcast_object_list(names)
+        accelerator.save_state(names[0])
+        if accelerator.is_main_process:
+            write_training_state(names[0], step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            partial.publish()
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {path}")
+    return path
+
+
+def validate(run: TrainingRun, step: int) -> None:
+    """Render the preview video ``<output_dir>/validation/step-<step>.mp4`` of ``validation.video_id`` (the
+    first video without one) on the main process. A failed preview is logged, never ends the run."""
+    accelerator, data, validation = run.accelerator, run.config.data, run.config.validation
+    if accelerator.is_main_process:
+        entries = run.dataset.entries
+        wanted = validation.video_id
+        entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else entries[0]
+        if entry is None:
+            logger.warning(f"validation.video_id={wanted!r} is not in the data; skipping validation")
+        else:
+            try:
+                path = render_validation(
+                    accelerator.unwrap_model(run.model).networks(),
+                    run.vae,
+                    entry,
+                    run.output_dir / "validation" / f"step-{step}.mp4",
+                    width=data.width,
+                    height=data.height,
+                    frames_per_clip=data.num_generated_frames_per_clip,
+                    past_frames=data.num_past_frames,
+                    num_frames=validation.num_frames,
+                    num_inference_steps=validation.inference_steps,
+                    guidance_scale=validation.cfg_scale,
+                    seed=validation.seed,
+                    reference_image=validation.reference_image,
                 )
-                losses = objective.per_sample_loss(prediction, noisy, latents, sigmas)
-                loss, kept = robust_mean(losses, threshold)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(params, float(config.max_grad_norm))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.record({"event": "validation", "step": step, "video": str(path)})
+                logger.info(f"Validation video: {path}")
+            except Exception as err:  # noqa: BLE001 - a failed preview must not end a long run
+                logger.error(f"Validation at step {step} failed: {type(err).__name__}: {err}")
+    accelerator.wait_for_everyone()
 
-            stats = torch.stack(
-                [
-                    loss.detach().float(),
-                    kept.float(),
-                    torch.tensor(float(clips), device=loss.device),
-                    batch["replaced"].sum().float().to(loss.device),
-                ]
-            )
-            gathered = accelerator.gather(stats[None]).reshape(-1, 4)
-            loss_sum += gathered[:, 0].mean().item()
-            kept_sum += gathered[:, 1].sum().item()
-            seen_sum += gathered[:, 2].sum().item()
-            replaced_total += int(gathered[:, 3].sum().item())
 
+def save_and_validate(run: TrainingRun, state: TrainState) -> None:
+    """After an optimizer step: a checkpoint every ``checkpointing_steps`` and at the last step, a preview
+    video every ``validation.steps``."""
+    config = run.config
+    if state.step % config.checkpointing_steps == 0 or state.step >= config.max_train_steps:
+        save_checkpoint(run, state.step)
+        state.last_saved = state.step
+    if config.validation.steps and state.step % config.validation.steps == 0:
+        validate(run, state.step)
+
+
+def finish_run(run: TrainingRun, state: TrainState) -> dict:
+    """Save the final step unless it is saved already, close the trackers, and return the summary."""
+    if state.last_saved != state.step:
+        save_checkpoint(run, state.step)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return {
+        "step": state.step,
+        "start_step": state.start_step,
+        "loss": state.last_loss,
+        "replaced_samples": state.replaced,
+        "output_dir": str(run.output_dir),
+    }
+
+
+def train(config: DictConfig) -> dict:
+    """Run (or resume) a finetuning run as configured (:mod:`memo.settings.training`).
+
+    Returns the summary: ``step`` (the final global step), ``start_step``, ``loss`` (of the last optimizer
+    step, None when no step ran), ``replaced_samples`` and ``output_dir``. Raises ``ValueError`` when the
+    data yields no batch (:func:`prepare_run`)."""
+    accelerator = make_accelerator(config)
+    run = prepare_run(config, accelerator)
+    state = resume_run(run)
+    batch_size = int(config.train_batch_size)
+    logger.info(
+        f"Training: {len(run.dataset)} videos, {batch_size} per device x {accelerator.num_processes} processes x "
+        f"{run.accumulation} accumulation = {batch_size * accelerator.num_processes * run.accumulation} clips per "
+        f"step, steps {state.step} -> {config.max_train_steps}"
+    )
+    if state.step < config.max_train_steps:
+        state.tick = data_tick = time.perf_counter()
+        for epoch, batch in epoch_batches(run, state.step):
+            state.data_time += time.perf_counter() - data_tick
+            result = training_step(run, batch)
+            add_batch_stats(run, state, batch, result)
             if accelerator.sync_gradients:
-                global_step += 1
-                if ema is not None:
-                    ema.step(params)
-                now = time.perf_counter()
-                last_loss = loss_sum / accumulation
-                metrics = {
-                    "step": global_step,
-                    "loss": last_loss,
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "samples_per_second": seen_sum / max(now - tick, 1e-9),
-                    "step_time": now - tick,
-                    "data_time": data_time,
-                    "robust_kept_fraction": kept_sum / max(seen_sum, 1.0),
-                    "replaced_samples": replaced_total,
-                    "epoch": epoch,
-                }
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                if not math.isfinite(last_loss):
-                    logger.warning(f"Non-finite loss at step {global_step}")
-                accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=global_step)
-                record(metrics)
-                if global_step % config.logging_steps == 0:
-                    logger.info(
-                        f"step {global_step}: loss {last_loss:.4f}, lr {metrics['lr']:.3g}, "
-                        f"{metrics['samples_per_second']:.2f} clips/s"
-                    )
-                loss_sum = kept_sum = seen_sum = 0.0
-                data_time = 0.0
-                tick = now
-
-                if global_step % config.checkpointing_steps == 0 or global_step >= config.max_train_steps:
-                    save_checkpoint(global_step)
-                    last_saved = global_step
-                if validation.steps and global_step % validation.steps == 0:
-                    validate(global_step)
-                if global_step >= config.max_train_steps:
-                    finished = True
+                end_optimizer_step(run, state, epoch, result.grad_norm)
+                save_and_validate(run, state)
+                if state.step >= config.max_train_steps:
                     break
             data_tick = time.perf_counter()
-
-    if last_saved != global_step:
-        save_checkpoint(global_step)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {
-        "step": global_step,
-        "start_step": start_step,
-        "loss": last_loss,
-        "replaced_samples": replaced_total,
-        "output_dir": str(output_dir),
-    }
+    return finish_run(run, state)

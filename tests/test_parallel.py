@@ -1,0 +1,169 @@
+"""Guidance-parallel generation on two CPU processes (gloo): the frames of one process bit for bit, the same
+video through the real program, a killed process stops the other with one line, misuse is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+import soundfile
+from conftest import REPO
+
+from memo.io.video import probe_video
+from memo.settings.inference import ConfigError, load_config
+
+IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_processes(*args: str, launcher: str = "torchrun") -> list[str]:
+    if launcher == "accelerate":  # --multi_gpu: on CPUs accelerate would otherwise start one process
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), *args]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            *args]  # fmt: skip
+
+
+def speech(tmp_path, seconds: float):
+    samples, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
+    path = tmp_path / "speech.wav"
+    soundfile.write(path, samples[: int(rate * seconds)], rate)
+    return path
+
+
+def inference(pack, audio, out, *overrides: str) -> list[str]:
+    return [str(REPO / "inference.py"), "--config", str(pack / "inference.yaml"), "--input_image", str(IMAGE),
+            "--input_audio", str(audio), "--output_dir", str(out), "inference_steps=3", *overrides]  # fmt: skip
+
+
+def frames_and_sound(path):
+    with av.open(str(path)) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    with av.open(str(path)) as container:
+        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=-1)
+    return frames, sound
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "offload, steps, guidance_end, deep_cache_interval, solver",
+    # exact; speed=fast's settings under offload=model (row-chunked feed-forward); group
+    [("none", 2, 1.0, 1, "euler"), ("model", 4, 0.25, 2, "unipc"), ("group", 2, 1.0, 1, "euler")],
+)
+def test_two_processes_compute_the_frames_of_one(
+    tiny_checkpoint, offload, steps, guidance_end, deep_cache_interval, solver
+):
+    command = two_processes(str(REPO / "tests" / "parallel_ranks.py"), str(tiny_checkpoint), offload, str(steps),
+                            str(guidance_end), str(deep_cache_interval), solver)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["equal"] and report["max_difference"] == 0.0
+    assert report["memory_halved"]  # each process holds its half of the temporal memory
+    clips, frames_per_clip, latent = 2, 4, 8 * 8  # the test inputs: 64x64, two clips of 4 frames
+    batched = sum(1 for i in range(steps) if i < guidance_end * steps or i == 0)
+    assert report["steps"] == clips * steps  # one collective per step
+    # Rank 0 sends its half's prediction in each batched step, (1, 4, frames, 8, 8) float32, nothing else.
+    assert report["bytes_sent"] == clips * batched * 4 * frames_per_clip * latent * 4
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "launcher, settings",
+    [("torchrun", ["speed=exact"]), ("accelerate", ["speed=fast", "inference_steps=10"])],  # fast: 4 steps, 3 alone
+)
+def test_inference_on_two_processes_writes_the_video_of_one(pack, tmp_path, launcher, settings):
+    audio = speech(tmp_path, 1.0)
+    # As many threads as each launched process has (torch.distributed.run sets 1): CPU kernels split their sums
+    # by thread, so the thread count is part of what makes two runs round alike.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one", *settings)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    command = two_processes(
+        *inference(pack, audio, tmp_path / "two", "parallel=guidance", *settings), launcher=launcher
+    )
+    two = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("memo: output:") == 1  # rank 0 writes, rank 1 says nothing of it
+    assert two.stderr.count("memo: generate:") == 1
+    expected, written = (
+        probe_video(tmp_path / "one" / "portrait_speech.mp4"),
+        probe_video(tmp_path / "two" / "portrait_speech.mp4"),
+    )
+    assert written.num_frames == expected.num_frames == 30 and written.fps == expected.fps and written.has_audio
+    frames_one, sound_one = frames_and_sound(tmp_path / "one" / "portrait_speech.mp4")
+    frames_two, sound_two = frames_and_sound(tmp_path / "two" / "portrait_speech.mp4")
+    assert np.array_equal(frames_one, frames_two) and np.array_equal(sound_one, sound_two)
+
+
+@pytest.mark.e2e
+def test_a_killed_process_stops_the_other_with_one_line(pack, tmp_path):
+    audio, out = speech(tmp_path, 8.0), tmp_path / "out"  # 15 clips: long enough to be killed mid-video
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    command = [sys.executable, *inference(pack, audio, out, "parallel=guidance", "inference_steps=4")]
+    ranks = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    try:
+        seen = ""
+        while "memo: generate:" not in seen:  # rank 0 logs this line as the video starts
+            line = ranks[0].stderr.readline()
+            assert line, f"rank 0 ended before generating: {seen}"
+            seen += line
+        time.sleep(1.0)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, rest = ranks[0].communicate(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    # The error line follows the progress bar's last, unfinished line.
+    errors = [line[line.index("error:") :] for line in rest.replace("\r", "\n").splitlines() if "error:" in line]
+    assert ranks[0].returncode == 2 and waited < 20, (waited, rest)
+    assert len(errors) == 1 and "rank 1" in errors[0] and "stopped" in errors[0], rest
+    assert "Traceback" not in rest
+    assert not out.exists() or not list(out.iterdir())  # no video, no partial file
+
+
+@pytest.mark.e2e
+def test_parallel_guidance_in_one_process_is_refused(pack, tmp_path):
+    result = subprocess.run([sys.executable, *inference(pack, speech(tmp_path, 1.0), tmp_path, "parallel=guidance")],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: parallel=guidance needs exactly 2 processes")
+    assert result.stderr.count("error:") == 1 and not list(tmp_path.glob("*.mp4"))
+
+
+def test_parallel_settings_are_validated():
+    assert load_config(None, ["parallel=guidance"]).parallel == "guidance"
+    with pytest.raises(ConfigError, match="parallel must be one of none, guidance, got 'tensor'"):
+        load_config(None, ["parallel=tensor"])
+    with pytest.raises(ConfigError, match="cfg_scale=1.0 runs without guidance"):
+        load_config(None, ["parallel=guidance", "cfg_scale=1.0"])
+    with pytest.raises(ConfigError, match="even num_generated_frames_per_clip"):
+        load_config(None, ["parallel=guidance", "num_generated_frames_per_clip=15"])
