@@ -25,12 +25,12 @@ from memo.apps.batch import main as batch_main
 from memo.io.video import probe_video
 
 SCRIPT = REPO / "scripts" / "batch_inference.py"
-CLIP_SECONDS = 1.5
+CLIP_SECONDS = 1.0
 
 
 @pytest.fixture
 def inputs(tmp_path) -> Path:
-    """A folder with the example portrait, 1.5 s of the example speech and a faceless grey image."""
+    """A folder with the example portrait, 1 s of the example speech and a faceless grey image."""
     folder = tmp_path / "inputs"
     folder.mkdir()
     shutil.copy(REPO / "assets" / "examples" / "portrait.jpg", folder / "portrait.jpg")

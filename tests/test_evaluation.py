@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_main
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from memo.evaluation import metrics as m
+from memo.evaluation.command import main as evaluation_main
 from memo.evaluation.models import INCEPTION, MetricModels
 from memo.evaluation.run import score_frames
 from memo.io import hub
@@ -27,7 +28,6 @@ from memo.io.video import VideoWriter
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import BRIGHT_LEVEL, LOUD_RMS, write_tiny_metric_models
 
-EVALUATE = REPO / "scripts" / "evaluate.py"
 FPS = 25
 FRAME = 640  # audio samples per video frame at 16 kHz and 25 fps
 
@@ -220,10 +220,8 @@ def write_video(path: Path, frames: np.ndarray, fps: float, audio: np.ndarray | 
 
 
 def evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(EVALUATE), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
-    )
+    """scripts/evaluate.py's command line (its ``main``), in this process; the e2e test starts the script."""
+    return run_main(evaluation_main, list(args), cwd=cwd)
 
 
 def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_features(models, tmp_path):

@@ -2,7 +2,7 @@
 no traceback and no output for every kind of bad input.
 
 The command line runs in this process (``memo.apps.cli.main``, as ``inference.py`` calls it); the tests marked
-``e2e`` start the real program.
+``e2e`` start the real program, and so does the ``--tiny`` test, the default tier's smoke test of it.
 """
 
 from __future__ import annotations
@@ -24,14 +24,19 @@ from memo.io.video import probe_video
 
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
 EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"
+SPEECH_SECONDS = 1.0
+SPEECH_FRAMES = 30  # ceil(1 s x 30 fps): two clips of the pack's 16 frames
+# Settings for the tests that are not about steps or guidance: one step, no guidance (a quarter of the work).
+CHEAP = ("inference_steps=1", "cfg_scale=1")
 
 
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory) -> Path:
-    """2.5 s of real speech (the bundled example, cut) as 44.1 kHz stereo FLAC: any format, any rate."""
+    """1 s of real speech (the bundled example, cut: two clips, the second one conditioned on the first) as
+    44.1 kHz stereo FLAC: any format, any rate."""
     audio, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
     path = tmp_path_factory.mktemp("audio") / "speech_cut.flac"
-    clip = audio[: int(2.5 * rate)]
+    clip = audio[: int(SPEECH_SECONDS * rate)]
     stereo = np.stack([clip, clip * 0.5], axis=1)
     upsampled = np.stack(
         [np.interp(np.arange(0, len(clip), rate / 44100), np.arange(len(clip)), ch) for ch in stereo.T], 1
@@ -71,27 +76,27 @@ def test_renders_a_video_with_the_input_audio(pack, speech, tmp_path, runner):
     assert result.returncode == 0, result.stderr
     output = tmp_path / "portrait_speech_cut.mp4"
     info = probe_video(output)
-    assert info.num_frames == 75  # ceil(2.5 s x 30 fps)
+    assert info.num_frames == SPEECH_FRAMES
     assert info.fps == 30 and (info.width, info.height) == (64, 64)
     assert info.video_codec == "h264" and info.has_audio and info.audio_codec == "aac"
-    assert abs(info.audio_duration - 2.5) < 0.05
+    assert abs(info.audio_duration - SPEECH_SECONDS) < 0.05
     assert "MEMO" in info.metadata.get("comment", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]
     import av
 
     with av.open(str(output)) as container:
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    assert len(frames) == 75 and frames[0].shape == (64, 64, 3)
+    assert len(frames) == SPEECH_FRAMES and frames[0].shape == (64, 64, 3)
     assert np.std(np.stack(frames).astype(np.float32)) > 1.0  # generated pixels, not a blank video
     assert "memo: output:" in result.stderr
 
 
 def test_without_inputs_renders_the_bundled_example(pack, tmp_path):
-    result = run(pack, "--output_dir", str(tmp_path), "fps=10", "vocal_separation=false", "emotion=happy")
+    result = run(pack, "--output_dir", str(tmp_path), "fps=5", "vocal_separation=false", "emotion=happy", *CHEAP)
     assert result.returncode == 0, result.stderr
     info = probe_video(tmp_path / "portrait_speech.mp4")
     seconds = soundfile.info(EXAMPLE_AUDIO).duration
-    assert info.num_frames == int(np.ceil(seconds * 10)) and info.fps == 10
+    assert info.num_frames == int(np.ceil(seconds * 5)) and info.fps == 5
 
 
 def test_existing_output_is_kept_unless_overwrite(pack, speech, tmp_path):
@@ -109,10 +114,10 @@ def test_existing_output_is_kept_unless_overwrite(pack, speech, tmp_path):
         "--output_dir",
         str(tmp_path),
         "--overwrite",
-        "inference_steps=1",
+        *CHEAP,
     )
     assert result.returncode == 0, result.stderr
-    assert probe_video(output).num_frames == 75
+    assert probe_video(output).num_frames == SPEECH_FRAMES
 
 
 def _bad_image(kind: str, directory: Path) -> Path:
@@ -174,7 +179,9 @@ def test_bad_audio(pack, tmp_path, audio_kind, fragments):
 def test_silent_audio_warns_and_still_renders(pack, tmp_path):
     audio = tmp_path / "silence.wav"
     soundfile.write(audio, np.zeros(16000, dtype=np.float32), 16000)
-    result = run(pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(tmp_path))
+    result = run(
+        pack, "--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(tmp_path), *CHEAP
+    )
     assert result.returncode == 0, result.stderr
     assert "silent" in result.stderr
     assert probe_video(tmp_path / "portrait_silence.mp4").num_frames == 30
@@ -220,10 +227,10 @@ def test_python_api_renders_many_pairs_with_one_load(pack, speech, tmp_path):
     from memo.generator import MemoGenerator
     from memo.settings.inference import load_config
 
-    generator = MemoGenerator(load_config(pack / "inference.yaml", ["inference_steps=1"]))
+    generator = MemoGenerator(load_config(pack / "inference.yaml", list(CHEAP)))
     first = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "a.mp4", emotion="sad")
     second = generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "b.mp4", seed=7, emotion="auto")
-    assert probe_video(first).num_frames == probe_video(second).num_frames == 75
+    assert probe_video(first).num_frames == probe_video(second).num_frames == SPEECH_FRAMES
 
 
 @pytest.mark.e2e
@@ -275,27 +282,22 @@ def test_offline_without_the_models_lists_what_is_missing_in_process(pack, speec
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
-def test_tiny_flag_builds_the_random_pack_and_says_so(tmp_path, monkeypatch, where):
-    """``inference.py --tiny``, the README's offline check: the pack is built in the cache on first use, the
-    bundled example renders with it, and the screen says twice that the weights are random."""
+def test_tiny_flag_builds_the_random_pack_and_says_so(tmp_path):
+    """``inference.py --tiny``, the README's offline check, started as a user starts it (the default tier's one
+    run of the real program): the pack is built in the cache under the user's home on first use, the bundled
+    example renders with it, and the screen says twice that the weights are random."""
     import memo.tiny.pack
 
     out = tmp_path / "out"
-    args = ["--tiny", "--output_dir", str(out), "fps=10", "vocal_separation=false", "emotion=happy"]
-    if where == "program":  # the cache is under the user's home
-        env = {**os.environ, "HOME": str(tmp_path)}
-        command = [sys.executable, str(REPO / "inference.py"), *args]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
-        cache = tmp_path / ".cache" / "memo"
-    else:
-        cache = tmp_path / "cache"
-        monkeypatch.setattr(memo.tiny.pack, "CACHE_DIR", cache)
-        result = run_main(cli.main, args, cwd=REPO)
+    args = ["--tiny", "--output_dir", str(out), "fps=5", "vocal_separation=false", "emotion=happy", *CHEAP]
+    env = {**os.environ, "HOME": str(tmp_path)}
+    command = [sys.executable, str(REPO / "inference.py"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    cache = tmp_path / ".cache" / "memo"
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("RANDOM") == 2 and "not a MEMO result" in result.stderr, result.stderr
     info = probe_video(out / "portrait_speech_tiny.mp4")
-    assert info.num_frames == int(np.ceil(soundfile.info(EXAMPLE_AUDIO).duration * 10)) and info.has_audio
+    assert info.num_frames == int(np.ceil(soundfile.info(EXAMPLE_AUDIO).duration * 5)) and info.has_audio
     [pack] = cache.iterdir()  # one complete pack, no leftover of its build
     assert pack.name.startswith("tiny-pack-") and (pack / "inference.yaml").is_file()
     built = (pack / "inference.yaml").stat().st_mtime_ns
