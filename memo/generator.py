@@ -403,8 +403,10 @@ class MemoGenerator:
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
-        if self.parallel is not None and not self.parallel.is_main:
-            return self._generate_other_half(Path(output_path), progress)
+        if self.parallel is not None:
+            self.parallel.agree(dataclasses.asdict(self.config))
+            if not self.parallel.is_main:
+                return self._generate_other_half(Path(output_path), progress)
         start = time.perf_counter()
         try:
             output_path = check_output_path(output_path, overwrite)

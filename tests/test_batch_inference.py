@@ -124,6 +124,19 @@ def test_a_bad_manifest_is_refused_before_any_work(pack, inputs, tmp_path):
     assert not out.exists()
 
 
+def test_parallel_guidance_is_refused_by_the_batch_runner(pack, inputs, tmp_path):
+    # Each process renders its own videos: a video split over the two processes would leave the second
+    # process's videos unrendered (yet counted done) or hang with a single job.
+    manifest = inputs / "jobs.csv"
+    manifest.write_text("image,audio\nportrait.jpg,speech.wav\n")
+    arguments = ["--manifest", str(manifest), "--output_dir", str(tmp_path / "out")]
+    result = run_main(batch_main, [*arguments, "--config", str(pack / "inference.yaml"), "parallel=guidance"], cwd=REPO)
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert "parallel=guidance splits one video" in line and "Remove parallel=guidance" in line
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_per_job_settings_share_the_loaded_models(pack):
     from memo.generator import MemoGenerator
     from memo.settings.inference import ConfigError, load_config

@@ -151,6 +151,34 @@ def test_a_killed_process_stops_the_other_with_one_line(pack, tmp_path):
 
 
 @pytest.mark.e2e
+def test_processes_given_different_settings_stop_with_one_line(pack, tmp_path):
+    audio, out = speech(tmp_path, 1.0), tmp_path / "out"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, *inference(pack, audio, out, "parallel=guidance", f"cfg_scale={scale}")],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r, scale in ((0, 3.5), (1, 2.0))
+    ]
+    try:
+        outputs = [rank.communicate(timeout=300)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+    assert [rank.returncode for rank in ranks] == [2, 2], outputs
+    errors = [line for line in outputs[0].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cfg_scale=3.5 on rank 0, 2.0 on rank 1" in errors[0], outputs[0]
+    assert "error:" not in outputs[1] and "Traceback" not in outputs[0] + outputs[1]
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.e2e
 def test_parallel_guidance_in_one_process_is_refused(pack, tmp_path):
     result = subprocess.run([sys.executable, *inference(pack, speech(tmp_path, 1.0), tmp_path, "parallel=guidance")],
                             capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip

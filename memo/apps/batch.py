@@ -233,6 +233,12 @@ def _run(args: argparse.Namespace, start: float) -> int:
     try:
         args.manifest, args.output_dir = as_path(args.manifest, "--manifest"), as_path(args.output_dir, "--output_dir")
         base, jobs = load_jobs(args.manifest, args.output_dir, args.config, args.overrides)
+        if base.parallel != "none":
+            raise UserError(
+                f"parallel={base.parallel} splits one video over two processes; the batch runner gives each "
+                "process its own videos instead. Remove parallel=guidance (run the batch under `accelerate "
+                "launch` for one video per GPU at a time), or render videos one by one with inference.py."
+            )
         check_runtimes(base.vocal_separation)
         check_output_folder(args.output_dir)
     except UserError as error:

@@ -125,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     SIGINT/SIGTERM/SIGHUP, with the partial output removed)."""
     args = parse_args(argv)
     setup_logging(args.verbose)
-    with stop_on_signals():
-        return _run(args)
+    try:
+        with stop_on_signals():
+            return _run(args)
+    except KeyboardInterrupt as stop:  # a signal as the run was ending (a launcher stopping it): it has said why
+        return stop.status if isinstance(stop, Interrupted) else 130
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -114,7 +114,8 @@ class GuidanceParallel:
                 "`accelerate launch --num_processes 2 inference.py ...` (on CPUs add --multi_gpu, else accelerate "
                 "starts one process) or "
                 "`torchrun --nproc_per_node 2 inference.py ...`, "
-                "or set parallel=none."
+                "or set parallel=none.",
+                quiet=process_rank() != 0,  # each launched process finds it; the first one says it
             )
         self.rank = process_rank()
         self.device = device
@@ -154,6 +155,21 @@ class GuidanceParallel:
         box = [value if self.is_main else None]
         self._collective(lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
+
+    def agree(self, settings: dict[str, Any]) -> None:
+        """Check that both processes were given the same ``settings`` (a video's settings, from each process's
+        own config); raises :class:`ParallelError` naming the keys that differ, on both ranks (rank 1 quiet)."""
+        both: list[Any] = [None] * WORLD_SIZE
+        self._collective(lambda: dist.all_gather_object(both, settings))
+        first, second = both  # rank 0's, rank 1's
+        differing = sorted(key for key in first.keys() | second.keys() if first.get(key) != second.get(key))
+        if differing:
+            shown = "; ".join(f"{key}={first.get(key)!r} on rank 0, {second.get(key)!r} on rank 1" for key in differing)
+            raise ParallelError(
+                f"the two processes of parallel=guidance were given different settings ({shown}); "
+                "launch both with the same command and settings.",
+                quiet=not self.is_main,
+            )
 
     def gather_halves(self, half: torch.Tensor) -> torch.Tensor:
         """The two ranks' (1, ...) predictions as one (2, ...) batch, unconditional first, on both ranks."""
