@@ -26,6 +26,7 @@ def generate(pipe):
     return pipe(**args, guidance_scale=3.5).frames
 
 
+@pytest.mark.slow
 def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
     pipe = MemoPipeline.from_checkpoint(tiny_checkpoint)
     pipe.set_progress_bar_config(disable=True)

@@ -71,6 +71,7 @@ def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
     return gaussian_filter(images.astype(np.float32), sigma=axes).round().astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(any_models):
     images = textures(6, 64, seed=0)
     net = any_models.inception()
@@ -83,6 +84,7 @@ def test_fid_is_zero_for_a_set_against_itself_and_grows_with_noise_and_blur(any_
     assert 0 < by_blur[0] < by_blur[1], by_blur
 
 
+@pytest.mark.slow
 def test_fid_equals_torch_fidelity_called_directly(models, tmp_path):
     import torch_fidelity
 
@@ -170,6 +172,7 @@ def test_csim_is_one_for_the_same_face_and_lower_for_another(models):
     assert m.csim(same, frames_other) < 0.99
 
 
+@pytest.mark.slow
 def test_score_frames_gives_measure_fidelity_the_paper_figures_with_sync_on_the_sound(models):
     """scripts/measure_fidelity.py's figures: in sync with the sound shifted by 4 frames, offset 4; the frames
     against themselves FID 0; a frozen face: CSIM 1, motion 0 (within float error)."""

@@ -446,7 +446,9 @@ def test_each_dropped_condition_changes_only_its_sample(tiny_checkpoint):
 
 
 @needs_decord
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+@pytest.mark.parametrize(
+    "where", [pytest.param("in_process", marks=pytest.mark.slow), pytest.param("program", marks=pytest.mark.e2e)]
+)
 def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoint, pack, where):
     """finetune.py and then inference.py on its checkpoint: in this process, or started as a user starts them."""
     launch_here = launch if where == "program" else launch_in_process
@@ -551,6 +553,7 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
     assert [m for m in read_metrics(run_dir) if m.get("event") == "resume"][-1]["step"] == 4
 
 
+@pytest.mark.slow
 @needs_decord
 def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
     """Training on a single clip lowers its loss, measured at fixed noise and timesteps before and after."""

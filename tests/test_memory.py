@@ -32,6 +32,7 @@ def load(checkpoint, offload: str = "none") -> MemoPipeline:
     return pipe
 
 
+@pytest.mark.slow
 def test_counted_peak_matches_the_real_run(tiny_checkpoint):
     """The same call once on real CPU tensors and once on fake ones: the fake run must allocate and free as
     the real one does (within 5 %)."""
@@ -49,6 +50,7 @@ def test_counted_peak_matches_the_real_run(tiny_checkpoint):
     assert counted.peak_split["weights"] == weights
 
 
+@pytest.mark.slow
 def test_peak_does_not_grow_with_video_length_or_videos(tiny_checkpoint):
     pipe = load(tiny_checkpoint)
     with fake_device():
@@ -108,6 +110,7 @@ def fake_cuda_pipeline(checkpoint, scheduler) -> MemoPipeline:
     return pipe
 
 
+@pytest.mark.slow
 def test_networks_take_turns_on_an_accelerator_and_leave_after_each_video(tiny_checkpoint):
     """offload=none on a (fake) CUDA device: the networks that do not run wait on the host, so the peak holds
     fewer weights than there are; every video gives its device memory back; length does not raise the peak."""

@@ -109,7 +109,8 @@ def test_compile_cannot_be_forced_with_group_offload():
 def test_condition_models_placement_rule():
     need = generation_working_bytes(512, 512, torch.bfloat16)
     assert 11 * GIB < need <= 12 * GIB  # counted: 11.96 GiB, weights included (scripts/memory_budget.py)
-    assert generation_working_bytes(1024, 512, torch.bfloat16) > 1.8 * need
+    # Twice the pixels: the temporal memory and activations double, the weights (3.1 GiB of it) do not.
+    assert 1.6 * need < generation_working_bytes(1024, 512, torch.bfloat16) < 2 * need
     assert generation_working_bytes(512, 512, torch.float32) == 2 * need
     models = 2 * GIB
     # Not on CUDA: nothing to gain.
