@@ -186,12 +186,14 @@ def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
     c = start(pack, audio["c"], out)  # the next run into the folder: removes B's partial as it starts writing
     running = wait_for_partial(c, out, names["c"])
     assert not left.exists()
+    c.send_signal(signal.SIGSTOP)  # C stays a live job mid-write however fast D is (C could finish first)
     d = start(pack, audio["d"], out)  # one more while C writes: C's partial is a running job's
     _, d_log = d.communicate(timeout=900)
     assert d.returncode == 0, d_log
-    assert running.exists() and c.poll() is None and "removed" not in d_log, d_log  # C still at work, untouched
+    assert running.exists() and c.poll() is None and "removed" not in d_log, d_log  # C's partial untouched
     assert probe_video(out / names["d"]).num_frames == 12
     c.send_signal(signal.SIGHUP)
+    c.send_signal(signal.SIGCONT)
     _, c_log = c.communicate(timeout=120)
     assert c.returncode == 129, c_log
     assert f"removed 1 partial file(s) left in {out} by runs that were killed: {left.name}" in c_log
