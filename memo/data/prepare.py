@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +28,10 @@ import torch.nn.functional as F
 
 from memo.conditions.emotion import audio_emotion_labels
 from memo.constants import SAMPLE_RATE
+from memo.data import store
+from memo.errors import UserError, as_path, check_runtimes
 from memo.io.audio import load_audio
-from memo.io.video import VideoInfo, probe_video
+from memo.io.video import VideoInfo, check_output_folder, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
 from memo.settings.inference import InferenceConfig
 
@@ -156,3 +159,85 @@ def describe(prepared: PreparedVideo) -> str:
     seconds = prepared.num_frames / prepared.fps
     shape = "x".join(map(str, prepared.audio_emb.shape))
     return f"{prepared.num_frames} frames ({seconds:.1f} s) {prepared.width}x{prepared.height}, audio_emb {shape}"
+
+
+def attempt(preparer: VideoPreparer, video: Path) -> PreparedVideo | str:
+    """The video's :class:`PreparedVideo`, or the reason it cannot be used."""
+    try:
+        return preparer(video)
+    except (VideoRejected, UserError) as error:
+        return str(error)
+    except Exception as error:  # any failure of one video is recorded and the run goes on
+        return f"{type(error).__name__}: {error}"
+
+
+def prepare_videos(
+    config: InferenceConfig,
+    input_dir: str | os.PathLike,
+    output_dir: Path,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    limit: int | None = None,
+) -> tuple[int, int, int]:
+    """Prepare the unfinished videos under ``input_dir`` (this shard's, when ``num_shards`` is given) into
+    ``output_dir`` (layout in :mod:`memo.data.store`), at most ``limit`` of them; the last shard to finish
+    merges the shards' metadata. Returns (prepared, skipped as already prepared, failed).
+
+    Raises :class:`~memo.errors.UserError` for a missing input folder, an unusable output folder or a
+    missing optional runtime, before any model loads. A video that cannot be used is logged and listed in
+    ``failures.jsonl``; the run goes on.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    input_dir = as_path(input_dir, "--input_dir")
+    if not input_dir.is_dir():
+        raise UserError(f"The input folder {input_dir} does not exist.")
+    check_runtimes(config.vocal_separation)
+    check_output_folder(output_dir)
+    videos = store.find_videos(input_dir)
+    ids = store.video_ids(videos, input_dir)
+    if num_shards:
+        videos = [video for video in videos if store.shard_of(ids[video], num_shards) == shard]
+    output = store.PreparedStore(output_dir, store.shard_tag(shard, num_shards))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    finished = output.open()
+    todo = [video for video in videos if ids[video] not in finished]
+    if limit is not None:
+        todo = todo[:limit]
+    skipped = sum(ids[video] in finished for video in videos)
+    where = f"shard {shard} of {num_shards} of the videos" if num_shards else "videos"
+    logger.info("%s: %d under %s, %d skipped as already prepared", where, len(videos), input_dir, skipped)
+
+    done = failed = 0
+    if todo:
+        preparer = VideoPreparer(config)
+        with logging_redirect_tqdm(), tqdm(todo, desc="preparing", unit="video", dynamic_ncols=True) as bar:
+            for video in bar:
+                video_id = ids[video]
+                result = attempt(preparer, video)
+                if isinstance(result, str):
+                    output.fail(video_id, video, result)
+                    failed += 1
+                    logger.warning("failed %s (%s): %s", video_id, video, result)
+                else:
+                    entry = store.metadata_entry(
+                        video_id, video, result.fps, result.num_frames, result.width, result.height
+                    )
+                    output.save(entry, result.files())
+                    done += 1
+                    logger.info("prepared %s: %s", video_id, describe(result))
+                bar.set_postfix(done=done, skipped=skipped, failed=failed)
+
+    logger.info(
+        "done: %d prepared, %d skipped, %d failed%s -> %s",
+        done,
+        skipped,
+        failed,
+        f" (reasons in {output.failures_path})" if failed else "",
+        output.metadata_path,
+    )
+    if num_shards and store.shard_counts(output_dir).get(num_shards) == set(range(num_shards)):
+        entries, failures = store.merge(output_dir)
+        logger.info("merged the %d shards: %d videos, %d failures", num_shards, entries, failures)
+    return done, skipped, failed
