@@ -38,7 +38,7 @@ from memo.runtime.compilation import (
     compiled_graphs,
     use_inductor_cache,
 )
-from memo.runtime.memory import apply_memory_plan, fitting_mode, release_networks
+from memo.runtime.memory import apply_memory_plan, out_of_memory_advice, release_networks
 from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
     apply_offload,
@@ -331,8 +331,7 @@ class MemoGenerator:
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
-                f"offload={self.offload}. {self.mode_that_fits(width, height)}Or try vae_batch_size=1, a smaller "
-                "resolution (e.g. resolution=384), fp8_weights=true; close other programs using the GPU."
+                f"offload={self.offload}. {self.out_of_memory_advice(width, height)}"
             ) from error
         if self.compiled and compile_seconds() > compile_before:
             logger.info(
@@ -352,15 +351,16 @@ class MemoGenerator:
         self.render_clips(image, audio, seed, lambda frames: None, progress)
         return output_path
 
-    def mode_that_fits(self, width: int, height: int) -> str:
-        """A sentence naming the offload mode whose counted peak fits this device's memory, or ''."""
-        if self.device.type != "cuda":
-            return ""
-        total = torch.cuda.mem_get_info(self.device)[1]
-        mode = fitting_mode(total, width, height, self.dtype)
-        if mode is None or mode == self.offload:
-            return ""
-        return f"offload={mode} fits {total / 2**30:.0f} GiB at this size (counted; README, memory modes). "
+    def out_of_memory_advice(self, width: int, height: int) -> str:
+        """What to change after running out of device memory (:func:`memo.runtime.memory.out_of_memory_advice`):
+        on CUDA, the memory this process could use is what is free plus what its allocator holds."""
+        available = None
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+        config = self.config
+        return out_of_memory_advice(
+            self.offload, available, width, height, self.dtype, config.vae_batch_size, config.fp8_weights
+        )
 
     @contextlib.contextmanager
     def conditions_out_of_the_way(self) -> Iterator[None]:

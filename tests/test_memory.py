@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import load_program
 from test_pipeline import FPC, make_inputs
 
 from memo.bench.memory import MemoryCounter, fake_device, run_counted
@@ -94,6 +95,27 @@ def test_the_mode_that_fits_comes_from_the_counted_table():
     assert fitting_mode(4 * gib, 512, 512, bf16) == "group"
     assert fitting_mode(1 * gib, 768, 768, bf16) is None
     assert counted_peak_bytes("none", 512, 512, torch.float32) == 2 * peaks[0]
+    assert fitting_mode(24 * gib, 512, 512, bf16, lighter_than="model") == "group"  # never a heavier mode
+    assert fitting_mode(24 * gib, 512, 512, bf16, lighter_than="group") is None
+
+
+@pytest.mark.parametrize(
+    "offload, available_gib, vae_batch_size, fp8, expected, absent",
+    [
+        ("none", 8, 8, False, ["offload=model fits", "Or try vae_batch_size=1, fp8_weights=true"], ["group fits"]),
+        ("model", 4, 1, False, ["offload=group fits", "Or try fp8_weights=true, a smaller"], ["vae_batch_size"]),
+        ("none", 40, 8, False, ["offload=none is counted at 12.0 GiB", "another program"], ["fits:"]),
+        ("group", 1, 1, True, ["Try a smaller resolution"], ["offload=", "Or try", "fp8", "vae_batch"]),
+        ("none", None, 8, False, ["Try vae_batch_size=1"], ["offload=", "Or try"]),
+    ],
+)
+def test_out_of_memory_advice_names_only_what_would_help(offload, available_gib, vae_batch_size, fp8, expected, absent):
+    from memo.runtime.memory import out_of_memory_advice
+
+    available = None if available_gib is None else available_gib * 2**30
+    advice = out_of_memory_advice(offload, available, 512, 512, torch.bfloat16, vae_batch_size, fp8)
+    assert all(fragment in advice for fragment in expected), advice
+    assert not any(fragment in advice for fragment in absent), advice
 
 
 def fake_cuda_pipeline(checkpoint, scheduler) -> MemoPipeline:
@@ -159,3 +181,38 @@ def test_reference_frames_only_after_the_memory_step_give_the_same_frames(tiny_c
     video = pipe(**inputs(2), frames_per_clip=FPC, **call()).frames
     assert len(cuts) == 2 and all(f.shape[0] in (0, 2) for block in cuts[0].down for f in block)
     assert torch.equal(video, none_video)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--offload", "bogus"], "invalid choice: 'bogus'"),
+        (["--resolution", "100"], "'100' is not a positive multiple of 64"),
+        (["--resolution", "-64"], "'-64' is not a positive multiple of 64"),
+        (["--clips", "0"], "'0' is not a whole number of at least 1"),
+        (["--steps", "0"], "'0' is not a whole number of at least 1"),
+        (["--table", "t.json", "--fp8"], "--table counts every mode at 256/512/768 without fp8"),
+    ],
+)
+def test_memory_budget_refuses_bad_arguments_in_one_line(args, fragment, capsys):
+    program = load_program("scripts/memory_budget.py")
+    with pytest.raises(SystemExit) as stopped:
+        program.main(args)
+    assert stopped.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: " in last and fragment in last
+
+
+def test_memory_budget_checks_its_output_file_before_counting(tmp_path, capsys, monkeypatch):
+    program = load_program("scripts/memory_budget.py")
+    monkeypatch.setattr(program, "count_generation", lambda *a, **k: pytest.fail("counted before the check"))
+    existing = tmp_path / "counts.json"
+    existing.write_text("kept")
+    assert program.main(["--json", str(tmp_path)]) == 2
+    assert f"give a file name such as '{tmp_path / 'counts.json'}'" in capsys.readouterr().err
+    assert program.main(["--json", str(existing)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and existing.read_text() == "kept"
+    (tmp_path / "file").write_text("")
+    assert program.main(["--table", str(tmp_path / "file" / "t.json")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counts.json", "file"]

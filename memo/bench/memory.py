@@ -288,7 +288,9 @@ def full_size_pipeline(
     pipe = MemoPipeline(scheduler=scheduler or FlowMatchEulerDiscreteScheduler(), **built)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
-            module.to(dtype)
+            # torch's own cast: diffusers' ModelMixin.to warns about float32 modules on every dtype cast, even
+            # when the list of such modules is empty, as it is for these networks.
+            torch.nn.Module.to(module, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -160,11 +160,12 @@ def check_output_folder(folder: str | os.PathLike, min_free_bytes: int = MIN_FRE
     return folder
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_path(path: str | os.PathLike, overwrite: bool, example: str = "out.mp4") -> Path:
     """Check that the file ``path`` may be written (see :func:`check_output_folder`); creates nothing.
 
-    Call before any expensive work. Raises :class:`OutputExistsError` for an existing output without
-    ``overwrite`` or a folder in its place, :class:`OutputLocationError` when its folder cannot be written.
+    Call before any expensive work; ``example`` is the file name the message for a folder suggests. Raises
+    :class:`OutputExistsError` for an existing output without ``overwrite`` or a folder in its place,
+    :class:`OutputLocationError` when its folder cannot be written.
     """
     path = as_path(path, "The output path")
     size = len(os.fsencode(path.name))
@@ -176,7 +177,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     check_output_folder(path.parent)
     if path.is_dir():
         raise OutputExistsError(
-            f"Output {str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}."
+            f"Output {str(path)!r} is a directory; give a file name such as {str(path / example)!r}."
         )
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise OutputExistsError(

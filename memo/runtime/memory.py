@@ -278,6 +278,50 @@ def counted_peak_bytes(offload: str, width: int, height: int, dtype: torch.dtype
     return int(max(peak, 0) * (2 if dtype == torch.float32 else 1))
 
 
-def fitting_mode(free_bytes: int, width: int, height: int, dtype: torch.dtype) -> str | None:
-    """The first of none, model, group whose counted peak fits in ``free_bytes``; None when none does."""
-    return next((mode for mode in PLANS if counted_peak_bytes(mode, width, height, dtype) <= free_bytes), None)
+def fitting_mode(
+    available_bytes: int, width: int, height: int, dtype: torch.dtype, lighter_than: str | None = None
+) -> str | None:
+    """The first of none, model, group (only those lighter than ``lighter_than``, when given) whose counted
+    peak fits in ``available_bytes``; None when none does."""
+    modes = list(PLANS)
+    modes = modes[modes.index(lighter_than) + 1 :] if lighter_than is not None else modes
+    return next((mode for mode in modes if counted_peak_bytes(mode, width, height, dtype) <= available_bytes), None)
+
+
+def out_of_memory_advice(
+    offload: str,
+    available_bytes: int | None,
+    width: int,
+    height: int,
+    dtype: torch.dtype,
+    vae_batch_size: int,
+    fp8_weights: bool,
+) -> str:
+    """What to change after running out of device memory, as sentences for the one ``error:`` line.
+
+    ``available_bytes``: the device memory this process could have used (free plus what its allocator
+    holds), or None where it is unknown (not CUDA). Names the first mode lighter than ``offload`` whose counted
+    peak (``MEMORY_TABLE``, without fp8, so an upper bound with it) fits, or says that the current mode's
+    counted peak fits and something else holds the memory; then the settings not yet at their lightest.
+    """
+    gib = 2**30
+    sentences = []
+    if available_bytes is not None:
+        peak = counted_peak_bytes(offload, width, height, dtype)
+        lighter = fitting_mode(available_bytes, width, height, dtype, lighter_than=offload)
+        if peak <= available_bytes:
+            sentences.append(
+                f"offload={offload} is counted at {peak / gib:.1f} GiB at this size and {available_bytes / gib:.1f} "
+                "GiB were available, so another program may be using the GPU."
+            )
+        elif lighter is not None:
+            sentences.append(
+                f"offload={lighter} fits: counted at {counted_peak_bytes(lighter, width, height, dtype) / gib:.1f} "
+                f"GiB at this size, {available_bytes / gib:.1f} GiB available (README, memory modes)."
+            )
+    tries = [] if vae_batch_size == 1 else ["vae_batch_size=1"]
+    tries += [] if fp8_weights else ["fp8_weights=true"]
+    tries += ["a smaller resolution (e.g. resolution=384)"] if width * height > 384**2 else []
+    tries.append("closing other programs that use the GPU")
+    sentences.append(f"{'Or try' if sentences else 'Try'} {', '.join(tries)}.")
+    return " ".join(sentences)
