@@ -33,7 +33,8 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     if setting == "true" and device.type == "cpu":
         logger.warning(
             "compile=true on the CPU: inductor compiles for many minutes (about 18 on two cores for the tiny "
-            "pack) and its CPU code currently shifts the frames (about 5/255 on average); compile=false is "
+            "pack) and saves less than that; its kernels round differently from eager ones, which a random-weight "
+            "pack turns into visibly different frames (scripts/tiny_pack_sensitivity.py). compile=false is "
             "exact and faster here."
         )
     return device.type == "cuda" if setting == "auto" else setting == "true"
