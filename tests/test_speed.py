@@ -191,6 +191,7 @@ def test_fast_preset_computes_fewer_steps_and_stays_finite(tiny_pipeline):
     assert log.calls["mid_block"] == [2 * rows, rows] * 2
 
 
+@pytest.mark.slow
 def test_full_size_fast_costs_under_a_quarter_of_exact_at_512():
     """Counted with torch's FLOP counter on the published-size networks built on the meta device."""
     sys.path.insert(0, str(REPO / "scripts"))
@@ -206,6 +207,7 @@ def test_full_size_fast_costs_under_a_quarter_of_exact_at_512():
     assert fast.vae_and_projections == exact.vae_and_projections and fast.reference_net == exact.reference_net
 
 
+@pytest.mark.slow
 def test_counted_flops_match_a_whole_pipeline_call(tiny_pipeline):
     """memo.bench.flops sums per-call counts over the step plan; on the tiny nets it agrees with counting a real
     call."""
