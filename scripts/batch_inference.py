@@ -4,7 +4,7 @@
         --config configs/inference.yaml [key=value ...]
     accelerate launch --multi_gpu --num_processes 8 scripts/batch_inference.py --manifest jobs.jsonl --output_dir OUT
 
-The manifest format and the summary are described in ``memo/batch.py``.
+The manifest format and the summary are described in ``memo/apps/batch.py``.
 """
 
 import os

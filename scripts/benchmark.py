@@ -265,7 +265,7 @@ def parse_variant(spec: str) -> tuple[bool, str]:
     offload = next(iter(parts & {"none", "model", "group"}), "none")
     compiled = "compiled" in parts
     if compiled and offload == "group":
-        raise SystemExit("--variants: compiled+group is not supported (see memo/config.py)")
+        raise SystemExit("--variants: compiled+group is not supported (see memo/settings/inference.py)")
     return compiled, offload
 
 
