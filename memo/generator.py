@@ -47,6 +47,7 @@ from memo.runtime.placement import (
     generation_working_bytes,
     module_bytes,
 )
+from memo.sampling.deep_cache import apply_deep_cache
 from memo.settings.inference import ConfigError, InferenceConfig, check_names, validate
 
 logger = logging.getLogger("memo")
@@ -115,12 +116,16 @@ class MemoGenerator:
         files = locate_models(config, need_emotion2vec=config.emotion == "auto")
         self.files = files
         self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype)
+        self.euler = self.pipeline.scheduler  # the published scheduler; the solver setting swaps it per video
+        if self.parallel is not None and not self.parallel.is_main:
+            self.pipeline.set_progress_bar_config(disable=True)  # one progress bar, on rank 0
         self.offload = effective_offload(config.offload, self.device)
         # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
         self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
         if self.compiled:
             cache = use_inductor_cache()  # before the first call, where compilation happens
             compile_networks(self.pipeline)
+        apply_deep_cache(self.pipeline.diffusion_net)  # inside the offload hooks, which then wrap it
         apply_offload(self.pipeline, self.offload, self.device, fp8=config.fp8_weights)
         self.conditions = ConditionModels.load(files, config, self.device)
         logger.info(
@@ -162,7 +167,6 @@ class MemoGenerator:
         """
         self.device = torch.device(device)
         if self.offload == "none":
-            release_networks(self.pipeline)
             apply_memory_plan(self.pipeline, "none", self.device)
             if self.pipeline.network_turns is None:
                 self.pipeline.to(self.device)
@@ -307,6 +311,10 @@ class MemoGenerator:
                 progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
 
         compile_before, graphs_before = compile_seconds(), compiled_graphs()
+        self.pipeline.scheduler = speed.scheduler(self.euler)
+        call = speed.pipeline_kwargs(config.cfg_scale)
+        if self.parallel is not None:
+            call["guider"] = self.parallel.guider(call["guider"])
         try:
             with self.conditions_out_of_the_way():
                 self.pipeline(
@@ -318,21 +326,21 @@ class MemoGenerator:
                     frames_per_clip=config.num_generated_frames_per_clip,
                     past_frames=config.num_past_frames,
                     initial_past_frames=config.num_init_past_frames,
-                    guidance_scale=config.cfg_scale,
                     seed=seed,
                     vae_batch_size=config.vae_batch_size,
                     vae_tile_size=config.vae_tile_size,
                     output_type=None,
                     callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
                     callback_on_step_end=on_step,
-                    parallel=self.parallel,
-                    **speed.pipeline_kwargs(),
+                    **call,
                 )
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
                 f"offload={self.offload}. {self.out_of_memory_advice(width, height)}"
             ) from error
+        finally:
+            release_networks(self.pipeline)  # the device memory comes back between videos
         if self.compiled and compile_seconds() > compile_before:
             logger.info(
                 "generate: %.1f s of it compiling the networks (%d graphs)",

@@ -11,37 +11,29 @@ a long video never needs to be held whole.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SchedulerMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.hooks import HookRegistry
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from memo.conditions.audio_features import AudioFeatures
-from memo.constants import NUM_EMOTIONS
 from memo.io.hub import CHECKPOINT_VAE_FOLDER, MEMO_REPO, NETWORK_FOLDERS, VAE_FILES, VAE_REPO, resolve_model_dir
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.runtime.memory import (
-    features_on_host,
-    new_memory,
-    reference_frames_only,
-    release_networks,
-    use_networks,
-    vae_frames,
-)
-from memo.runtime.parallel import GuidanceParallel
-from memo.sampling.deep_cache import DeepFeatureCache
-from memo.sampling.guidance import ClipConditions, combine_guidance
-from memo.sampling.solvers import flow_scheduler
-from memo.sampling.speed import SOLVERS, StepPlan, plan_steps
+from memo.sampling.conditioning import encode_clip_conditions, encode_image_tokens
+from memo.sampling.deep_cache import apply_deep_cache
+from memo.sampling.guidance import ClassifierFreeGuidance
+from memo.sampling.solvers import SOLVERS, flow_scheduler
 
 NETWORKS = dict(zip(NETWORK_FOLDERS, (ReferenceNet, DiffusionNet, ImageProjModel, AudioProjModel)))
 """Each network's folder in a checkpoint (memo.io.hub.NETWORK_FOLDERS) and its class."""
@@ -58,54 +50,22 @@ class MemoPipelineOutput(BaseOutput):
     frames: torch.Tensor | np.ndarray | None
 
 
-@dataclass
-class ClipState:
-    """What one clip carries through its denoising steps.
-
-    Attributes:
-        index: the clip's position in the video, from 0.
-        latents: (1, C, frames, h, w) the clip's latents, noise at first.
-        conditions: the diffusion net's conditions for the clip, both guidance halves when guided; its
-            ``memory`` is the temporal memory shared by the clips.
-        deep_cache: the deep features of the clip's last whole step, or None without the cache.
-    """
-
-    index: int
-    latents: torch.Tensor
-    conditions: ClipConditions
-    deep_cache: DeepFeatureCache | None = None
-    _conditional: ClipConditions | None = field(default=None, repr=False)
-
-    def conditions_for(self, batched: bool) -> ClipConditions:
-        """The conditions of a step: all items for a batched step (or an unguided clip), else the
-        conditional half, made at its first use (after step 0, which is batched, has written the memory)."""
-        if batched or self.conditions.batch == 1:
-            return self.conditions
-        if self._conditional is None:
-            self._conditional = self.conditions.conditional_half()
-        return self._conditional
-
-
-def clip_emotion(labels: torch.Tensor) -> int:
-    """The emotion of a clip: the most frequent per-frame label, the smallest label on a tie."""
-    return int(torch.bincount(labels.reshape(-1).long(), minlength=NUM_EMOTIONS).argmax())
-
-
 class MemoPipeline(DiffusionPipeline):
-    """Generate a talking video with MEMO.
+    """Generate a talking video with MEMO (arXiv 2412.04448): the clip loop, and nothing else.
 
     Components: ``vae`` (AutoencoderKL), ``reference_net``, ``diffusion_net``, ``image_proj``, ``audio_proj``
-    and a ``scheduler`` (FlowMatchEulerDiscreteScheduler).
+    and a ``scheduler`` (FlowMatchEulerDiscreteScheduler as published; the solver is a scheduler swap,
+    ``memo.sampling.solvers.flow_scheduler``).
+
+    What changes *where* or *how often* the computation runs attaches from outside, as diffusers does it:
+    hooks on the networks (``memo/runtime/memory.py``: the networks taking turns on the device, the
+    reference features and the temporal memory waiting on the host; ``memo/sampling/deep_cache.py``:
+    DeepCache-style reuse), the guider (``guider=``; ``memo/runtime/parallel.py`` runs its halves on two
+    processes), ``memory_factory`` (where a new temporal memory lives) and ``execution_device`` (where the
+    networks compute when their weights wait elsewhere). See docs/architecture.md.
     """
 
     model_cpu_offload_seq = "image_proj->audio_proj->reference_net->diffusion_net->vae"
-
-    @property
-    def _execution_device(self) -> torch.device:
-        """The device the networks run on: also while they wait in host memory between turns
-        (``memo.runtime.memory.NetworkTurns``)."""
-        turns = getattr(self, "network_turns", None)
-        return turns.device if turns is not None else super()._execution_device
 
     def __init__(
         self,
@@ -126,6 +86,20 @@ class MemoPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.memory_factory: Callable[[], TemporalMemory] = TemporalMemory
+        self.execution_device: torch.device | None = None
+        self._current_step = 0
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """Where the networks compute: ``execution_device`` when a placement set it (its hooks bring the
+        weights there for each call), else diffusers' own answer."""
+        return self.execution_device if self.execution_device is not None else super()._execution_device
+
+    @property
+    def current_step(self) -> int:
+        """The denoising step of the current clip (0-based), for hooks that act per step."""
+        return self._current_step
 
     @classmethod
     def from_checkpoint(
@@ -158,12 +132,6 @@ class MemoPipeline(DiffusionPipeline):
 
     # -- pieces of the clip loop -------------------------------------------------------------------
 
-    def encode_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means, ``batch_size`` frames at a time."""
-        vae, device = self.vae, self._execution_device  # with offload hooks the VAE's weights may wait on the CPU
-        latents = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)]
-        return torch.cat(latents) * vae.config.scaling_factor
-
     def decode_latents(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
         """(N, 4, h, w) scaled latents -> (N, 3, H, W) frames in [0, 1], ``batch_size`` frames at a time."""
         vae, device = self.vae, self._execution_device
@@ -195,10 +163,8 @@ class MemoPipeline(DiffusionPipeline):
         frames_per_clip: int,
         num_frames: int | None,
         latents: torch.Tensor | Sequence[torch.Tensor] | None,
-        output_type: str | None = "pt",
-        solver: str = "euler",
-        guidance_window: tuple[float, float] = (0.0, 1.0),
-        deep_cache_interval: int = 1,
+        output_type: str | None,
+        deep_cache_interval: int,
     ) -> None:
         """Raise ``ValueError`` naming the argument for any input :meth:`__call__` cannot take."""
         if reference_image.dim() != 4 or reference_image.shape[:2] != (1, 3):
@@ -221,66 +187,8 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"latents must hold the noise of {total // frames_per_clip} clips, got {len(latents)}.")
         if output_type not in ("pt", "np", None):
             raise ValueError(f"output_type must be 'pt', 'np' or None, got {output_type!r}.")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
-        if not 0.0 <= guidance_window[0] <= guidance_window[1] <= 1.0:
-            raise ValueError(
-                f"guidance_window must be (start, end) with 0 <= start <= end <= 1, got {guidance_window}."
-            )
         if deep_cache_interval < 1:
             raise ValueError(f"deep_cache_interval must be 1 (off) or more, got {deep_cache_interval}.")
-
-    def encode_image_tokens(self, face_embedding: torch.Tensor, guided: bool) -> torch.Tensor:
-        """(1, 512) face embedding -> (batch, n, dim) identity tokens in the diffusion net's dtype; with
-        ``guided``, the unconditional tokens (of a zero embedding) first."""
-        face_embedding = face_embedding.to(self._execution_device, self.image_proj.dtype)
-        image_tokens = self.image_proj(face_embedding)
-        if guided:
-            image_tokens = torch.cat([self.image_proj(torch.zeros_like(face_embedding)), image_tokens])
-        return image_tokens.to(self.diffusion_net.dtype)
-
-    def encode_clip_conditions(
-        self,
-        *,
-        reference_image: torch.Tensor,
-        past: torch.Tensor,
-        image_tokens: torch.Tensor,
-        audio: torch.Tensor,
-        emotion_labels: torch.Tensor,
-        memory: TemporalMemory,
-        vae_batch_size: int,
-    ) -> ClipConditions:
-        """A clip's conditions, for as many items as ``image_tokens`` has (2: unconditional, conditional).
-
-        Args:
-            reference_image: (1, 3, H, W) in [-1, 1], in the VAE's dtype and on the execution device.
-            past: (P, 3, H, W) in [-1, 1], the frames the clip continues from.
-            image_tokens: from :meth:`encode_image_tokens`.
-            audio: (frames, 5, layers, dim) the clip's audio features.
-            emotion_labels: (frames,) the clip's per-frame emotion labels.
-            memory: the temporal memory of the video.
-            vae_batch_size: frames per VAE encode call.
-        """
-        device, dtype = self._execution_device, self.diffusion_net.dtype
-        guided = image_tokens.shape[0] == 2
-        pixels = torch.cat([reference_image, past.to(reference_image.dtype)])
-        reference_latents = self.encode_frames(pixels, vae_batch_size).to(dtype)
-        context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
-        reference = self.reference_net(reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), 0.0, context)
-        reference = features_on_host(self, reference)
-        audio_tokens = self.audio_proj(audio[None].to(device, self.audio_proj.dtype)).to(dtype)
-        emotion = torch.tensor([clip_emotion(emotion_labels)], device=device)
-        if guided:
-            audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
-            emotion = torch.cat([torch.full_like(emotion, NUM_EMOTIONS), emotion])
-        return ClipConditions(
-            reference=reference,
-            image_tokens=image_tokens,
-            audio_tokens=audio_tokens,
-            emotion=emotion,
-            memory=memory,
-            drop_reference=(True, False) if guided else None,  # the unconditional half does not see the reference
-        )
 
     def prepare_latents(
         self,
@@ -294,84 +202,6 @@ class MemoPipeline(DiffusionPipeline):
         if latents is not None:
             return latents.reshape(shape).to(device, dtype)
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-
-    def predict_noise(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float,
-        conditions: ClipConditions,
-        *,
-        update_memory: bool,
-        whole: bool = True,
-        deep_cache: DeepFeatureCache | None = None,
-    ) -> torch.Tensor:
-        """One diffusion-net call on (1, C, frames, h, w) ``latents``, repeated for each item of ``conditions``:
-        the whole net (keeping its deep features in ``deep_cache`` when there is one), or with ``whole=False``
-        only its outer layers on the features kept. Returns (batch, C, frames, h, w)."""
-        batch = conditions.batch
-        sample = latents if batch == 1 else latents.repeat(batch, 1, 1, 1, 1)
-        inputs = dict(sample=sample, timestep=timestep, **conditions.as_kwargs())
-        if not whole:
-            if deep_cache is None:
-                raise ValueError("A step of the outer layers only needs a deep_cache.")
-            return self.diffusion_net(**inputs, update_memory=False, deep_features=deep_cache.load(batch))
-        if deep_cache is None:
-            return self.diffusion_net(**inputs, update_memory=update_memory)
-        noise_pred, deep = self.diffusion_net(
-            **inputs, update_memory=update_memory, keep_deep_features=deep_cache.outer_layers
-        )
-        deep_cache.store(deep, batch)
-        return noise_pred
-
-    def denoise(
-        self,
-        state: ClipState,
-        *,
-        scheduler: SchedulerMixin,
-        plan: list[StepPlan],
-        guidance_scale: float,
-        callback_on_step_end: StepCallback | None,
-        progress: tqdm,
-        parallel: GuidanceParallel | None = None,
-    ) -> torch.Tensor:
-        """Run the clip's solver steps as ``plan`` says; returns the denoised (1, C, frames, h, w) latents."""
-        latents = state.latents
-        for step, t in enumerate(scheduler.timesteps):
-            todo = plan[step]
-            if parallel is not None:  # this process runs one guidance half (runtime/parallel.py)
-                noise_pred = parallel.predict_noise(
-                    self.predict_noise,
-                    self.diffusion_net,
-                    latents,
-                    t,
-                    state.conditions,
-                    todo,
-                    update_memory=step == 0,
-                    deep_cache=state.deep_cache,
-                )
-            else:
-                noise_pred = self.predict_noise(
-                    latents,
-                    t,
-                    state.conditions_for(todo.batched),
-                    update_memory=step == 0,
-                    whole=todo.whole,
-                    deep_cache=state.deep_cache,
-                )
-            velocity = combine_guidance(
-                noise_pred, guided=todo.guided, batched=todo.batched, guidance_scale=guidance_scale
-            )
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            if step == 0:  # the memory holds the past frames now: only the reference frame's features are read
-                conditions = state.conditions
-                conditions.reference = reference_frames_only(self, conditions.reference, conditions.batch)
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents, "noise_pred": noise_pred}
-                replaced = callback_on_step_end(self, state.index, step, t, tensors) or {}
-                latents = replaced.get("latents", latents)
-            state.latents = latents
-            progress.update()
-        return latents
 
     @torch.no_grad()
     def __call__(
@@ -387,6 +217,7 @@ class MemoPipeline(DiffusionPipeline):
         initial_past_frames: int | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 3.5,
+        guider: ClassifierFreeGuidance | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
         latents: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -396,10 +227,8 @@ class MemoPipeline(DiffusionPipeline):
         output_type: str | None = "pt",
         callback_on_clip_end: ClipCallback | None = None,
         callback_on_step_end: StepCallback | None = None,
-        solver: str = "euler",
-        guidance_window: tuple[float, float] = (0.0, 1.0),
         deep_cache_interval: int = 1,
-        parallel: GuidanceParallel | None = None,
+        **deprecated,
     ) -> MemoPipelineOutput:
         """Generate the video.
 
@@ -414,8 +243,11 @@ class MemoPipeline(DiffusionPipeline):
             past_frames: generated frames each clip conditions on.
             initial_past_frames: copies of the reference image the first clip conditions on as its past
                 (default ``past_frames``).
-            num_inference_steps: solver steps per clip.
-            guidance_scale: classifier-free guidance; 1 or less runs without guidance.
+            num_inference_steps: solver steps per clip (of ``self.scheduler``).
+            guidance_scale: classifier-free guidance; 1 or less runs without guidance. Ignored with ``guider``.
+            guider: the guidance of each step (default ``ClassifierFreeGuidance(guidance_scale)``, every
+                step guided); ``ClassifierFreeGuidance(scale, start=, stop=)`` guides only that fraction of
+                the steps (``memo/sampling/guidance.py``).
             generator / seed: randomness of the initial noise (a seed makes a CPU generator).
             latents: the initial noise of each clip, (clips, 4, frames_per_clip, H/8, W/8).
             memory: the temporal memory to use; cleared first. Pass one to inspect it afterwards.
@@ -428,17 +260,17 @@ class MemoPipeline(DiffusionPipeline):
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
-            solver: "euler" (as published) or "unipc" (second-order multistep flow solver; ``sampling/solvers.py``).
-            guidance_window: (start, end) fractions of the steps that are guided; the conditional pass alone
-                runs on the others (``speed.plan_steps``, ``guidance.py``).
             deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
                 cached deep features in between (``sampling/deep_cache.py``); 1 turns the cache off.
-            parallel: run one guidance half in this process and exchange with the other process
-                (``runtime/parallel.py``); both processes call the pipeline with the same arguments and get
-                the same frames. Needs guidance (``guidance_scale`` above 1).
+
+        Older call forms still work and warn: ``solver=`` (set ``pipe.scheduler`` instead),
+        ``guidance_window=(start, stop)`` and ``parallel=`` (pass a ``guider``).
 
         The defaults are the exact, published computation; see ``memo/sampling/speed.py`` for the speed settings.
         """
+        # 0. Older call forms.
+        scheduler, guider = self._deprecated_call_forms(deprecated, guidance_scale, guider)
+
         # 1. Check inputs.
         self.check_inputs(
             reference_image,
@@ -449,8 +281,6 @@ class MemoPipeline(DiffusionPipeline):
             num_frames=num_frames,
             latents=latents,
             output_type=output_type,
-            solver=solver,
-            guidance_window=guidance_window,
             deep_cache_interval=deep_cache_interval,
         )
         if vae_tile_size is not None:
@@ -460,85 +290,125 @@ class MemoPipeline(DiffusionPipeline):
         num_frames = num_frames or len(audio_features)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        plan = plan_steps(num_inference_steps, guidance_scale > 1.0, guidance_window, deep_cache_interval)
-        scheduler = flow_scheduler(solver, self.scheduler)
+        plan = guider.plan(num_inference_steps, deep_cache_interval)
+        if deep_cache_interval > 1:
+            apply_deep_cache(self.diffusion_net).configure([todo.whole for todo in plan], lambda: self._current_step)
 
-        # 2. Encode the conditions that hold for the whole video.
-        guided = any(step.batched for step in plan)  # the conditions hold both halves
-        use_networks(self, "conditions")
-        image_tokens = self.encode_image_tokens(face_embedding, guided=guided)
+        # 2. Encode the conditions that hold for the whole video: identity tokens, the reference image.
+        image_tokens = encode_image_tokens(self, face_embedding, any(todo.batched for todo in plan), device)
         reference_image = reference_image.to(device, self.vae.dtype)
-        memory = memory if memory is not None else new_memory(self)
+        memory = memory if memory is not None else self.memory_factory()
         memory.reset()
-        vae_batch_size = vae_frames(self, vae_batch_size)
-
         height, width = reference_image.shape[-2:]
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
         kept: list[torch.Tensor] = []
         history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
-        progress_config = dict(getattr(self, "_progress_bar_config", {}))
-        if parallel is not None and not parallel.is_main:
-            progress_config["disable"] = True  # one progress bar, on rank 0
-        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **progress_config)
-        for clip in range(num_clips):
-            progress.set_description(f"clip {clip + 1}/{num_clips}")
-            window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
-            # 2, per clip: the reference features (image + past frames), audio tokens and emotion.
-            use_networks(self, "conditions")
-            conditions = self.encode_clip_conditions(
-                reference_image=reference_image,
-                past=history[-past_frames:],
-                image_tokens=image_tokens,
-                audio=audio_features[window],
-                emotion_labels=emotion_labels[window],
-                memory=memory,
-                vae_batch_size=vae_batch_size,
-            )
+        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **getattr(self, "_progress_bar_config", {}))
+        try:
+            for clip in range(num_clips):
+                progress.set_description(f"clip {clip + 1}/{num_clips}")
+                window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
 
-            # 3. Prepare the clip's latents.
-            state = ClipState(
-                index=clip,
-                latents=self.prepare_latents(
-                    shape=latent_shape,
-                    latents=None if latents is None else latents[clip],
-                    generator=generator,
-                ),
-                conditions=conditions,
-                deep_cache=DeepFeatureCache() if deep_cache_interval > 1 else None,
-            )
-            scheduler.set_timesteps(num_inference_steps, device=device)
-            scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
+                # 3. Encode the clip's conditions: reference features (image + past frames), audio, emotion.
+                conditions = encode_clip_conditions(
+                    self,
+                    reference_image=reference_image,
+                    past=history[-past_frames:],
+                    image_tokens=image_tokens,
+                    audio=audio_features[window],
+                    emotion_labels=emotion_labels[window],
+                    memory=memory,
+                    vae_batch_size=vae_batch_size,
+                    device=device,
+                )
 
-            # 4. Denoise the clip.
-            use_networks(self, "denoise")
-            clip_latents = self.denoise(
-                state,
-                scheduler=scheduler,
-                plan=plan,
-                guidance_scale=guidance_scale,
-                callback_on_step_end=callback_on_step_end,
-                progress=progress,
-                parallel=parallel,
-            )
+                # 4. Prepare the clip's initial noise.
+                clip_latents = self.prepare_latents(
+                    shape=latent_shape, latents=None if latents is None else latents[clip], generator=generator
+                )
 
-            # 5. Decode, hand out, and keep the last frames as the next clip's past; the clip's conditions
-            # (its reference features) are freed first.
-            del state, conditions
-            use_networks(self, "decode")
-            frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
-            history = frames * 2 - 1
-            visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
-            clip_video = visible.transpose(0, 1).cpu()
-            if callback_on_clip_end is not None:
-                callback_on_clip_end(self, clip, clip_video)
-            if output_type is not None:
-                kept.append(clip_video)
-        progress.close()
-        release_networks(self)
-        self.maybe_free_model_hooks()
+                # 5. Denoise: the first step also folds the past frames into the temporal memory.
+                scheduler.set_timesteps(num_inference_steps, device=device)
+                scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
+                for step, t in enumerate(scheduler.timesteps):
+                    self._current_step = step
+                    todo = plan[step]
+                    noise_pred = guider.predict(
+                        self.diffusion_net, clip_latents, t, conditions.with_update(step == 0), todo
+                    )
+                    velocity = guider.combine(noise_pred, todo)
+                    clip_latents = scheduler.step(velocity, t, clip_latents, return_dict=False)[0]
+                    if callback_on_step_end is not None:
+                        tensors = {"latents": clip_latents, "noise_pred": noise_pred}
+                        replaced = callback_on_step_end(self, clip, step, t, tensors) or {}
+                        clip_latents = replaced.get("latents", clip_latents)
+                    progress.update()
+                del conditions  # the reference features, before the decoder's memory is needed
+                self._reset_stateful_hooks()
+
+                # 6. Decode, hand the clip out, and keep its last frames as the next clip's past.
+                frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
+                history = frames * 2 - 1
+                visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
+                clip_video = visible.transpose(0, 1).cpu()
+                if callback_on_clip_end is not None:
+                    callback_on_clip_end(self, clip, clip_video)
+                if output_type is not None:
+                    kept.append(clip_video)
+        finally:
+            progress.close()
+            if deep_cache_interval > 1:
+                apply_deep_cache(self.diffusion_net).configure(None)
+            self.maybe_free_model_hooks()
 
         if output_type is None:
             return MemoPipelineOutput(frames=None)
         video = torch.cat(kept, dim=1)
         return MemoPipelineOutput(frames=video.numpy() if output_type == "np" else video)
+
+    def _reset_stateful_hooks(self) -> None:
+        """Let the diffusion net's stateful hooks (the deep-feature cache) drop what they hold for the clip."""
+        registry = getattr(self.diffusion_net, "_diffusers_hook", None)
+        if isinstance(registry, HookRegistry):
+            registry.reset_stateful_hooks()
+
+    def _deprecated_call_forms(
+        self, deprecated: dict, guidance_scale: float, guider: ClassifierFreeGuidance | None
+    ) -> tuple:
+        """The scheduler and guider of a call, from its arguments and the older forms ``solver=``,
+        ``guidance_window=`` and ``parallel=`` (each warns once per call)."""
+        unknown = sorted(set(deprecated) - {"solver", "guidance_window", "parallel"})
+        if unknown:
+            raise TypeError(f"MemoPipeline.__call__() got unexpected keyword arguments: {', '.join(unknown)}")
+        scheduler = self.scheduler
+        if "solver" in deprecated:
+            solver = deprecated["solver"]
+            warnings.warn(
+                "MemoPipeline(solver=...) is deprecated: set pipe.scheduler = flow_scheduler(solver, pipe.scheduler) "
+                "(memo.sampling.solvers).",
+                FutureWarning,
+                stacklevel=3,
+            )
+            if solver not in SOLVERS:
+                raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}.")
+            scheduler = flow_scheduler(solver, self.scheduler)
+        if guider is None:
+            start, stop = deprecated.get("guidance_window", (0.0, 1.0))
+            if "guidance_window" in deprecated:
+                warnings.warn(
+                    "MemoPipeline(guidance_window=...) is deprecated: pass guider=ClassifierFreeGuidance(scale, "
+                    "start=, stop=) (memo.sampling.guidance).",
+                    FutureWarning,
+                    stacklevel=3,
+                )
+            guider = ClassifierFreeGuidance(guidance_scale, start, stop)
+        parallel = deprecated.get("parallel")
+        if parallel is not None:
+            warnings.warn(
+                "MemoPipeline(parallel=...) is deprecated: pass guider=parallel.guider(...) (memo.runtime.parallel).",
+                FutureWarning,
+                stacklevel=3,
+            )
+            guider = parallel.guider(guider)
+        return scheduler, guider

@@ -18,9 +18,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from memo.models.blocks import BlockSpec, DownBlock3D, FrameContext, MidBlock3D, NetSpec, UpBlock3D
+from memo.models.conditions import DiffusionConditions
 from memo.models.published_config import DIFFUSION_NET_FIXED_SETTINGS, strip_fixed_settings
 from memo.models.reference_net import ReferenceFeatures
-from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
+from memo.models.temporal_memory import MemoryLinearAttention
 
 _DEFAULT_MOTION_KWARGS = {
     "num_attention_heads": 8,
@@ -45,10 +46,10 @@ class DeepFeatures(NamedTuple):
 class DiffusionNet(ModelMixin, ConfigMixin):
     """MEMO's diffusion net: predicts the flow-matching velocity of a clip's latents.
 
-    One method per path, all reached through :meth:`forward`: :meth:`whole_pass`, the whole net;
-    :meth:`whole_pass_keeping_deep_features`, the same pass handing back its deep features;
-    :meth:`outer_layers_pass`, only the outermost layers on deep features kept from an earlier pass (the
-    sampler's deep-feature cache, ``memo/sampling/deep_cache.py``).
+    :meth:`forward` runs the whole net. Two more entry points serve the deep-feature cache
+    (``memo/sampling/deep_cache.py``, a hook on this net): :meth:`forward_keeping_deep_features`, the same
+    pass handing back its deep features, and :meth:`forward_outer_layers`, only the outermost layers on
+    deep features kept from an earlier pass.
     """
 
     _supports_gradient_checkpointing = True  # per layer, see ``blocks.LayerStack``
@@ -156,95 +157,37 @@ class DiffusionNet(ModelMixin, ConfigMixin):
                 module.memory_name = name
 
     def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float,
-        reference: ReferenceFeatures,
-        image_tokens: torch.Tensor,
-        audio_tokens: torch.Tensor,
-        emotion: torch.Tensor,
-        memory: TemporalMemory,
-        update_memory: bool,
-        drop_reference: tuple[bool, ...] | None = None,
-        *,
-        keep_deep_features: int | None = None,
-        deep_features: DeepFeatures | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, DeepFeatures]:
-        """Predict the velocity of a clip: :meth:`whole_pass` by default, :meth:`whole_pass_keeping_deep_features`
-        with ``keep_deep_features``, :meth:`outer_layers_pass` with ``deep_features``. (One entry point, so
-        that ``torch.compile`` and offload hooks, which wrap ``forward``, see every path.)
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, conditions: DiffusionConditions
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity of a clip with the whole net.
 
         Args:
             sample: (batch, C, frames, h, w) noisy latents; the batch holds the guidance halves.
             timestep: the flow-matching timestep (0..1000): one for the whole batch, or one per batch item.
-            reference: the reference net's features of (reference image + past frames) for each batch item.
-                As published, the reference frame's features are tiled over the frame rows (row i meets batch
-                item i mod batch), which is what guidance needs; to denoise unrelated items, call once per item.
-            image_tokens: (batch, n, cross_attention_dim) face-identity tokens.
-            audio_tokens: (batch, frames, m, audio_attention_dim) audio tokens of each frame.
-            emotion: (batch,) emotion labels (9 is the dropped, unconditional label).
-            memory: the temporal memory; read by every temporal layer.
-            update_memory: fold the reference's past frames into ``memory`` first (once per clip).
-            drop_reference: one bool per batch item; True for items whose frames do not attend to the
-                reference image.
-            keep_deep_features: also return the deep features entering the last this many layers of the last
-                up block (1..its layers).
-            deep_features: run only the outer layers, on these features of an earlier whole pass.
+            conditions: what the frames are conditioned on, one item per batch item
+                (:class:`memo.models.conditions.DiffusionConditions`); with ``conditions.update_memory`` the
+                reference's past frames are folded into the temporal memory first (once per clip).
 
         Returns:
-            (batch, out_channels, frames, h, w) velocity; with ``keep_deep_features``, (velocity, DeepFeatures).
+            (batch, out_channels, frames, h, w) velocity.
 
         Raises:
-            ValueError: a timestep count that is neither 1 nor the batch; both path options; ``update_memory``
-                with ``deep_features``; ``keep_deep_features`` out of range.
+            ValueError: a timestep count that is neither 1 nor the batch.
         """
-        conditions = (sample, timestep, reference, image_tokens, audio_tokens, emotion, memory)
-        if deep_features is not None:
-            if update_memory or keep_deep_features is not None:
-                raise ValueError("An outer-layers pass neither updates the memory nor keeps deep features.")
-            return self.outer_layers_pass(*conditions, drop_reference, deep_features=deep_features)
-        if keep_deep_features is not None:
-            return self.whole_pass_keeping_deep_features(
-                *conditions, update_memory, drop_reference, outer_layers=keep_deep_features
-            )
-        return self.whole_pass(*conditions, update_memory, drop_reference)
-
-    def whole_pass(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float,
-        reference: ReferenceFeatures,
-        image_tokens: torch.Tensor,
-        audio_tokens: torch.Tensor,
-        emotion: torch.Tensor,
-        memory: TemporalMemory,
-        update_memory: bool,
-        drop_reference: tuple[bool, ...] | None = None,
-    ) -> torch.Tensor:
-        """The whole net (arguments and result as in :meth:`forward`)."""
-        ctx = self._frame_context(
-            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
-        )
-        x, skips = self._down_and_mid(sample, reference, ctx)
-        x = self._up(x, skips, reference, ctx)
+        ctx = self._frame_context(sample, timestep, conditions)
+        x, skips = self._down_and_mid(sample, conditions.reference, ctx)
+        x = self._up(x, skips, conditions.reference, ctx)
         return self._output(x, sample)
 
-    def whole_pass_keeping_deep_features(
+    def forward_keeping_deep_features(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float,
-        reference: ReferenceFeatures,
-        image_tokens: torch.Tensor,
-        audio_tokens: torch.Tensor,
-        emotion: torch.Tensor,
-        memory: TemporalMemory,
-        update_memory: bool,
-        drop_reference: tuple[bool, ...] | None = None,
-        *,
+        conditions: DiffusionConditions,
         outer_layers: int = 2,
     ) -> tuple[torch.Tensor, DeepFeatures]:
-        """:meth:`whole_pass` (same result) that also hands back what enters the last ``outer_layers``
-        layers of the last up block, for :meth:`outer_layers_pass` to start from.
+        """:meth:`forward` (same result) that also hands back what enters the last ``outer_layers`` layers of
+        the last up block, for :meth:`forward_outer_layers` to start from (``sampling/deep_cache.py``).
 
         Raises:
             ValueError: ``outer_layers`` is not 1..(layers of the last up block).
@@ -252,26 +195,19 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         layers = len(self.up_blocks[-1].resnets)
         if not 1 <= outer_layers <= layers:
             raise ValueError(f"outer_layers must be 1..{layers} (layers of the last up block), got {outer_layers}.")
-        ctx = self._frame_context(
-            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, update_memory, drop_reference
-        )
+        reference = conditions.reference
+        ctx = self._frame_context(sample, timestep, conditions)
         x, skips = self._down_and_mid(sample, reference, ctx)
         x, skips = self._up(x, skips, reference, ctx, keep_outer=outer_layers)
         deep = DeepFeatures(hidden=x, audio=ctx.audio, outer_layers=outer_layers)
         x = self._outer_layers(x, skips, reference, ctx, outer_layers)
         return self._output(x, sample), deep
 
-    def outer_layers_pass(
+    def forward_outer_layers(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float,
-        reference: ReferenceFeatures,
-        image_tokens: torch.Tensor,
-        audio_tokens: torch.Tensor,
-        emotion: torch.Tensor,
-        memory: TemporalMemory,
-        drop_reference: tuple[bool, ...] | None = None,
-        *,
+        conditions: DiffusionConditions,
         deep_features: DeepFeatures,
     ) -> torch.Tensor:
         """Only the outer layers, on ``deep_features`` of an earlier whole pass (DeepCache, arXiv 2312.00858):
@@ -280,10 +216,14 @@ class DiffusionNet(ModelMixin, ConfigMixin):
 
         Arguments as in :meth:`forward`; the memory is only read. ``deep_features`` must come from a pass
         with the same batch, frames and latent size.
+
+        Raises:
+            ValueError: ``conditions.update_memory`` is set (a step that writes the memory runs whole).
         """
-        ctx = self._frame_context(
-            sample, timestep, reference, image_tokens, audio_tokens, emotion, memory, False, drop_reference
-        )
+        if conditions.update_memory:
+            raise ValueError("An outer-layers pass cannot update the memory: the step that does runs the whole net.")
+        reference = conditions.reference
+        ctx = self._frame_context(sample, timestep, conditions)
         outer_layers = deep_features.outer_layers
         x = self.conv_in(sample.transpose(1, 2).flatten(0, 1))
         _, block_skips = self.down_blocks[0](x, reference.down[0], ctx, num_layers=outer_layers - 1)
@@ -294,16 +234,7 @@ class DiffusionNet(ModelMixin, ConfigMixin):
     # -- the pieces of the passes ------------------------------------------------------------------
 
     def _frame_context(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float,
-        reference: ReferenceFeatures,
-        image_tokens: torch.Tensor,
-        audio_tokens: torch.Tensor,
-        emotion: torch.Tensor,
-        memory: TemporalMemory,
-        update_memory: bool,
-        drop_reference: tuple[bool, ...] | None,
+        self, sample: torch.Tensor, timestep: torch.Tensor | float, conditions: DiffusionConditions
     ) -> FrameContext:
         batch, _, frames = sample.shape[:3]
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
@@ -314,13 +245,13 @@ class DiffusionNet(ModelMixin, ConfigMixin):
         return FrameContext(
             batch=batch,
             temb=temb,
-            image_tokens=image_tokens,
-            emotion=emotion.reshape(-1).to(device=sample.device, dtype=torch.long),
-            memory=memory,
-            update_memory=update_memory,
-            drop_reference=drop_reference,
-            audio=audio_tokens.flatten(0, 1).float(),
-            item=reference.item,
+            image_tokens=conditions.image_tokens,
+            emotion=conditions.emotion.reshape(-1).to(device=sample.device, dtype=torch.long),
+            memory=conditions.memory,
+            update_memory=conditions.update_memory,
+            drop_reference=conditions.drop_reference,
+            audio=conditions.audio_tokens.flatten(0, 1).float(),
+            item=conditions.reference.item,
         )
 
     def _down_and_mid(

@@ -40,6 +40,13 @@ class TemporalMemory:
         view.states = states
         return view
 
+    def item(self, index: int, items: int) -> TemporalMemory:
+        """A read-only view of batch item ``index`` of the ``items`` whose positions this memory holds (one
+        guidance half: ``items`` 2), without copying."""
+        return self.view(
+            {name: tuple(t.unflatten(0, (items, -1))[index] for t in state) for name, state in self.states.items()}
+        )
+
     def absorb(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fold the past frames' keys and values, (positions, heads, frames, d), into layer ``name``'s memory.
 

@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
 
+from memo.models.blocks import GUIDANCE_BATCH
+from memo.models.conditions import DiffusionConditions
 from memo.models.reference_net import ReferenceFeatures
 from memo.models.temporal_memory import TemporalMemory, set_feed_forward_chunks
 
@@ -129,32 +133,28 @@ class HostTemporalMemory(TemporalMemory):
         self.states[name] = held
 
 
-TURNS = {
-    "conditions": ("vae", "image_proj", "audio_proj", "reference_net"),
-    "denoise": ("diffusion_net",),
-    "decode": ("vae",),
-}
-"""The networks each phase of a clip runs (``MemoPipeline``): what :meth:`NetworkTurns.use` brings in."""
+NETWORK_NAMES = ("vae", "image_proj", "audio_proj", "reference_net", "diffusion_net")
+"""The pipeline's networks that take turns on the device (:class:`NetworkTurns`)."""
+DENOISER = "diffusion_net"
+"""The network that runs alone on the device; the others (the conditions of a clip and its decoding) share it."""
 
 
 class NetworkTurns:
-    """The networks of a pipeline on ``device`` only while their phase of the clip runs (``TURNS``).
+    """The networks of a pipeline on ``device`` only while they run: the diffusion net alone, the others
+    (VAE, projections, reference net) together while a clip's conditions are encoded and its frames decoded.
 
     Every weight keeps its host copy (pinned on CUDA, made once); a network comes in by copying it to the
     device and leaves by pointing its weights back at the host copy, so leaving copies nothing. The values
-    are those of the host copy either way: the frames do not change. On a CPU device it does nothing.
+    are those of the host copy either way: the frames do not change. A :class:`NetworkTurnHook` on each
+    network calls :meth:`bring` before it runs.
     """
 
     def __init__(self, pipe, device: torch.device):
-        self.pipe = pipe
         self.device = torch.device(device)
-        self.active = self.device.type != "cpu"
         self.host: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.present: set[str] = set()
-        if not self.active:
-            return
         pinned = can_stream(self.device)
-        for name in dict.fromkeys(n for names in TURNS.values() for n in names):
+        for name in NETWORK_NAMES:
             module = getattr(pipe, name)
             module.to("cpu")
             tensors = [*module.parameters(), *module.buffers()]
@@ -163,18 +163,17 @@ class NetworkTurns:
                     tensor.data = tensor.data.pin_memory()
             self.host[name] = [(tensor, tensor.data) for tensor in tensors]
 
-    def use(self, phase: str) -> None:
-        """Bring the networks of ``phase`` to the device and send the others back to their host copies."""
-        if not self.active:
+    def bring(self, name: str) -> None:
+        """Bring network ``name`` to the device; the diffusion net and the others do not share it."""
+        if name in self.present:
             return
-        wanted = set(TURNS[phase])
-        for name in self.present - wanted:
-            for tensor, host in self.host[name]:
+        leaving = self.present if name == DENOISER else self.present & {DENOISER}
+        for other in leaving:
+            for tensor, host in self.host[other]:
                 tensor.data = host
-        for name in wanted - self.present:
-            for tensor, host in self.host[name]:
-                tensor.data = host.to(self.device, non_blocking=True)
-        self.present = wanted
+        for tensor, host in self.host[name]:
+            tensor.data = host.to(self.device, non_blocking=True)
+        self.present = (self.present - leaving) | {name}
 
     def release(self) -> None:
         """Every network back to its host copy (at the end of a video, so that memory comes back)."""
@@ -184,47 +183,88 @@ class NetworkTurns:
         self.present = set()
 
 
-def use_networks(pipe, phase: str) -> None:
-    """Bring the networks of ``phase`` (``TURNS``) to the device when ``pipe``'s plan has them take turns."""
-    turns = getattr(pipe, "network_turns", None)
-    if turns is not None:
-        turns.use(phase)
+class NetworkTurnHook(ModelHook):
+    """Brings its network to the device (:meth:`NetworkTurns.bring`) before the module it is on runs."""
+
+    def __init__(self, turns: NetworkTurns, name: str):
+        super().__init__()
+        self.turns, self.name = turns, name
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        self.turns.bring(self.name)
+        return args, kwargs
 
 
-def release_networks(pipe) -> None:
-    """Send every network that takes turns back to the host (at the end of a video)."""
-    turns = getattr(pipe, "network_turns", None)
-    if turns is not None:
-        turns.release()
+class ReferenceOnHostHook(ModelHook):
+    """On the reference net: its features go to host memory as they are made (the diffusion net copies each
+    layer's in as it reads it, ``models/blocks.py``)."""
+
+    def post_forward(self, module: nn.Module, output: ReferenceFeatures) -> ReferenceFeatures:
+        return _map_features(output, lambda feature: feature.to("cpu"))
 
 
-def features_on_host(pipe, reference: ReferenceFeatures) -> ReferenceFeatures:
-    """``reference`` moved to host memory when ``pipe``'s plan keeps it there until the clip's first step
-    (the diffusion net copies each layer's feature in as it reads it); else ``reference`` itself."""
-    if not _features_wait_on_host(pipe):
-        return reference
-    return _map_features(reference, lambda feature: feature.to("cpu"))
-
-
-def reference_frames_only(pipe, reference: ReferenceFeatures, batch: int) -> ReferenceFeatures:
-    """After the step that folded the past frames into the temporal memory: ``reference`` (features of
-    ``batch`` items x (1 + past) frames) cut to each item's reference frame, on the device, when ``pipe``'s
-    plan keeps features on the host; the maps of layers without attention, read only by that step, become
+class ReferenceFramesOnlyHook(ModelHook):
+    """On the diffusion net: after the step that folded the past frames into the temporal memory, the
+    reference features (of ``batch`` items x (1 + past) frames, on the host) are cut in place to each item's
+    reference frame, on ``device``; the maps of layers without attention, read only by that step, become
     empty. The diffusion net reads the same values from the cut features (``models/blocks.py``)."""
-    if not _features_wait_on_host(pipe):
-        return reference
 
-    def cut(feature: torch.Tensor) -> torch.Tensor:
-        if feature.dim() != 3:
-            return feature[:0].to(pipe.memory_device)
-        return feature.unflatten(0, (batch, -1))[:, :1].flatten(0, 1).to(pipe.memory_device)
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
 
-    return _map_features(reference, cut)
+    def new_forward(self, module: nn.Module, sample, timestep, conditions: DiffusionConditions):
+        output = self.fn_ref.original_forward(sample, timestep, conditions)
+        if conditions.update_memory:
+            reference = conditions.reference
+            items = GUIDANCE_BATCH if reference.item is not None else conditions.batch
+
+            def cut(feature: torch.Tensor) -> torch.Tensor:
+                if feature.dim() != 3:
+                    return feature[:0].to(self.device)
+                return feature.unflatten(0, (items, -1))[:, :1].flatten(0, 1).to(self.device)
+
+            # In place: the clip's conditions (and every item's view of them) share these lists.
+            cut_features = _map_features(reference, cut)
+            reference.down[:], reference.mid[:], reference.up[:] = cut_features.down, cut_features.mid, cut_features.up
+        return output
 
 
-def _features_wait_on_host(pipe) -> bool:
-    device = getattr(pipe, "memory_device", None)
-    return memory_plan(pipe).reference_on_host and device is not None and device.type != "cpu"
+class FrameChunksHook(ModelHook):
+    """On the VAE's encoder and decoder: at most ``frames`` frames per call (the working memory of one)."""
+
+    def __init__(self, frames: int):
+        super().__init__()
+        self.frames = frames
+
+    def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.shape[0] <= self.frames:
+            return self.fn_ref.original_forward(x, *args, **kwargs)
+        return torch.cat([self.fn_ref.original_forward(chunk, *args, **kwargs) for chunk in x.split(self.frames)])
+
+
+_HOOKS = ("memo_network_turn", "memo_reference_on_host", "memo_reference_frames_only", "memo_frame_chunks")
+
+
+def _vae_parts(vae: nn.Module) -> list[nn.Module]:
+    """The VAE's submodules whose ``forward`` runs when it encodes or decodes (``encode``/``decode`` are not
+    ``forward``, so hooks go on these)."""
+    names = ("encoder", "quant_conv", "post_quant_conv", "decoder")
+    return [part for part in (getattr(vae, name, None) for name in names) if part is not None]
+
+
+def _register(module: nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def _remove_memory_hooks(pipe) -> None:
+    for name in NETWORK_NAMES:
+        network = getattr(pipe, name)
+        for module in [network, *_vae_parts(network)] if name == "vae" else [network]:
+            registry = getattr(module, "_diffusers_hook", None)
+            if isinstance(registry, HookRegistry):
+                for hook in _HOOKS:
+                    registry.remove_hook(hook, recurse=False)
 
 
 def _map_features(reference: ReferenceFeatures, fn) -> ReferenceFeatures:
@@ -232,6 +272,7 @@ def _map_features(reference: ReferenceFeatures, fn) -> ReferenceFeatures:
         down=[[fn(f) for f in block] for block in reference.down],
         mid=[fn(f) for f in reference.mid],
         up=[[fn(f) for f in block] for block in reference.up],
+        item=reference.item,
     )
 
 
@@ -241,26 +282,37 @@ def memory_plan(pipe) -> MemoryPlan:
 
 
 def apply_memory_plan(pipe, offload: str, device: torch.device) -> None:
-    """Give ``pipe`` the :class:`MemoryPlan` of ``offload`` for generation on ``device``."""
+    """Give ``pipe`` the :class:`MemoryPlan` of ``offload`` for generation on ``device``: its hooks (networks
+    taking turns, reference features on the host, VAE frame chunks), where a new temporal memory lives
+    (``pipe.memory_factory``), the feed-forward chunks and the execution device. Replaces an earlier plan."""
     plan = PLANS[offload]
+    device = torch.device(device)
+    release_networks(pipe)
+    _remove_memory_hooks(pipe)
     pipe.memory_plan = plan
-    pipe.memory_device = torch.device(device)
+    pipe.execution_device = device
     set_feed_forward_chunks(pipe.diffusion_net, plan.feed_forward_chunks)
-    turns = plan.networks_take_turns and pipe.memory_device.type != "cpu"
-    pipe.network_turns = NetworkTurns(pipe, pipe.memory_device) if turns else None
+    pipe.memory_factory = (lambda: HostTemporalMemory(device)) if plan.memory_on_host else TemporalMemory
+    accelerator = device.type != "cpu"
+    pipe.network_turns = NetworkTurns(pipe, device) if plan.networks_take_turns and accelerator else None
+    if pipe.network_turns is not None:
+        for name in NETWORK_NAMES:
+            network = getattr(pipe, name)
+            for module in _vae_parts(network) if name == "vae" else [network]:
+                _register(module, NetworkTurnHook(pipe.network_turns, name), _HOOKS[0])
+    if plan.reference_on_host and accelerator:
+        _register(pipe.reference_net, ReferenceOnHostHook(), _HOOKS[1])
+        _register(pipe.diffusion_net, ReferenceFramesOnlyHook(device), _HOOKS[2])
+    if plan.vae_frames is not None:
+        for part in (pipe.vae.encoder, pipe.vae.decoder):
+            _register(part, FrameChunksHook(plan.vae_frames), _HOOKS[3])
 
 
-def new_memory(pipe) -> TemporalMemory:
-    """An empty temporal memory placed as ``pipe``'s plan says."""
-    if memory_plan(pipe).memory_on_host:
-        return HostTemporalMemory(pipe.memory_device)
-    return TemporalMemory()
-
-
-def vae_frames(pipe, vae_batch_size: int) -> int:
-    """Frames per VAE call under ``pipe``'s plan, given the ``vae_batch_size`` setting."""
-    cap = memory_plan(pipe).vae_frames
-    return vae_batch_size if cap is None else min(cap, vae_batch_size)
+def release_networks(pipe) -> None:
+    """Send every network that takes turns back to the host (at the end of a video)."""
+    turns = getattr(pipe, "network_turns", None)
+    if turns is not None:
+        turns.release()
 
 
 MEMORY_TABLE = json.loads(Path(__file__).with_name("memory_table.json").read_text())

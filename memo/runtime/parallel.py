@@ -27,11 +27,11 @@ peer after :data:`COLLECTIVE_TIMEOUT`) as a :class:`ParallelError`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,9 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 from memo.errors import UserError
-from memo.sampling.deep_cache import DeepFeatureCache
-from memo.sampling.guidance import ClipConditions, conditional_reference
-from memo.sampling.speed import StepPlan
+from memo.models.conditions import DiffusionConditions
+from memo.sampling.guidance import CONDITIONAL, ClassifierFreeGuidance, StepPlan
 
 logger = logging.getLogger("memo")
 
@@ -189,57 +188,40 @@ class GuidanceParallel:
         self.steps += 1
         return buffer
 
-    # -- one denoising step -----------------------------------------------------------------------
+    def guider(self, guidance: ClassifierFreeGuidance) -> ParallelClassifierFreeGuidance:
+        """``guidance`` with its two halves computed on the two processes of this group."""
+        return ParallelClassifierFreeGuidance(guidance.guidance_scale, guidance.start, guidance.stop, group=self)
 
-    def own_half(self, conditions: ClipConditions) -> ClipConditions:
-        """This rank's item of a guidance batch of two, to run alone with the rank's own memory."""
-        item = slice(self.rank, self.rank + 1)
-        return ClipConditions(
-            reference=dataclasses.replace(conditions.reference, item=self.rank),
-            image_tokens=conditions.image_tokens[item],
-            audio_tokens=conditions.audio_tokens[item],
-            # Twice: the emotion projections then run on two rows, as in the batch (one row takes another kernel).
-            emotion=conditions.emotion[item].repeat(WORLD_SIZE),
-            memory=conditions.memory,
-            drop_reference=conditions.drop_reference[item],
-        )
 
-    def conditional_alone(self, conditions: ClipConditions) -> ClipConditions:
-        """The conditional pass alone (``ClipConditions.conditional_half``) on rank 1, whose memory already
-        holds only the conditional half."""
-        return ClipConditions(
-            reference=conditional_reference(conditions.reference),
-            image_tokens=conditions.image_tokens[1:],
-            audio_tokens=conditions.audio_tokens[1:],
-            emotion=conditions.emotion[1:],
-            memory=conditions.memory,
-            drop_reference=conditions.drop_reference[1:],
-        )
+@dataclass(frozen=True)
+class ParallelClassifierFreeGuidance(ClassifierFreeGuidance):
+    """Classifier-free guidance whose halves run on the two processes of ``group``: a batched step computes
+    this rank's half as its rows of the batch (``DiffusionConditions.item(as_in_batch=True)``) and gathers
+    the other's; a conditional-only step runs on rank 1 alone and is broadcast. Each rank's temporal memory
+    holds its own half only."""
 
-    def predict_noise(
+    group: GuidanceParallel | None = None
+
+    def predict(
         self,
-        predict: Callable[..., torch.Tensor],
         network: nn.Module,
         latents: torch.Tensor,
         timestep: torch.Tensor | float,
-        conditions: ClipConditions,
+        conditions: DiffusionConditions,
         todo: StepPlan,
-        *,
-        update_memory: bool,
-        deep_cache: DeepFeatureCache | None,
     ) -> torch.Tensor:
-        """The step's prediction as one process computes it: (2, C, frames, h, w) for a batched step, (1, ...)
-        for a conditional-only one. ``predict`` is the pipeline's one-process ``predict_noise`` and
-        ``network`` the diffusion net it runs; ``conditions`` the clip's whole (guidance batch of two) conditions."""
+        """(2, C, frames, h, w) for a batched step, (1, ...) for a conditional-only one, the same on both ranks."""
+        group = self.group
         if conditions.batch != WORLD_SIZE:
             raise ParallelError("parallel=guidance needs guidance (cfg_scale above 1).")
         if latents.shape[2] % WORLD_SIZE:
             raise ParallelError(f"parallel=guidance needs an even number of frames per clip, got {latents.shape[2]}.")
-        kwargs = dict(update_memory=update_memory, whole=todo.whole, deep_cache=deep_cache)
         if todo.batched:
+            half = conditions.item(group.rank, as_in_batch=True, memory=conditions.memory)
             with half_the_chunks(network):
-                half = predict(latents, timestep, self.own_half(conditions), **kwargs)
-            return self.gather_halves(half)
-        if self.is_main:
-            return self.from_conditional(None, latents)
-        return self.from_conditional(predict(latents, timestep, self.conditional_alone(conditions), **kwargs), latents)
+                prediction = network(latents, timestep, half)
+            return group.gather_halves(prediction)
+        if group.is_main:
+            return group.from_conditional(None, latents)
+        alone = conditions.item(CONDITIONAL, memory=conditions.memory)
+        return group.from_conditional(network(latents, timestep, alone), latents)

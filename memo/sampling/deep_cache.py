@@ -10,11 +10,26 @@ layers, and takes everything deeper from the cache. ``outer_layers=2`` is DeepCa
 Stable Diffusion's UNet (skip branch 0 after the first layer).
 
 The temporal memory is only read in shallow steps; a step that updates it is always a full step.
+
+The partial passes live in :class:`DeepCacheHook`, a diffusers ``ModelHook`` on the diffusion net (as
+diffusers' own caches, e.g. first-block cache, are built): the pipeline calls the net as always, and the
+hook chooses the whole pass or the outer layers by the step plan. Install it with :func:`apply_deep_cache`
+before other hooks (offload, placement) so that theirs wrap it; the pipeline installs it itself when a
+call asks for the cache and none is there.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from memo.models.conditions import DiffusionConditions
 from memo.models.diffusion_net import DeepFeatures
+
+HOOK_NAME = "memo_deep_cache"
 
 
 class DeepFeatureCache:
@@ -55,3 +70,54 @@ class DeepFeatureCache:
             return self.features
         hidden, audio, outer_layers = self.features
         return DeepFeatures(hidden[hidden.shape[0] // 2 :], audio[audio.shape[0] // 2 :], outer_layers)
+
+
+class DeepCacheHook(ModelHook):
+    """Runs the diffusion net whole on the steps the plan marks whole (keeping its deep features) and only
+    its outer layers on the others; a pass-through while :meth:`configure` has given it no plan.
+
+    The cache is per clip: a step that updates the temporal memory (the first of each clip) starts a new one.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, outer_layers: int = 2):
+        super().__init__()
+        self.outer_layers = outer_layers
+        self.whole: Sequence[bool] | None = None
+        self.current_step: Callable[[], int] | None = None
+        self.cache = DeepFeatureCache(outer_layers)
+
+    def configure(self, whole: Sequence[bool] | None, current_step: Callable[[], int] | None = None) -> None:
+        """Use the cache with ``whole[i]`` telling whether step ``current_step()`` runs the whole net; None
+        turns the cache off (every call runs the whole net)."""
+        self.whole, self.current_step = whole, current_step
+        self.cache = DeepFeatureCache(self.outer_layers)
+
+    def new_forward(
+        self, module: nn.Module, sample: torch.Tensor, timestep: torch.Tensor | float, conditions: DiffusionConditions
+    ) -> torch.Tensor:
+        if self.whole is None:
+            return self.fn_ref.original_forward(sample, timestep, conditions)
+        if conditions.update_memory:
+            self.cache = DeepFeatureCache(self.outer_layers)
+        batch = conditions.batch
+        if self.whole[self.current_step()]:
+            noise_pred, deep = module.forward_keeping_deep_features(sample, timestep, conditions, self.outer_layers)
+            self.cache.store(deep, batch)
+            return noise_pred
+        return module.forward_outer_layers(sample, timestep, conditions, self.cache.load(batch))
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.cache = DeepFeatureCache(self.outer_layers)
+        return module
+
+
+def apply_deep_cache(network: nn.Module, outer_layers: int = 2) -> DeepCacheHook:
+    """The deep-cache hook of the diffusion net ``network``, installed (inactive) if it has none yet."""
+    registry = HookRegistry.check_if_exists_or_initialize(network)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is None:
+        hook = DeepCacheHook(outer_layers)
+        registry.register_hook(hook, HOOK_NAME)
+    return hook

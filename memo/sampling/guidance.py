@@ -1,11 +1,14 @@
-"""The conditional pass alone: a guidance batch's conditions cut to their conditional half.
+"""Classifier-free guidance as MEMO runs it: a guider object, in the shape of diffusers' ``ClassifierFreeGuidance``.
 
-In a guided step the diffusion net runs a batch of two, the unconditional half first and the conditional
-half second (see ``pipeline.py``). Outside the guidance window only the conditional half runs; these
-functions take that half of every per-batch condition. One difference from the conditional half of a
-batched call remains, by construction of the published network: there, frame row i joins the reference
-frame of batch item ``i mod 2`` (``spatial.py``), so half of the conditional frames see the reference
-features computed with the unconditional face tokens; alone, every frame sees the conditional ones.
+A guided step runs the diffusion net on a batch of two, the unconditional half first and the conditional
+half second, and follows ``uncond + scale * (cond - uncond)`` (Ho & Salimans, 2022, arXiv 2207.12598).
+``start``/``stop`` limit guidance to that fraction of the steps, as diffusers' guiders do; outside it the
+conditional pass runs alone (``DiffusionConditions.item``, which says how that differs from the conditional
+rows of a batched call). The first step of a clip always runs both halves when any step is guided: it
+writes the temporal memory that both halves read later (:func:`plan_steps`).
+
+The guider decides what each step computes and combines the result; it is the place where a step's
+computation may be spread over processes (``memo/runtime/parallel.py`` overrides :meth:`predict`).
 """
 
 from __future__ import annotations
@@ -13,84 +16,101 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from memo.models.reference_net import ReferenceFeatures
-from memo.models.temporal_memory import TemporalMemory
+from memo.models.conditions import DiffusionConditions
 
-
-def _second_half(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.unflatten(0, (2, -1))[1]
-
-
-def conditional_reference(reference: ReferenceFeatures) -> ReferenceFeatures:
-    """The reference net's features of the conditional batch item: rows (1 + past) .. end of every feature."""
-    return ReferenceFeatures(
-        down=[[_second_half(f) for f in block] for block in reference.down],
-        mid=[_second_half(f) for f in reference.mid],
-        up=[[_second_half(f) for f in block] for block in reference.up],
-    )
+CONDITIONAL = 1
+"""The conditional item of a guidance batch (unconditional first)."""
 
 
-def conditional_memory(memory: TemporalMemory) -> TemporalMemory:
-    """A view of ``memory`` holding only the conditional half's positions (no copy); for reading only."""
-    return memory.view({name: (_second_half(kv), _second_half(z)) for name, (kv, z) in memory.states.items()})
+@dataclass(frozen=True)
+class StepPlan:
+    """One denoising step: ``batched``: the unconditional and conditional halves both run (batch 2);
+    ``guided``: guidance combines them (else the conditional prediction is used); ``whole``: the whole net
+    runs (else only its outer layers, on cached deep features)."""
+
+    batched: bool
+    guided: bool
+    whole: bool
 
 
-@dataclass
-class ClipConditions:
-    """What the diffusion net conditions one clip on, per batch item: both guidance halves (unconditional
-    first) or a single item. Passed to the net as keyword arguments (:meth:`as_kwargs`).
+def plan_steps(
+    num_steps: int, guidance: bool, guidance_window: tuple[float, float] = (0.0, 1.0), deep_cache_interval: int = 1
+) -> list[StepPlan]:
+    """What each of a clip's ``num_steps`` steps computes.
+
+    With ``guidance`` (a guidance scale above 1), steps in the window are guided; if any is, step 0 runs
+    both halves too (it writes the temporal memory that both halves read), guided only if in the window.
+    Steps ``0, N, 2N...`` run the whole net; so does a batched step after a conditional-only whole step, as
+    the cache holds only the conditional half then.
+    """
+    start, end = guidance_window
+    guided = [guidance and start * num_steps <= i < end * num_steps for i in range(num_steps)]
+    any_guided = any(guided)
+    plan = []
+    cached_batch = 0
+    for i in range(num_steps):
+        batched = guided[i] or (i == 0 and any_guided)
+        whole = i % deep_cache_interval == 0 or (batched and cached_batch < 2)
+        if whole:
+            cached_batch = 2 if batched else 1
+        plan.append(StepPlan(batched=batched, guided=guided[i], whole=whole))
+    return plan
+
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """MEMO's classifier-free guidance with a guidance window.
 
     Attributes:
-        reference: the reference net's features of (reference image + past frames), for every item.
-        image_tokens: (batch, n, dim) face-identity tokens (zeros through the projection when unconditional).
-        audio_tokens: (batch, frames, m, dim) audio tokens (zeros when unconditional).
-        emotion: (batch,) emotion labels (``NUM_EMOTIONS`` when unconditional).
-        memory: the temporal memory the clip reads (and its first step writes).
-        drop_reference: one bool per item (True: the frames do not attend to the reference), or None.
+        guidance_scale: the guidance weight; 1 or less runs the conditional pass alone (no guidance).
+            MEMO's published default is 3.5 (``configs/inference.yaml``).
+        start, stop: the fractions 0..1 of a clip's steps that are guided (``start * steps <= i < stop * steps``).
     """
 
-    reference: ReferenceFeatures
-    image_tokens: torch.Tensor
-    audio_tokens: torch.Tensor
-    emotion: torch.Tensor
-    memory: TemporalMemory
-    drop_reference: tuple[bool, ...] | None
+    guidance_scale: float = 3.5
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.stop <= 1.0:
+            raise ValueError(
+                f"The guidance window must satisfy 0 <= start <= stop <= 1, got start={self.start}, stop={self.stop}."
+            )
 
     @property
-    def batch(self) -> int:
-        return self.image_tokens.shape[0]
+    def enabled(self) -> bool:
+        """Whether any step can be guided (a scale above 1)."""
+        return self.guidance_scale > 1.0
 
-    def conditional_half(self) -> ClipConditions:
-        """The conditional item of a guidance batch of two; the memory is a read-only view of its half."""
-        return ClipConditions(
-            reference=conditional_reference(self.reference),
-            image_tokens=self.image_tokens[1:],
-            audio_tokens=self.audio_tokens[1:],
-            emotion=self.emotion[1:],
-            memory=conditional_memory(self.memory),
-            drop_reference=self.drop_reference[1:],
-        )
+    def plan(self, num_steps: int, deep_cache_interval: int = 1) -> list[StepPlan]:
+        """What each of a clip's steps computes (:func:`plan_steps`)."""
+        return plan_steps(num_steps, self.enabled, (self.start, self.stop), deep_cache_interval)
 
-    def as_kwargs(self) -> dict:
-        """The fields as the diffusion net's keyword arguments (no copies)."""
-        return {
-            "reference": self.reference,
-            "image_tokens": self.image_tokens,
-            "audio_tokens": self.audio_tokens,
-            "emotion": self.emotion,
-            "memory": self.memory,
-            "drop_reference": self.drop_reference,
-        }
+    def predict(
+        self,
+        network: nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float,
+        conditions: DiffusionConditions,
+        todo: StepPlan,
+    ) -> torch.Tensor:
+        """The step's noise prediction on (1, C, frames, h, w) ``latents``: (2, ...) for a batched step of a
+        guidance batch ``conditions``, else (1, ...) of the conditional item (or of the one item there is)."""
+        if conditions.batch == 1:
+            return network(latents, timestep, conditions)
+        if todo.batched:
+            return network(latents.repeat(conditions.batch, 1, 1, 1, 1), timestep, conditions)
+        return network(latents, timestep, conditions.item(CONDITIONAL))
 
-
-def combine_guidance(noise_pred: torch.Tensor, guided: bool, batched: bool, guidance_scale: float) -> torch.Tensor:
-    """The prediction a step follows: for a guided batch of two, ``uncond + scale * (cond - uncond)``; for an
-    unguided batch of two (a step that only writes the memory for both halves), the conditional half; a
-    single item as it is. ``noise_pred``: (batch, C, frames, h, w)."""
-    if guided:
-        uncond, cond = noise_pred.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-    if batched:
-        return noise_pred.chunk(2)[1]
-    return noise_pred
+    def combine(self, noise_pred: torch.Tensor, todo: StepPlan) -> torch.Tensor:
+        """The velocity a step follows: for a guided batch of two, ``uncond + scale * (cond - uncond)``; for an
+        unguided batch of two (a step that only writes the memory for both halves), the conditional half; a
+        single item as it is. ``noise_pred``: (batch, C, frames, h, w)."""
+        if todo.guided:
+            uncond, cond = noise_pred.chunk(2)
+            return uncond + self.guidance_scale * (cond - uncond)
+        if todo.batched:
+            return noise_pred.chunk(2)[CONDITIONAL]
+        return noise_pred

@@ -15,6 +15,9 @@ from __future__ import annotations
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+SOLVERS = ("euler", "unipc")
+"""The ``solver`` setting's choices: the published Euler scheduler, or UniPC on its sigmas."""
+
 
 def flow_scheduler(solver: str, euler: FlowMatchEulerDiscreteScheduler) -> SchedulerMixin:
     """The scheduler of ``solver`` ("euler": ``euler`` itself; "unipc") for a model run with ``euler``."""

@@ -11,7 +11,7 @@ Three training-free savings, each a setting of its own, and the ``speed`` preset
 
 ``speed: exact`` (the default) resolves to Euler, every step guided and whole: today's computation, bit for
 bit. ``speed: fast`` resolves to :data:`PRESETS` ``["fast"]``; a setting given explicitly wins over the
-preset's value. :func:`resolve_speed` is the one place where this happens; :func:`plan_steps` turns the
+preset's value. :func:`resolve_speed` is the one place where this happens; ``guidance.plan_steps`` turns the
 result into what each step of a clip computes.
 """
 
@@ -19,8 +19,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from memo.sampling.guidance import ClassifierFreeGuidance
+from memo.sampling.solvers import SOLVERS, flow_scheduler
+
 SPEEDS = ("exact", "fast")
-SOLVERS = ("euler", "unipc")
 
 PRESETS: dict[str, dict] = {
     "exact": dict(solver="euler", step_fraction=1.0, guidance_start=0.0, guidance_end=1.0, deep_cache_interval=1),
@@ -49,31 +54,24 @@ class SpeedSettings:
     guidance_window: tuple[float, float] = (0.0, 1.0)
     deep_cache_interval: int = 1
 
-    def pipeline_kwargs(self) -> dict:
-        """The keyword arguments of ``MemoPipeline.__call__`` that carry these settings."""
+    def pipeline_kwargs(self, guidance_scale: float) -> dict:
+        """The keyword arguments of ``MemoPipeline.__call__`` that carry these settings, with classifier-free
+        guidance of ``guidance_scale``; the solver is the pipeline's scheduler (:meth:`scheduler`)."""
         return dict(
             num_inference_steps=self.steps,
-            solver=self.solver,
-            guidance_window=self.guidance_window,
+            guider=ClassifierFreeGuidance(guidance_scale, *self.guidance_window),
             deep_cache_interval=self.deep_cache_interval,
         )
+
+    def scheduler(self, euler: FlowMatchEulerDiscreteScheduler) -> SchedulerMixin:
+        """The scheduler of ``solver`` for a pipeline published with the ``euler`` scheduler."""
+        return flow_scheduler(self.solver, euler)
 
     def describe(self) -> str:
         """One line for the log, e.g. "unipc, guided steps 0-25%, deep cache every 2"."""
         start, end = self.guidance_window
         cache = f"deep cache every {self.deep_cache_interval}" if self.deep_cache_interval > 1 else "no deep cache"
         return f"{self.solver}, guided steps {start:.0%}-{end:.0%}, {cache}"
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One denoising step: ``batched``: the unconditional and conditional halves both run (batch 2);
-    ``guided``: guidance combines them (else the conditional prediction is used); ``whole``: the whole net
-    runs (else only its outer layers, on cached deep features)."""
-
-    batched: bool
-    guided: bool
-    whole: bool
 
 
 def speed_problems(settings: dict) -> list[str]:
@@ -144,27 +142,3 @@ def variants(inference_steps: int = 20) -> dict[str, SpeedSettings]:
         ),
         "fast": preset("fast", inference_steps),
     }
-
-
-def plan_steps(
-    num_steps: int, guidance: bool, guidance_window: tuple[float, float] = (0.0, 1.0), deep_cache_interval: int = 1
-) -> list[StepPlan]:
-    """What each of a clip's ``num_steps`` steps computes.
-
-    With ``guidance`` (a guidance scale above 1), steps in the window are guided; if any is, step 0 runs
-    both halves too (it writes the temporal memory that both halves read), guided only if in the window.
-    Steps ``0, N, 2N...`` run the whole net; so does a batched step after a conditional-only whole step, as
-    the cache holds only the conditional half then.
-    """
-    start, end = guidance_window
-    guided = [guidance and start * num_steps <= i < end * num_steps for i in range(num_steps)]
-    any_guided = any(guided)
-    plan = []
-    cached_batch = 0
-    for i in range(num_steps):
-        batched = guided[i] or (i == 0 and any_guided)
-        whole = i % deep_cache_interval == 0 or (batched and cached_batch < 2)
-        if whole:
-            cached_batch = 2 if batched else 1
-        plan.append(StepPlan(batched=batched, guided=guided[i], whole=whole))
-    return plan

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from memo.constants import DTYPES, EMOTION_NAMES
 from memo.io.hub import EMOTION2VEC_REPO, MEMO_REPO, VAE_REPO, WAV2VEC_REPO
 from memo.runtime.parallel import PARALLEL_CHOICES
-from memo.sampling.speed import SOLVERS, SPEEDS, SpeedSettings, resolve_speed, speed_problems
+from memo.sampling.solvers import SOLVERS
+from memo.sampling.speed import SPEEDS, SpeedSettings, resolve_speed, speed_problems
 from memo.settings.schema import ConfigError, help_text, load_layers, range_problems, read_overrides, read_yaml, setting
 
 __all__ = ["ConfigError", "InferenceConfig", "load_config", "validate", "settings_help"]

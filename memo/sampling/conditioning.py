@@ -1,0 +1,98 @@
+"""The conditioning of a clip, built once for generation and training: frames to latents, the face's identity
+tokens, the reference pass, audio tokens and emotion -> :class:`memo.models.conditions.DiffusionConditions`.
+
+``networks`` is anything holding MEMO's networks under their published folder names (``vae``,
+``reference_net``, ``image_proj``, ``audio_proj``, ``diffusion_net``): the pipeline, or the training model.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from diffusers import AutoencoderKL
+
+from memo.constants import NUM_EMOTIONS
+from memo.models.conditions import DiffusionConditions
+from memo.models.diffusion_net import DiffusionNet
+from memo.models.projections import AudioProjModel, ImageProjModel
+from memo.models.reference_net import ReferenceNet
+from memo.models.temporal_memory import TemporalMemory
+
+
+class Networks(Protocol):
+    vae: AutoencoderKL
+    reference_net: ReferenceNet
+    diffusion_net: DiffusionNet
+    image_proj: ImageProjModel
+    audio_proj: AudioProjModel
+
+
+def encode_frames(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means (``vae.config.scaling_factor``), at most
+    ``batch_size`` frames per VAE call, computed on ``device``."""
+    latents = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def clip_emotion(labels: torch.Tensor) -> int:
+    """The emotion of a clip: the most frequent per-frame label, the smallest label on a tie."""
+    return int(torch.bincount(labels.reshape(-1).long(), minlength=NUM_EMOTIONS).argmax())
+
+
+def encode_image_tokens(
+    networks: Networks, face_embedding: torch.Tensor, guided: bool, device: torch.device
+) -> torch.Tensor:
+    """(1, 512) face embedding -> (batch, n, dim) identity tokens in the diffusion net's dtype; with
+    ``guided``, the unconditional tokens (of a zero embedding) first."""
+    image_proj = networks.image_proj
+    face_embedding = face_embedding.to(device, image_proj.dtype)
+    image_tokens = image_proj(face_embedding)
+    if guided:
+        image_tokens = torch.cat([image_proj(torch.zeros_like(face_embedding)), image_tokens])
+    return image_tokens.to(networks.diffusion_net.dtype)
+
+
+def encode_clip_conditions(
+    networks: Networks,
+    *,
+    reference_image: torch.Tensor,
+    past: torch.Tensor,
+    image_tokens: torch.Tensor,
+    audio: torch.Tensor,
+    emotion_labels: torch.Tensor,
+    memory: TemporalMemory,
+    vae_batch_size: int,
+    device: torch.device,
+) -> DiffusionConditions:
+    """A clip's conditions, for as many items as ``image_tokens`` has (2: unconditional, conditional).
+
+    Args:
+        reference_image: (1, 3, H, W) in [-1, 1], in the VAE's dtype and on ``device``.
+        past: (P, 3, H, W) in [-1, 1], the frames the clip continues from.
+        image_tokens: from :func:`encode_image_tokens`.
+        audio: (frames, 5, layers, dim) the clip's audio features.
+        emotion_labels: (frames,) the clip's per-frame emotion labels.
+        memory: the temporal memory of the video.
+        vae_batch_size: frames per VAE encode call.
+        device: where the networks compute.
+    """
+    dtype = networks.diffusion_net.dtype
+    guided = image_tokens.shape[0] == 2
+    pixels = torch.cat([reference_image, past.to(reference_image.dtype)])
+    reference_latents = encode_frames(networks.vae, pixels, vae_batch_size, device).to(dtype)
+    context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
+    reference = networks.reference_net(reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), 0.0, context)
+    audio_tokens = networks.audio_proj(audio[None].to(device, networks.audio_proj.dtype)).to(dtype)
+    emotion = torch.tensor([clip_emotion(emotion_labels)], device=device)
+    if guided:
+        audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])
+        emotion = torch.cat([torch.full_like(emotion, NUM_EMOTIONS), emotion])
+    return DiffusionConditions(
+        reference=reference,
+        image_tokens=image_tokens,
+        audio_tokens=audio_tokens,
+        emotion=emotion,
+        memory=memory,
+        drop_reference=(True, False) if guided else None,  # the unconditional half does not see the reference
+    )
