@@ -553,6 +553,52 @@ def test_finetune_runs_checkpoints_and_resumes(tmp_path, data_dir, tiny_checkpoi
     assert [m for m in read_metrics(run_dir) if m.get("event") == "resume"][-1]["step"] == 4
 
 
+KILL_AT = """
+import os, runpy, signal, sys
+from memo.training import checkpointing
+point, step = sys.argv[1], int(sys.argv[2])
+state = {"saves": 0}
+def kill_at(reached):
+    state["saves"] += reached == "partial_created"
+    if reached == point and state["saves"] == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpointing.on_save_point = kill_at
+sys.argv = [sys.argv[3], *sys.argv[4:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.e2e
+@needs_decord
+def test_finetune_killed_mid_save_resumes_from_the_last_checkpoint(tmp_path, data_dir):
+    """finetune.py with ``checkpoints_total_limit: 1`` killed (SIGKILL) while it saves checkpoint-2, after the
+    new state is written and before it is published: checkpoint-1 is still there, ``resume_from_checkpoint=latest``
+    goes on from step 1 (it used to start from 0, the old checkpoint removed before the new one was written), and
+    the resumed run removes the killed save's partial folder. Every point of a save: tests/test_checkpoint_saves.py."""
+    config = tiny_config(tmp_path, data_dir, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1)
+    args = [str(REPO / "finetune.py"), "--config", str(config), "--exp_name", "run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT, "state_written", "2", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "run"
+    left = sorted(p.name for p in run_dir.glob("*checkpoint-*"))
+    assert len(left) == 2 and left[0].startswith(".checkpoint-2.") and left[1] == "checkpoint-1"
+
+    resumed = subprocess.run(
+        [sys.executable, *args, "resume_from_checkpoint=latest"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume = [m for m in read_metrics(run_dir) if m.get("event") == "resume"]
+    assert [m["step"] for m in resume] == [1]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-2", "config.yaml", "logs"]
+
+
 @pytest.mark.slow
 @needs_decord
 def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
