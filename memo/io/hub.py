@@ -208,17 +208,17 @@ def missing_models_message(missing: Iterable[tuple[str, str, str]]) -> str:
 
 
 def download_all(
-    components: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None
+    components: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None, force: bool = False
 ) -> dict[str, Path]:
     """Download the files of the registry rows ``components`` (default: all) into the hub cache (or
     ``cache_dir``), one ``snapshot_download`` per repo; returns each repo's local folder. Already cached files
-    are not fetched again."""
+    are not fetched again unless ``force`` (which replaces damaged ones)."""
     wanted = [REGISTRY[name] for name in (components or REGISTRY)]
     patterns: dict[str, list[str]] = {}
     for model in wanted:
         patterns.setdefault(model.repo_id, []).extend(model.files)
     return {
-        repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir))
+        repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir, force_download=force))
         for repo, files in patterns.items()
     }
 

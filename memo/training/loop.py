@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
 from memo.io.partial import Partial
-from memo.loading import ModelLocator, locate_checkpoint
+from memo.loading import ModelLocator, check_checkpoint_files, locate_checkpoint
 from memo.pipeline import NETWORKS
 from memo.settings.training import dataloader_workers
 from memo.training.checkpointing import (
@@ -86,6 +86,7 @@ def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> tu
     locator = ModelLocator()
     root, vae_dir = locate_checkpoint(locator, model_name_or_path, vae_name_or_path)
     locator.check()
+    check_checkpoint_files(model_name_or_path, root, vae_name_or_path, vae_dir)
     return root, vae_dir
 
 
