@@ -403,6 +403,8 @@ class MemoGenerator:
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
+        if seed is not None:  # the seed setting's own check, as for seed=N
+            seed = validate(dataclasses.replace(self.config, seed=seed)).seed
         if self.parallel is not None:
             self.parallel.agree(dataclasses.asdict(self.config))
             if not self.parallel.is_main:

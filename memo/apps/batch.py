@@ -28,7 +28,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
 from memo.apps.cli import add_settings_arguments, output_name, report_error, report_stop, setup_logging
-from memo.errors import UserError, as_path, check_runtimes, failure_message, stop_on_signals
+from memo.errors import UserError, as_path, as_user_error, check_runtimes, failure_message, stop_on_signals
 from memo.generator import LOAD_SETTINGS, MemoGenerator
 from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
@@ -166,7 +166,7 @@ def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int) -> list[di
         try:
             generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
         except Exception as error:
-            if not isinstance(error, UserError):
+            if as_user_error(error) is None:
                 logger.exception("job (line %d) failed", job.line)
             reason = failure_message(error)
         else:
@@ -241,7 +241,9 @@ def _run(args: argparse.Namespace, start: float) -> int:
             )
         check_runtimes(base.vocal_separation)
         check_output_folder(args.output_dir)
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         return report_error(error) if first else 2
 
     state = PartialState(cpu=wants_cpu(base), timeout=GATHER_TIMEOUT)
@@ -253,7 +255,9 @@ def _run(args: argparse.Namespace, start: float) -> int:
     try:
         config = dataclasses.replace(base, device="cpu") if state.device.type == "cpu" else base
         generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         return report_error(error)
     if several:
         generator.pipeline.set_progress_bar_config(disable=True)
@@ -262,8 +266,14 @@ def _run(args: argparse.Namespace, start: float) -> int:
     summary = summarize(results, args.manifest, args.output_dir, state.num_processes)
     if state.is_main_process:
         path = args.output_dir / SUMMARY_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(summary, indent=2) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(summary, indent=2) + "\n")
+        except OSError as caught:
+            if (error := as_user_error(caught)) is None:
+                raise
+            print(report(summary, path) + f"\n  (not written: {error})")
+            return report_error(error)
         print(report(summary, path) + f"\n  in {time.perf_counter() - start:.1f} s")
     if several:
         state.destroy_process_group()

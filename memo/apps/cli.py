@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import Interrupted, UserError, as_path, stop_on_signals
+from memo.errors import Interrupted, UserError, as_path, as_user_error, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -103,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_image", help="portrait image (default: the bundled example)")
     parser.add_argument("--input_audio", help="speech or song, any format ffmpeg reads (default: the example)")
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
-    parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
+    parser.add_argument("--seed", type=int, help="random seed, the same as seed=N (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--tiny",
@@ -148,15 +148,17 @@ def _run(args: argparse.Namespace) -> int:
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
         output_dir = as_path(args.output_dir, "--output_dir")
         name = output_name(image, audio)
+        # --seed N is the setting seed=N: one check for both (memo.settings.inference)
+        overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
         if args.tiny:
             from memo.tiny.pack import cached_tiny_pack
 
             pack_config = cached_tiny_pack()
             logger.warning(TINY_NOTICE, pack_config.parent)
-            config = load_config(args.config, [*model_settings(pack_config), *args.overrides])
+            config = load_config(args.config, [*model_settings(pack_config), *overrides])
             name = f"{Path(name).stem}_tiny.mp4"
         else:
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, overrides)
         if launched_processes() > 1 and config.parallel == "none":
             raise ConfigError(
                 f"launched as {launched_processes()} processes but parallel=none (each would render the same "
@@ -172,11 +174,14 @@ def _run(args: argparse.Namespace) -> int:
 
         quiet_checks = False
         generator = MemoGenerator(config)
-        generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
+        generator.generate(image, audio, output, overwrite=args.overwrite)
         if args.tiny:
             logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        error = as_user_error(caught)
+        if error is None:
+            raise
         if args.verbose:
             logger.exception("error")
         if quiet_checks or getattr(error, "quiet", False):  # the other process of parallel=guidance says why

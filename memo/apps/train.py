@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig
 
 from memo.apps.cli import HelpSettingsAction, report_stop
-from memo.errors import UserError, stop_on_signals
+from memo.errors import UserError, as_user_error, stop_on_signals
 
 logger = logging.getLogger("memo")
 
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None, description: str = "Finetune MEMO on pre
 
         with stop_on_signals():
             train(config)
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:

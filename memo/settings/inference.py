@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from omegaconf import OmegaConf
 
-from memo.constants import DTYPES, EMOTION_NAMES
+from memo.constants import DTYPES, EMOTION_NAMES, SEED_MAX
 from memo.io.hub import EMOTION2VEC_REPO, MEMO_REPO, VAE_REPO, WAV2VEC_REPO
 from memo.runtime.parallel import PARALLEL_CHOICES
 from memo.sampling.speed import SOLVERS, SPEEDS, SpeedSettings, resolve_speed, speed_problems
@@ -74,7 +74,7 @@ class InferenceConfig:
     num_past_frames: int = setting(16, "generated frames each later clip conditions on", minimum=1)
     inference_steps: int = setting(20, "denoising steps per clip", minimum=1)
     cfg_scale: float = setting(3.5, "classifier-free guidance scale; 1 turns it off (about twice as fast)", minimum=0.0)
-    seed: int = setting(42, "random seed of the noise", minimum=0)
+    seed: int = setting(42, "random seed of the noise", minimum=0, maximum=SEED_MAX)
 
     # Conditions.
     framing: str = setting(
