@@ -162,7 +162,7 @@ def test_bad_image(pack, speech, tmp_path, image_kind, fragments, runner):
 @pytest.mark.parametrize(
     "audio_kind, fragments",
     [
-        ("missing", ["missing.wav", "not found"]),
+        ("missing", ["missing.wav", "does not exist"]),
         ("corrupt", ["corrupt.wav"]),
         ("empty", ["empty.wav"]),
         ("blip", ["blip.wav", "shorter than one video frame"]),

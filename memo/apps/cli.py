@@ -65,6 +65,28 @@ def add_settings_arguments(
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
+def parse_with_settings(
+    parser: argparse.ArgumentParser, argv: list[str] | None, names: list[str]
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an unknown ``--NAME [VALUE]`` or ``--NAME=VALUE`` where NAME is a
+    setting (of ``names``) is answered with the form settings take: ``NAME=VALUE`` (exit status 2)."""
+    args, unknown = parser.parse_known_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    for item in unknown:
+        if not item.startswith("--"):
+            continue
+        name, _, value = item[2:].partition("=")
+        key = name.replace("-", "_")
+        if key in names:
+            after = given[given.index(item) + 1 :] if item in given else []
+            if not value and after and not after[0].startswith("-") and "=" not in after[0]:
+                value = after[0]
+            parser.error(f"{item} is not an option: settings are given as key=value, e.g. {key}={value or '...'}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def report_error(error: UserError) -> int:
     """Print a user error as one ``error:`` line on stderr; returns its exit status, 2."""
     print(f"error: {error}", file=sys.stderr)
@@ -94,6 +116,13 @@ def model_settings(pack_config: Path) -> list[str]:
     return [f"{key}={value}" for key, value in OmegaConf.to_container(OmegaConf.load(pack_config)).items()]
 
 
+def inference_setting_names() -> list[str]:
+    from memo.settings.inference import InferenceConfig
+    from memo.settings.schema import setting_names
+
+    return setting_names(InferenceConfig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Generate a talking video from one portrait and one audio file with MEMO.",
@@ -111,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="check the installation offline: render with a tiny pack of RANDOM weights, built on first use "
         "(the video is noise; the name ends in _tiny.mp4); the config's model settings are replaced by the pack's",
     )
-    return parser.parse_args(argv)
+    return parse_with_settings(parser, argv, inference_setting_names())
 
 
 TINY_NOTICE = (

@@ -269,12 +269,17 @@ METRICS_FOLDER = "metrics"
 """The folder of a models folder (``evaluate.py --models``, the tiny pack) that holds the metric files."""
 
 
+def memo_cache_dir() -> Path:
+    """The project's own cache folder: ``$XDG_CACHE_HOME/memo``, else ``~/.cache/memo``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memo"
+
+
 def default_metric_models_dir() -> Path:
     """Where the metric files are kept by default: ``$MEMO_EVAL_MODELS``, else ``$XDG_CACHE_HOME/memo/evaluation``
     (``~/.cache/memo/evaluation``)."""
     if os.environ.get("MEMO_EVAL_MODELS"):
         return Path(os.environ["MEMO_EVAL_MODELS"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "memo" / "evaluation"
+    return memo_cache_dir() / "evaluation"
 
 
 def metric_download_command(models_dir: str | os.PathLike) -> str:
