@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     for line in evaluation.problems:
         print(line, file=sys.stderr)
     print(markdown(evaluation))
-    write_report(evaluation, out)
+    try:
+        write_report(evaluation, out)
+    except OSError as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"Wrote {out} and {out.with_suffix('.md')}")
     return 2 if any(line.startswith("error:") for line in evaluation.problems) else 0

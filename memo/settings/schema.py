@@ -263,11 +263,16 @@ def load_layers(
             if key in layer:
                 logger.warning("Ignoring %s from %s: %s.", key, origin, why)
                 del layer[key]
+        kinds = dict(zip(names, [kind for _, kind, _, _ in describe(cls)]))
         for key, known in _leaves(layer, cls):
             if not known:
                 raise ConfigError(
                     f"Unknown setting {key!r} in {origin}{closest(key, names)} (`{help_command}` lists every setting)."
                 )
+            value = OmegaConf.select(layer, key, default=None)
+            if kinds.get(key, "").startswith("bool") and isinstance(value, int) and not isinstance(value, bool):
+                if value not in (0, 1):  # OmegaConf takes any number as true
+                    raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
