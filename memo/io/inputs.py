@@ -37,5 +37,5 @@ def input_problem(path: str | os.PathLike, what: str = "file") -> str | None:
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
         return "is a pipe (a shell's <(...) gives one), which can be read only once; save it to a file and give that"
     if not stat.S_ISREG(mode):
-        return f"is not a regular file (a device?); give a {what}"
+        return f"is not a regular file (a device?); give the {what} itself"
     return None

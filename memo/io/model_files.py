@@ -150,7 +150,8 @@ def file_problem(path: str | os.PathLike) -> str | None:
             try:
                 value = yaml.safe_load(path.read_text(encoding="utf-8"))
             except (yaml.YAMLError, UnicodeDecodeError) as error:
-                return f"is not valid YAML ({' '.join(str(error).split())})"
+                reason = " ".join(str(error).replace('in "<unicode string>", ', "").split())
+                return f"is not valid YAML ({reason})"
             return None if isinstance(value, dict) else "is YAML but not a mapping of settings"
         if suffix == ".safetensors":
             return _safetensors_problem(path, size)
