@@ -279,7 +279,7 @@ def test_disk_full_mid_render_e2e(pack, tmp_path):
     subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], timeout=600, check=False)
     err = (tmp_path / "err").read_text()
     assert (tmp_path / "rc").read_text().strip() == "2", err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "the disk is full while writing" in lines[0], err
+    # the progress bar's last line ends in \r, so the error line follows it on the same terminal line
+    assert err.count("error: ") == 1 and "error: the disk is full while writing" in err, err
     assert "Traceback" not in err
     assert (tmp_path / "left").read_text().split() == ["filler"]
