@@ -50,7 +50,7 @@ def output_size(photo_size: tuple[int, int], max_side: int) -> tuple[int, int]:
         raise ValueError(f"max_side must be at least 2 pixels, got {max_side}.")
     width, height = photo_size
     scale = min(1.0, max_side / max(width, height))
-    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+    return max(2, round(width * scale) // 2 * 2), max(2, round(height * scale) // 2 * 2)
 
 
 def _ramp(start: float, end: float, size: int, band: float, soft_start: bool, soft_end: bool) -> np.ndarray:
