@@ -244,7 +244,9 @@ class MemoPasteBack:
                 f"{crop.image_size[0]}x{crop.image_size[1]} picture; connect the same picture to both."
             )
         if frames.dim() != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
-            raise MemoNodeError(f"The frames input must be an IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}.")
+            raise MemoNodeError(
+                f"The frames input must be an IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}."
+            )
         size = (int(frames.shape[2]), int(frames.shape[1]))
         if size != crop.video_size:
             raise MemoNodeError(
@@ -253,7 +255,9 @@ class MemoPasteBack:
             )
         plan = PasteBack.plan(picture, crop.box, size, max_output_side)
         width, height = plan.size
-        logger.info("MEMO Paste Back: %d frames of %dx%d into the picture, output %dx%d", len(frames), *size, width, height)
+        logger.info(
+            "MEMO Paste Back: %d frames of %dx%d into the picture, output %dx%d", len(frames), *size, width, height
+        )
         out = torch.empty((len(frames), height, width, 3), dtype=torch.float32)
         for index, frame in enumerate(frames):
             pixels = frame.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()

@@ -53,9 +53,7 @@ def neighbour_difference(picture: np.ndarray) -> float:
     """The photo's own typical step between neighbouring pixels: the median absolute difference, over both axes
     and the colour channels."""
     picture = picture.astype(np.float32)
-    steps = np.concatenate(
-        [np.abs(np.diff(picture, axis=1)).ravel(), np.abs(np.diff(picture, axis=0)).ravel()]
-    )
+    steps = np.concatenate([np.abs(np.diff(picture, axis=1)).ravel(), np.abs(np.diff(picture, axis=0)).ravel()])
     return float(np.median(steps))
 
 
@@ -215,7 +213,7 @@ def test_frames_are_pasted_and_written_one_at_a_time():
     _, frame, paste = synthetic()
     clip = torch.from_numpy(np.stack([frame, frame[::-1]])).permute(3, 0, 1, 2).float() / 255  # (3, n, h, w)
     written = []
-    paste.streaming(written.append)(clip)
+    paste.streaming(lambda pixels: written.append(pixels.copy()))(clip)  # the writer encodes it before returning
     assert [w.shape for w in written] == [(1, 360, 640, 3)] * 2
     np.testing.assert_array_equal(written[0][0], paste.paste(frame))
     np.testing.assert_array_equal(written[1][0], paste.paste(np.ascontiguousarray(frame[::-1])))
@@ -325,7 +323,9 @@ def test_inference_pastes_the_video_back_into_the_photo(case, speech, tmp_path):
 
     plain = run_program(pack_args, image, speech, tmp_path / "plain")
     assert plain.returncode == 0, plain.stderr
-    pasted = run_program(pack_args, image, speech, tmp_path / "pasted", "paste_back=true", f"max_output_side={max_side}")
+    pasted = run_program(
+        pack_args, image, speech, tmp_path / "pasted", "paste_back=true", f"max_output_side={max_side}"
+    )
     assert pasted.returncode == 0, pasted.stderr
     width, height = out_size
     assert f"output {width}x{height}" in pasted.stderr and f"{width}x{height}, in" in pasted.stderr

@@ -1,8 +1,9 @@
 """The web app: a Gradio page over one :class:`MemoGenerator`, loaded once at start and shared by every request.
 
-Per-request settings (emotion, size, steps, guidance, seed, framing, speed, paste back) go through ``MemoGenerator.with_settings``,
-which shares the loaded models. Renders run one at a time (later requests wait in Gradio's queue); errors from
-bad input show as their message in the page, anything else as a short message with the details in the log.
+Per-request settings (emotion, size, steps, guidance, seed, framing, speed, paste back) go through
+``MemoGenerator.with_settings``, which shares the loaded models. Renders run one at a time (later requests wait in
+Gradio's queue); errors from bad input show as their message in the page, anything else as a short message with
+the details in the log.
 """
 
 from __future__ import annotations

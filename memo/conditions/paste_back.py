@@ -22,8 +22,8 @@ frame at a time, so a video of any length never needs more than one full-size fr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -66,14 +66,32 @@ def _ramp(start: float, end: float, size: int, band: float, soft_start: bool, so
     return weight.astype(np.float32)
 
 
+_SAMPLE = 4
+"""The band's mean colours are taken on every this-many-th pixel across and down (they change slowly)."""
+
+
+@dataclass
+class _Strip:
+    """One side of the band: its rows and columns of the region, the generated pixels' weight and the photo's,
+    and, sampled, the weights of the colour means and the photo's weighted colour sum."""
+
+    rows: slice
+    columns: slice
+    weight: np.ndarray
+    rest: np.ndarray
+    middle: np.ndarray
+    photo_sum: np.ndarray
+
+
 @dataclass
 class PasteBack:
     """The plan of pasting generated frames into a photo; :meth:`paste` applies it to one frame.
 
     ``photo``: the photo at the output size, (H, W, 3) uint8. ``region``: the crop in output pixels (left, top,
-    right, bottom), floats. ``roi``: the whole output pixels it covers (x0, y0, x1, y1). ``weights``: (rows,
-    columns) of the generated pixels' weight over ``roi`` (their outer product is the mask). ``frame_size``: the
-    generated frames' (width, height). ``band``: the band's width in output pixels.
+    right, bottom), floats. ``roi``: the whole output pixels it covers (x0, y0, x1, y1). ``rows``, ``columns``:
+    the generated pixels' weight down and across ``roi``, (y1 - y0,) and (x1 - x0,) float32 (the mask is their
+    outer product). ``frame_size``: the generated frames' (width, height). ``band``: the band's width in output
+    pixels.
     """
 
     photo: np.ndarray
@@ -83,6 +101,8 @@ class PasteBack:
     columns: np.ndarray
     frame_size: tuple[int, int]
     band: float
+    _strips: list[_Strip] | None = field(default=None, repr=False)
+    _inner: tuple[slice, slice] = field(default=(slice(0, 0), slice(0, 0)), repr=False)
 
     @classmethod
     def plan(
@@ -145,70 +165,91 @@ class PasteBack:
             borderMode=cv2.BORDER_REPLICATE,
         )
 
-    def paste(self, frame: np.ndarray) -> np.ndarray:
-        """One generated frame, (h, w, 3) uint8 of :attr:`frame_size`, pasted into the photo: (H, W, 3) uint8."""
+    def _bands(self) -> list[_Strip]:
+        """The band as up to four strips of :attr:`roi` around the inner rectangle, with their weights, made once."""
+        if self._strips is None:
+            inner_rows, inner_columns = np.flatnonzero(self.rows == 1), np.flatnonzero(self.columns == 1)
+            if inner_rows.size and inner_columns.size:
+                r0, r1, c0, c1 = (
+                    int(inner_rows[0]),
+                    int(inner_rows[-1]) + 1,
+                    int(inner_columns[0]),
+                    int(inner_columns[-1]) + 1,
+                )
+            else:
+                r0 = r1 = c0 = c1 = 0
+            self._inner = (slice(r0, r1), slice(c0, c1))
+            rows, columns = len(self.rows), len(self.columns)
+            places = [(0, r0, 0, columns), (r1, rows, 0, columns), (r0, r1, 0, c0), (r0, r1, c1, columns)]
+            x0, y0 = self.roi[:2]
+            self._strips = []
+            for top, bottom, left, right in places:
+                if bottom <= top or right <= left:
+                    continue
+                rs, cs = slice(top, bottom), slice(left, right)
+                weight = np.ascontiguousarray(self.rows[rs, None] * self.columns[None, cs])
+                middle = (weight * (1.0 - weight))[::_SAMPLE, ::_SAMPLE]
+                picture = self.photo[y0 + top : y0 + bottom, x0 + left : x0 + right][::_SAMPLE, ::_SAMPLE]
+                photo_sum = np.tensordot(middle, picture.astype(np.float32), axes=([0, 1], [0, 1]))
+                self._strips.append(_Strip(rs, cs, weight, 1.0 - weight, middle, photo_sum))
+        return self._strips
+
+    def paste(self, frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """One generated frame, (h, w, 3) uint8 of :attr:`frame_size`, pasted into the photo: (H, W, 3) uint8.
+
+        ``out``, an earlier result of this plan, is written over (only the crop's region changes from frame to
+        frame); by default a new array is returned.
+        """
         if frame.shape != (self.frame_size[1], self.frame_size[0], 3) or frame.dtype != np.uint8:
-            raise ValueError(
-                f"Expected a ({self.frame_size[1]}, {self.frame_size[0]}, 3) uint8 frame, got {frame.shape} {frame.dtype}."
-            )
-        out = self.photo.copy()
+            expected = (self.frame_size[1], self.frame_size[0], 3)
+            raise ValueError(f"Expected a {expected} uint8 frame, got {frame.shape} {frame.dtype}.")
+        strips = self._bands()
+        if out is None:
+            out = self.photo.copy()
         x0, y0, x1, y1 = self.roi
         generated = self.resample(frame)
-        # The inner rectangle (weight 1 on both axes) is the generated frame as it is; only the band blends.
-        inner_rows, inner_columns = np.flatnonzero(self.rows == 1), np.flatnonzero(self.columns == 1)
-        if inner_rows.size and inner_columns.size:
-            r0, r1, c0, c1 = inner_rows[0], inner_rows[-1] + 1, inner_columns[0], inner_columns[-1] + 1
-        else:
-            r0 = r1 = c0 = c1 = 0
-        strips = [
-            (slice(0, r0), slice(None)),
-            (slice(r1, None), slice(None)),
-            (slice(r0, r1), slice(0, c0)),
-            (slice(r0, r1), slice(c1, None)),
-        ]
-        strips = [(rs, cs) for rs, cs in strips if self.rows[rs].size and self.columns[cs].size]
         target = out[y0:y1, x0:x1]
-        target[r0:r1, c0:c1] = generated[r0:r1, c0:c1]
+        target[self._inner] = generated[self._inner]
         if not strips:
             return out
-        parts = []
-        for rs, cs in strips:
-            weight = (self.rows[rs, None] * self.columns[None, cs])[..., None]
-            parts.append((rs, cs, weight, generated[rs, cs].astype(np.float32), target[rs, cs].astype(np.float32)))
-        shift = _colour_shift(parts)
-        for rs, cs, weight, gen, pic in parts:
-            if shift is not None:
-                gen = gen + (1.0 - weight) * shift
-            target[rs, cs] = np.clip(pic + weight * (gen - pic) + 0.5, 0, 255).astype(np.uint8)
+        photo = self.photo[y0:y1, x0:x1]
+        shift = _colour_shift(strips, generated)
+        for strip in strips:
+            gen, pic = generated[strip.rows, strip.columns], photo[strip.rows, strip.columns]
+            if shift is None:
+                target[strip.rows, strip.columns] = cv2.blendLinear(gen, pic, strip.weight, strip.rest)
+            else:
+                blend = strip.weight[..., None] * (gen.astype(np.float32) - pic) + pic
+                blend += (strip.weight * strip.rest)[..., None] * shift
+                target[strip.rows, strip.columns] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
         return out
-
-    def paste_frames(self, frames: torch.Tensor) -> Iterator[np.ndarray]:
-        """Each frame of a clip, a float (3, n, h, w) tensor in [0, 1] as the generator hands it over, pasted:
-        (H, W, 3) uint8 arrays, one at a time."""
-        pixels = frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 3, 0)
-        for frame in pixels.cpu().numpy():
-            yield self.paste(np.ascontiguousarray(frame))
 
     def streaming(self, write: Callable[[np.ndarray], None]) -> Callable[[torch.Tensor], None]:
         """A clip callback for the generator: pastes each frame and hands it to ``write`` as a (1, H, W, 3)
-        uint8 array (:meth:`memo.io.video.VideoWriter.write`), so no more than one full-size frame is held."""
+        uint8 array (:meth:`memo.io.video.VideoWriter.write`), so no more than one full-size frame is held. The
+        array is the same buffer every time, written over by the next frame: ``write`` must use (encode, copy) it
+        before it returns."""
+
+        buffer = self.photo.copy()
 
         def on_clip(frames: torch.Tensor) -> None:
-            for pasted in self.paste_frames(frames):
-                write(pasted[None])
+            pixels = frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 3, 0)
+            for frame in pixels.cpu().numpy():
+                write(self.paste(np.ascontiguousarray(frame), out=buffer)[None])
 
         return on_clip
 
 
-def _colour_shift(parts: list) -> np.ndarray | None:
-    """The photo's mean colour minus the generated pixels' over the band (weighted towards its middle), (3,)
-    float32, when any channel differs by more than :data:`COLOUR_STEP`; else None."""
-    total, weights = np.zeros(3, dtype=np.float64), 0.0
-    for _rs, _cs, weight, gen, pic in parts:
-        middle = weight * (1.0 - weight)
-        total += (middle * (pic - gen)).sum(axis=(0, 1))
-        weights += float(middle.sum())
+def _colour_shift(strips: list[_Strip], generated: np.ndarray) -> np.ndarray | None:
+    """The photo's mean colour minus the generated pixels' over the band (weighted towards its middle, sampled
+    every :data:`_SAMPLE` pixels), (3,) float32, when any channel differs by more than :data:`COLOUR_STEP`;
+    else None."""
+    weights = sum(float(strip.middle.sum()) for strip in strips)
     if weights <= 0:
         return None
+    total = np.zeros(3, dtype=np.float64)
+    for strip in strips:
+        gen = generated[strip.rows, strip.columns][::_SAMPLE, ::_SAMPLE].astype(np.float32)
+        total += strip.photo_sum - np.tensordot(strip.middle, gen, axes=([0, 1], [0, 1]))
     shift = total / weights
     return shift.astype(np.float32) if np.abs(shift).max() > COLOUR_STEP else None

@@ -81,8 +81,8 @@ TINY_FACES = (
 
 
 class TinySCRFD(nn.Module):
-    """Scores each of ``faces`` (:data:`TINY_FACES` unless given) by the texture inside its box (and, for an isolated one, the flatness
-    of the ring around it); boxes and keypoints are fixed."""
+    """Scores each of ``faces`` (:data:`TINY_FACES` unless given) by the texture inside its box (and, for an
+    isolated one, the flatness of the ring around it); boxes and keypoints are fixed."""
 
     def __init__(self, faces: tuple[TinyFace, ...] = TINY_FACES) -> None:
         super().__init__()
