@@ -3,7 +3,7 @@ H.264 encode, and peak host memory against the video's length.
 
     python scripts/paste_back_benchmark.py --device cuda --dtype bf16        # on a GPU: the ratio that matters
     python scripts/paste_back_benchmark.py --device cpu --dtype fp32 --frames 8
-    python scripts/paste_back_benchmark.py --memory                          # peak host memory, 2 vs 6 clips
+    python scripts/paste_back_benchmark.py --memory                          # peak host memory, 2, 6 and 12 clips
 
 The cost part decodes ``--frames`` random latents with the SD VAE's architecture (sd-vae-ft-mse, random weights,
 no downloads) at ``--size``, then pastes the decoded frames into a ``--photo`` picture (4K by default, written at
@@ -11,10 +11,11 @@ no downloads) at ``--size``, then pastes the decoded frames into a ``--photo`` p
 and encodes them with the program's writer at the crop's size and at the pasted size. It prints seconds per frame
 of each, the device, and the ratio of the paste to the decode.
 
-``--memory`` renders whole videos with the tiny pack (``inference.py --tiny``'s random models, on the CPU) and
-``paste_back=true`` into a 4K photo, once with ``--clips`` 2 and once with 6, each in a fresh process, and prints
-each process's peak resident memory: flat in the video's length, against what holding the pasted frames would
-take.
+``--memory`` renders whole videos with the tiny pack (``inference.py --tiny``'s random models, on the CPU) from a
+4K photo, ``--lengths`` clips long (2, 6 and 12), with ``paste_back`` false and true, each in a fresh process, and
+prints each process's peak resident memory, against what holding the pasted frames would take. With paste_back it
+grows until libx264's lookahead is full (about 40 frames of the larger size, reached within 3 clips), then stays
+flat.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def render_child(args: argparse.Namespace) -> None:
     seconds = args.clips * FRAMES_PER_CLIP / FPS - 0.01  # exactly that many clips
     soundfile.write(audio, np.resize(samples, int(seconds * rate)), rate)
     overrides = [*model_settings(cached_tiny_pack()), "inference_steps=1", "cfg_scale=1", "vocal_separation=false"]
-    overrides += ["device=cpu", "emotion=neutral", "paste_back=true", f"max_output_side={args.max_side}"]
+    overrides += ["device=cpu", "emotion=neutral", f"paste_back={args.paste}", f"max_output_side={args.max_side}"]
     generator = MemoGenerator(load_config(None, overrides))
     generator.generate(image, audio, folder / f"out_{args.clips}.mp4", overwrite=True)
     print(f"peak_rss_bytes={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}")
@@ -140,25 +141,29 @@ def render_child(args: argparse.Namespace) -> None:
 
 def measure_memory(args: argparse.Namespace) -> None:
     width, height = output_size(args.photo, args.max_side)
-    peaks = {}
+    peaks: dict[tuple[str, int], int] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for clips in (2, 6):
-            command = [sys.executable, __file__, "--child", folder, "--clips", str(clips)]
-            command += ["--photo", f"{args.photo[0]}x{args.photo[1]}", "--max_side", str(args.max_side)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            line = [text for text in result.stdout.splitlines() if text.startswith("peak_rss_bytes=")]
-            if result.returncode or not line:
-                sys.exit(f"the {clips}-clip render failed:\n{result.stderr}")
-            peaks[clips] = int(line[0].split("=")[1])
+        for paste in ("false", "true"):
+            for clips in args.lengths:
+                command = [sys.executable, __file__, "--child", folder, "--clips", str(clips), "--paste", paste]
+                command += ["--photo", f"{args.photo[0]}x{args.photo[1]}", "--max_side", str(args.max_side)]
+                result = subprocess.run(command, capture_output=True, text=True, check=False)
+                line = [text for text in result.stdout.splitlines() if text.startswith("peak_rss_bytes=")]
+                if result.returncode or not line:
+                    sys.exit(f"the {clips}-clip render (paste_back={paste}) failed:\n{result.stderr}")
+                peaks[paste, clips] = int(line[0].split("=")[1])
     frame = width * height * 3
-    print(f"tiny pack on the CPU, paste_back into a {args.photo[0]}x{args.photo[1]} photo, output {width}x{height}")
-    for clips, peak in peaks.items():
+    print(f"tiny pack on the CPU, a {args.photo[0]}x{args.photo[1]} photo; paste_back=true writes {width}x{height}")
+    print("clips  frames  paste_back=false  paste_back=true  (the pasted frames held together)")
+    for clips in args.lengths:
         frames = clips * FRAMES_PER_CLIP
         print(
-            f"{clips} clips ({frames} frames): peak host memory {peak / 2**20:7.1f} MiB "
-            f"(the pasted frames alone would be {frames * frame / 2**20:6.1f} MiB)"
+            f"{clips:5d}  {frames:6d}  {peaks['false', clips] / 2**20:12.1f} MiB  {peaks['true', clips] / 2**20:11.1f} MiB"
+            f"  ({frames * frame / 2**20:.0f} MiB)"
         )
-    print(f"6 clips - 2 clips: {(peaks[6] - peaks[2]) / 2**20:+.1f} MiB; one pasted frame is {frame / 2**20:.1f} MiB")
+    first, last = args.lengths[-2], args.lengths[-1]
+    grown = (peaks["true", last] - peaks["true", first]) / 2**20
+    print(f"paste_back=true, {first} -> {last} clips: {grown:+.1f} MiB; one pasted frame is {frame / 2**20:.1f} MiB")
 
 
 def main() -> None:
@@ -170,9 +175,13 @@ def main() -> None:
     parser.add_argument("--vae_batch_size", type=int, default=8)
     parser.add_argument("--photo", type=parse_size, default=(3840, 2160), help="photo WxH (default: 3840x2160)")
     parser.add_argument("--max_side", type=int, default=1920, help="max_output_side (default: %(default)s)")
-    parser.add_argument("--memory", action="store_true", help="peak host memory of whole renders, 2 vs 6 clips")
+    parser.add_argument("--memory", action="store_true", help="peak host memory of whole renders of --lengths clips")
+    parser.add_argument(
+        "--lengths", type=lambda text: [int(n) for n in text.split(",")], default=[2, 6, 12], help="default: 2,6,12"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--clips", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--paste", default="true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         render_child(args)
