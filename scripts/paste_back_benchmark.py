@@ -157,10 +157,8 @@ def measure_memory(args: argparse.Namespace) -> None:
     print("clips  frames  paste_back=false  paste_back=true  (the pasted frames held together)")
     for clips in args.lengths:
         frames = clips * FRAMES_PER_CLIP
-        print(
-            f"{clips:5d}  {frames:6d}  {peaks['false', clips] / 2**20:12.1f} MiB  {peaks['true', clips] / 2**20:11.1f} MiB"
-            f"  ({frames * frame / 2**20:.0f} MiB)"
-        )
+        plain, pasted = peaks["false", clips] / 2**20, peaks["true", clips] / 2**20
+        print(f"{clips:5d}  {frames:6d}  {plain:12.1f} MiB  {pasted:11.1f} MiB  ({frames * frame / 2**20:.0f} MiB)")
     first, last = args.lengths[-2], args.lengths[-1]
     grown = (peaks["true", last] - peaks["true", first]) / 2**20
     print(f"paste_back=true, {first} -> {last} clips: {grown:+.1f} MiB; one pasted frame is {frame / 2**20:.1f} MiB")
