@@ -70,7 +70,7 @@ def main() -> None:
         draw.text((x, top + PANEL_HEIGHT + 8), text, fill="black")
         x += im.width + gap
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.output, optimize=True)
+    sheet.quantize(256).save(args.output, optimize=True)  # a palette keeps the file under 300 kB
     print(f"wrote {args.output}")
 
 
