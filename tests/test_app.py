@@ -87,10 +87,14 @@ def app_url(pack, tmp_path_factory):
         print((root / "app.log").read_text())
 
 
-def generate_args(image: Path, audio: Path, *, steps: int = 2, guidance: float = 3.5, speed: str = "exact") -> tuple:
-    """The /generate endpoint's inputs: image, audio, emotion, size, steps, guidance, seed, framing, speed."""
+def generate_args(
+    image: Path, audio: Path, *, steps: int = 2, guidance: float = 3.5, speed: str = "exact", paste_back: bool = False
+) -> tuple:
+    """The /generate endpoint's inputs: image, audio, emotion, size, steps, guidance, seed, framing, speed,
+    paste_back."""
     handle_file = gradio_client.handle_file
-    return handle_file(str(image)), handle_file(str(audio)), "auto", "64x64", steps, guidance, 7, "crop", speed
+    files = handle_file(str(image)), handle_file(str(audio))
+    return *files, "auto", "64x64", steps, guidance, 7, "crop", speed, paste_back
 
 
 @pytest.mark.e2e
@@ -200,3 +204,10 @@ def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path
     Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
     with pytest.raises(gr.Error, match="No face was found in .*flat_grey.png"):
         app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record)
+    # The paste back checkbox: the video at the photo's size (a wide one, to tell it from the square crop).
+    wide = tmp_path / "wide.png"
+    Image.open(EXAMPLE_IMAGE).convert("RGB").resize((384, 256)).save(wide)
+    pasted = app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record)
+    assert (probe_video(pasted).width, probe_video(pasted).height) == (384, 256)
+    with pytest.raises(gr.Error, match="paste_back=true needs framing=crop"):
+        app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)

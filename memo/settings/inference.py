@@ -81,6 +81,10 @@ class InferenceConfig:
         "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)", choices=FRAMINGS
     )
     allow_no_face: bool = setting(False, "go on with a zero face embedding when no face is found")
+    paste_back: bool = setting(False, "paste each frame back into the photo: the video at the photo's own size (crop)")
+    max_output_side: int = setting(
+        1920, "with paste_back, the video's longer side at most this (the photo is scaled down, never up)", minimum=64
+    )
     vocal_separation: bool = setting(True, "separate the voice from music before reading the audio")
     emotion: str = setting("auto", "auto: read from the voice; or one emotion for the whole video", choices=EMOTIONS)
 
@@ -170,6 +174,11 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(
             "parallel=guidance needs an even num_generated_frames_per_clip (each half's frames meet the two "
             f"halves' reference frames in turn), got {config.num_generated_frames_per_clip}"
+        )
+    if config.paste_back and config.framing != "crop":
+        problems.append(
+            f"paste_back=true needs framing=crop (framing={config.framing} animates the whole squashed picture, "
+            "so there is no region to paste back into); use framing=crop or paste_back=false"
         )
     if config.vae_tile_size < 0 or config.vae_tile_size % 64:
         problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")
