@@ -66,39 +66,60 @@ def _looks_like_command(text: str) -> bool:
     return bool(words) and (words[0] in COMMAND_STARTS or (words[0].endswith(".py") and len(words) > 1))
 
 
-def shown_commands(page: Path) -> list[Shown]:
-    """The commands of ``page``: every line of its bash blocks (continuations joined) and its inline commands."""
-    name = str(page.relative_to(REPO))
-    shown, fence, pending = [], None, ""
-    for number, line in enumerate(page.read_text().splitlines(), start=1):
+def _blocks(page: Path) -> list[tuple[int, str | None, str]]:
+    """``(first line, fence, text)`` of each shell line of a fenced block (``\\`` continuations joined; fence
+    is the block's language) and of each prose paragraph (lines joined, fence None), so that an inline code
+    span broken over two lines is read whole."""
+    blocks, fence, pending, start = [], None, [], 0
+    for number, line in enumerate([*page.read_text().splitlines(), ""], start=1):
         stripped = line.strip()
         if stripped.startswith("```"):
-            fence = None if fence is not None else stripped[3:].strip()
+            if fence is None and pending:
+                blocks.append((start, None, " ".join(pending)))
+            pending, fence = [], (None if fence is not None else stripped[3:].strip())
             continue
+        if fence is not None:
+            if pending or stripped:
+                start = number if not pending else start
+                pending.append(line.rstrip("\\").strip())
+                if not line.endswith("\\"):
+                    blocks.append((start, fence, " ".join(pending)))
+                    pending = []
+        elif stripped and not stripped.startswith("|"):
+            start = number if not pending else start
+            pending.append(stripped)
+        else:
+            if pending:
+                blocks.append((start, None, " ".join(pending)))
+            pending = []
+            if stripped:  # a table row: one line
+                blocks.append((number, None, stripped))
+    return blocks
+
+
+def shown_commands(page: Path) -> list[Shown]:
+    """The commands of ``page``: every line of its bash blocks and its inline commands."""
+    name = str(page.relative_to(REPO))
+    shown = []
+    for number, fence, text in _blocks(page):
         if fence in ("bash", "sh", "shell"):
-            pending += line.rstrip("\\").strip() + " "
-            if not line.endswith("\\"):
-                if pending.strip():
-                    shown.append(Shown(name, number, pending.strip()))
-                pending = ""
+            shown.append(Shown(name, number, text))
         elif fence is None:
-            shown += [Shown(name, number, span) for span in _code_spans(line) if _looks_like_command(span)]
+            shown += [Shown(name, number, span) for span in _code_spans(text) if _looks_like_command(span)]
     return shown
 
 
 def shown_settings(page: Path) -> list[Shown]:
     """Inline code in prose that is only ``key=value`` pairs (``offload=model``, ``width=512 height=768``)."""
     name = str(page.relative_to(REPO))
-    found, fence = [], None
-    for number, line in enumerate(page.read_text().splitlines(), start=1):
-        if line.strip().startswith("```"):
-            fence = None if fence is not None else line
-            continue
-        if fence is None:
-            for span in _code_spans(line):
-                if re.fullmatch(r"[a-z][\w.]*=[^\s=]\S*( [a-z][\w.]*=[^\s=]\S*)*", span):
-                    found.append(Shown(name, number, span))
-    return found
+    pairs = re.compile(r"[a-z][\w.]*=[^\s=]\S*( [a-z][\w.]*=[^\s=]\S*)*")
+    return [
+        Shown(name, number, span)
+        for number, fence, text in _blocks(page)
+        if fence is None
+        for span in _code_spans(text)
+        if pairs.fullmatch(span)
+    ]
 
 
 def words_of(text: str) -> list[list[str]]:
