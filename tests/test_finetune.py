@@ -561,15 +561,15 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
             "data.audio_start_ratio": 0.0,
             "uncond_img_ratio": 0.0,
             "uncond_audio_ratio": 0.0,
-            "learning_rate": 3e-3,
-            "max_train_steps": 40,
+            "learning_rate": 6e-3,  # 15 steps at 6e-3 fall as far as 40 at 3e-3 did, in 3/8 of the time
+            "max_train_steps": 15,
             "checkpointing_steps": 1000,
             "trainable_modules": ["motion_modules", "conv_out"],
         },
     )
     config = load_config(path, exp_name="overfit")
     summary = train(config)
-    assert summary["step"] == 40
+    assert summary["step"] == 15
 
     def probe_loss(model_dir: Path) -> float:
         networks, vae, _ = load_model_components(str(model_dir), str(tiny_checkpoint / "vae"))
@@ -599,8 +599,8 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
         return total / 4
 
     before = probe_loss(tiny_checkpoint)
-    after = probe_loss(Path(config.output_dir) / "checkpoint-40")
-    assert after < 0.8 * before, (before, after)  # about 0.55 x in practice
+    after = probe_loss(Path(config.output_dir) / "checkpoint-15")
+    assert after < 0.8 * before, (before, after)  # about 0.6 x in practice
 
 
 def test_validation_reference_image_is_loaded_as_inference_loads_it(tmp_path):
