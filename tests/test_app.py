@@ -163,16 +163,11 @@ def test_the_page_in_a_browser_renders_the_example(app_url):
             browser.close()
 
 
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
-def test_bad_settings_stop_the_app_with_a_message(pack, where):
+def test_bad_settings_stop_the_app_with_a_message(pack):
+    """In this process; ``app.py`` started as a program stops on bad settings in test_settings.py."""
     from memo.apps import web
 
-    args = ["--config", str(pack / "inference.yaml"), "resolution=100"]
-    if where == "program":
-        command = [sys.executable, str(REPO / "app.py"), *args]
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
-    else:
-        result = run_main(web.main, args)
+    result = run_main(web.main, ["--config", str(pack / "inference.yaml"), "resolution=100"])
     assert result.returncode == 2
     assert "error: Invalid settings: width must be a positive multiple of 64" in result.stderr
     assert "Traceback" not in result.stderr
