@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO, run_main
+from conftest import REPO, link_example_files, run_main
 from PIL import Image
 
 from memo.apps import cli
@@ -244,9 +244,7 @@ def test_stretch_framing_with_paste_back_is_refused_in_one_line(pack, tmp_path):
 def test_batch_manifest_takes_paste_back_as_a_column(tmp_path):
     from memo.apps.batch import ManifestError, load_jobs
 
-    examples = REPO / "assets" / "examples"
-    for name, source in (("a.png", "portrait.jpg"), ("c.png", "portrait.jpg"), ("b.wav", "speech.wav")):
-        (tmp_path / name).symlink_to(examples / source)  # the manifest's files are checked when it loads
+    link_example_files(tmp_path, a="a.png", c="c.png", b="b.wav")
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("image,audio,paste_back,max_output_side\na.png,b.wav,true,1280\nc.png,b.wav,,\n")
     base, jobs = load_jobs(manifest, tmp_path / "out", None, [])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO, run_main
+from conftest import REPO, link_example_files, run_main
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_pipeline import FPC, make_inputs
 
@@ -250,9 +250,7 @@ def test_settings_validate_with_clear_errors():
 
 
 def test_speed_is_a_manifest_column(pack, tmp_path):
-    for name in ("a", "b"):  # the manifest's files are checked when it loads
-        (tmp_path / f"{name}.jpg").symlink_to(REPO / "assets" / "examples" / "portrait.jpg")
-        (tmp_path / f"{name}.wav").symlink_to(REPO / "assets" / "examples" / "speech.wav")
+    link_example_files(tmp_path, a="a.jpg", b="b.jpg", c="a.wav", d="b.wav")
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("image,audio,speed,deep_cache_interval\na.jpg,a.wav,fast,\nb.jpg,b.wav,exact,3\n")
     _, jobs = load_jobs(manifest, tmp_path / "out", pack / "inference.yaml", [])
