@@ -1,15 +1,19 @@
-"""The MEMO nodes: load the models, read the emotion of a voice, preview the face crop, and render a portrait
-speaking an audio clip. Every node is a thin layer over ``memo.generator.MemoGenerator``.
+"""The MEMO nodes: load the models, read the emotion of a voice, preview the face crop, render a portrait
+speaking an audio clip, and paste the rendered crop back into the picture. Every node is a thin layer over
+``memo.generator.MemoGenerator`` and ``memo.conditions.paste_back``.
 
 Node classes follow ComfyUI's node definition: ``INPUT_TYPES``, ``RETURN_TYPES``, ``RETURN_NAMES``,
-``FUNCTION`` and ``CATEGORY``. Values between MEMO nodes: ``MEMO_MODEL`` (a :class:`runtime.MemoModel`) and
-``MEMO_EMOTION`` (one emotion class id per sample of the audio at 16 kHz, a (samples,) int64 tensor).
+``FUNCTION`` and ``CATEGORY``. Values between MEMO nodes: ``MEMO_MODEL`` (a :class:`runtime.MemoModel`),
+``MEMO_EMOTION`` (one emotion class id per sample of the audio at 16 kHz, a (samples,) int64 tensor) and
+``MEMO_CROP`` (a :class:`CropBox`: where MEMO Face Crop framed the picture).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from memo.conditions.emotion import (
@@ -19,6 +23,7 @@ from memo.conditions.emotion import (
     format_emotion_spans,
     sample_emotion_labels,
 )
+from memo.conditions.paste_back import PasteBack
 from memo.constants import EMOTION_NAMES
 from memo.io.hub import MEMO_REPO
 from memo.sampling.speed import SPEEDS
@@ -26,6 +31,7 @@ from memo.settings.inference import DEVICES, FRAMINGS, WEIGHT_DTYPES, InferenceC
 
 from .runtime import (
     MemoModel,
+    MemoNodeError,
     audio_to_decoded,
     frames_to_image,
     image_to_pil,
@@ -147,6 +153,16 @@ class MemoEmotion:
         return labels, format_emotion_spans(emotion_spans(labels))
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """The MEMO_CROP value: the region (left, top, right, bottom, in pixels) of a picture of ``image_size``
+    (width, height) that MEMO Face Crop framed at ``video_size`` (width, height); None with framing=stretch."""
+
+    box: tuple[float, float, float, float] | None
+    image_size: tuple[int, int]
+    video_size: tuple[int, int]
+
+
 class MemoFaceCrop:
     """The reference frame MEMO will animate: the portrait framed around its face at the video size."""
 
@@ -166,17 +182,87 @@ class MemoFaceCrop:
             }
         }
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("reference",)
+    RETURN_TYPES = ("IMAGE", "MEMO_CROP")
+    RETURN_NAMES = ("reference", "crop")
     FUNCTION = "crop"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Shows the face-centred crop (or the stretched picture) that MEMO Generate starts from."
+    DESCRIPTION = (
+        "Shows the face-centred crop (or the stretched picture) that MEMO Generate starts from, and where it lies "
+        "in the picture (for MEMO Paste Back)."
+    )
 
     def crop(self, memo: MemoModel, image: torch.Tensor, width: int, height: int, framing: str, allow_no_face: bool):
+        picture = image_to_pil(image)
         with shown_in_comfyui():
             generator = memo.generator.with_settings(width=width, height=height, framing=framing)
-            portrait = generator.prepare_portrait(image_to_pil(image), "the IMAGE input", allow_no_face)
-        return (pil_to_image(portrait.framed),)
+            portrait = generator.prepare_portrait(picture, "the IMAGE input", allow_no_face)
+        return pil_to_image(portrait.framed), CropBox(portrait.box, picture.size, (width, height))
+
+
+class MemoPasteBack:
+    """The generated frames pasted back into the picture they were cut from: the video at the picture's size."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("IMAGE", {"tooltip": "The frames of MEMO Generate (same width, height and framing)."}),
+                "image": ("IMAGE", {"tooltip": "The picture given to MEMO Face Crop and MEMO Generate."}),
+                "crop": ("MEMO_CROP", {"tooltip": "The crop output of MEMO Face Crop."}),
+                "max_output_side": (
+                    "INT",
+                    {
+                        "default": DEFAULTS.max_output_side,
+                        "min": 64,
+                        "max": 8192,
+                        "step": 2,
+                        "tooltip": setting_help("max_output_side"),
+                    },
+                ),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    FUNCTION = "paste"
+    CATEGORY = CATEGORY
+    DESCRIPTION = (
+        "Pastes each generated frame back onto the face crop's place in the picture, blended over a soft band: "
+        "the head moves, the rest of the picture stays (docs/paste-back.md)."
+    )
+
+    def paste(self, frames: torch.Tensor, image: torch.Tensor, crop: CropBox, max_output_side: int) -> tuple:
+        picture = image_to_pil(image)
+        if crop.box is None:
+            raise MemoNodeError(
+                "MEMO Face Crop used framing=stretch, so there is no region of the picture to paste into; "
+                "set its framing (and MEMO Generate's) to crop."
+            )
+        if picture.size != crop.image_size:
+            raise MemoNodeError(
+                f"The IMAGE input is {picture.width}x{picture.height} but MEMO Face Crop framed a "
+                f"{crop.image_size[0]}x{crop.image_size[1]} picture; connect the same picture to both."
+            )
+        if frames.dim() != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
+            raise MemoNodeError(
+                f"The frames input must be an IMAGE batch (frames, height, width, 3), got {tuple(frames.shape)}."
+            )
+        size = (int(frames.shape[2]), int(frames.shape[1]))
+        if size != crop.video_size:
+            raise MemoNodeError(
+                f"The frames are {size[0]}x{size[1]} but MEMO Face Crop framed for {crop.video_size[0]}x"
+                f"{crop.video_size[1]}; give MEMO Generate and MEMO Face Crop the same width and height."
+            )
+        plan = PasteBack.plan(picture, crop.box, size, max_output_side)
+        width, height = plan.size
+        logger.info(
+            "MEMO Paste Back: %d frames of %dx%d into the picture, output %dx%d", len(frames), *size, width, height
+        )
+        out = torch.empty((len(frames), height, width, 3), dtype=torch.float32)
+        for index, frame in enumerate(frames):
+            pixels = frame.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+            out[index] = torch.from_numpy(plan.paste(np.ascontiguousarray(pixels))).float() / 255.0
+        return (out,)
 
 
 class MemoGenerate:
@@ -276,6 +362,7 @@ NODE_CLASS_MAPPINGS = {
     "MemoEmotion": MemoEmotion,
     "MemoFaceCrop": MemoFaceCrop,
     "MemoGenerate": MemoGenerate,
+    "MemoPasteBack": MemoPasteBack,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -283,4 +370,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MemoEmotion": "MEMO Emotion From Audio",
     "MemoFaceCrop": "MEMO Face Crop",
     "MemoGenerate": "MEMO Generate",
+    "MemoPasteBack": "MEMO Paste Back",
 }

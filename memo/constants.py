@@ -19,3 +19,6 @@ NUM_EMOTIONS = len(EMOTION_NAMES)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Weight dtype names accepted by every setting, and the torch dtype each stands for."""
+
+SEED_MAX = 2**64 - 1
+"""The largest seed ``torch.Generator.manual_seed`` takes (seeds are 0..SEED_MAX)."""

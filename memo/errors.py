@@ -15,6 +15,7 @@ with :func:`check_runtimes` before any model loads; code that imports them goes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import importlib.util
 import os
@@ -42,11 +43,50 @@ def as_path(value: str | os.PathLike, what: str) -> Path:
 
 
 def failure_message(error: BaseException) -> str:
-    """How a failed job is reported to the user (batch summary, web page): a :class:`UserError`'s own message,
-    anything else its type and text with a pointer to the log, which holds the traceback."""
+    """How a failed job is reported to the user (batch summary, web page): a :class:`UserError`'s own message
+    (a system error the user can act on is one too, :func:`system_error`), anything else its type and text with
+    a pointer to the log, which holds the traceback."""
     if isinstance(error, UserError):
         return str(error)
+    translated = system_error(error)
+    if translated is not None:
+        return str(translated)
     return f"unexpected {type(error).__name__}: {error} (the log has the details)"
+
+
+class SystemResourceError(UserError, OSError):
+    """The system refused a file operation for a reason the user can fix (disk full, read-only, no permission)."""
+
+
+SYSTEM_ERRORS = {
+    errno.ENOSPC: ("the disk is full", "free some space or write elsewhere, then run again"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space or write elsewhere, then run again"),
+    errno.EFBIG: ("the file grew past the size this system allows (ulimit -f)", "raise the limit or write elsewhere"),
+    errno.EROFS: ("the file system is read-only", "choose a writable folder"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to, or change its permissions"),
+    errno.EPERM: ("the operation is not permitted", "choose a folder you can write to, or change its permissions"),
+    errno.EMFILE: ("too many files are open", "raise the limit (ulimit -n) and run again"),
+}
+"""``errno`` -> (what happened, what to do), for the system errors a user can act on."""
+
+
+def system_error(error: BaseException) -> SystemResourceError | None:
+    """A system error the user can act on (an ``OSError`` of :data:`SYSTEM_ERRORS`, from Python or a library such
+    as PyAV) as one line naming the file, what happened and what to do; None for anything else."""
+    if not isinstance(error, OSError) or isinstance(error, UserError) or error.errno not in SYSTEM_ERRORS:
+        return None
+    what, fix = SYSTEM_ERRORS[error.errno]
+    where = f" while writing {error.filename}" if getattr(error, "filename", None) else ""
+    translated = SystemResourceError(f"{what}{where} ({error.strerror or error}): {fix}.")
+    translated.errno = error.errno
+    return translated
+
+
+def as_user_error(error: BaseException) -> UserError | None:
+    """``error`` as the programs report it in one ``error:`` line: a :class:`UserError` itself, a system error the
+    user can act on translated (:func:`system_error`), None for anything else (a bug: its traceback is kept).
+    Programs catch ``(UserError, OSError)`` and re-raise when this gives None."""
+    return error if isinstance(error, UserError) else system_error(error)
 
 
 # --------------------------------------------------------------------------------------------------

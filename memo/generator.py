@@ -23,7 +23,8 @@ from PIL import Image
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
 from memo.conditions.face import Face, face_embedding
-from memo.conditions.framing import frame_portrait, to_model_tensor
+from memo.conditions.framing import crop_box, frame_portrait, to_model_tensor
+from memo.conditions.paste_back import PasteBack
 from memo.constants import DTYPES, EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
 from memo.io.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
@@ -77,12 +78,16 @@ class GpuMemoryError(UserError, RuntimeError):
 
 @dataclass
 class PreparedImage:
-    """The model's view of the portrait: the framed reference image and the face embedding."""
+    """The model's view of the portrait: the framed reference image and the face embedding; and, for
+    ``paste_back``, the photo and the region of it that was framed (left, top, right, bottom; None when
+    ``framing=stretch``)."""
 
     reference: torch.Tensor
     face_embedding: torch.Tensor
     face: Face | None
     framed: Image.Image
+    photo: Image.Image | None = None
+    box: tuple[float, float, float, float] | None = None
 
 
 @dataclass
@@ -187,7 +192,8 @@ class MemoGenerator:
             self.conditions.face_analyzer, image, name, allow_missing=allow, missing_option="allow_no_face=true"
         )
         width, height = config.size
-        framed = frame_portrait(image, face.bbox if face is not None else None, width, height, mode=config.framing)
+        bbox = face.bbox if face is not None else None
+        framed = frame_portrait(image, bbox, width, height, mode=config.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
         logger.info(
             "image: %s, %dx%d, %s, framed to %dx%d (%s)",
@@ -203,6 +209,8 @@ class MemoGenerator:
             face_embedding=torch.as_tensor(embedding, dtype=torch.float32).reshape(1, -1),
             face=face,
             framed=framed,
+            photo=image,
+            box=crop_box(image.size, bbox, width, height) if config.framing == "crop" else None,
         )
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
@@ -267,13 +275,36 @@ class MemoGenerator:
         overwrite: bool,
         progress: Progress | None = None,
     ) -> Path:
-        """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound."""
+        """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound; with
+        ``paste_back`` each frame is pasted into the photo on its way to the writer (:meth:`paste_plan`)."""
         width, height = self.config.size
+        paste = self.paste_plan(image)
+        if paste is not None:
+            width, height = paste.size
         with VideoWriter(
             output_path, self.config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=self.config.crf
         ) as writer:
-            self.render_clips(image, audio, seed, writer.write, progress)
+            on_clip = writer.write if paste is None else paste.streaming(writer.write)
+            self.render_clips(image, audio, seed, on_clip, progress)
         return output_path
+
+    def paste_plan(self, image: PreparedImage) -> PasteBack | None:
+        """With ``paste_back``, the plan that puts each generated frame back into ``image``'s photo
+        (:mod:`memo.conditions.paste_back`), its output size logged; None without."""
+        config = self.config
+        if not config.paste_back:
+            return None
+        if image.box is None or image.photo is None:
+            raise ConfigError("paste_back=true needs framing=crop: there is no region of the photo to paste into.")
+        paste = PasteBack.plan(image.photo, image.box, config.size, config.max_output_side)
+        scaled = "" if paste.size == image.photo.size else f", scaled from {image.photo.width}x{image.photo.height}"
+        logger.info(
+            "paste back: each %dx%d frame into the photo, output %dx%d%s",
+            *config.size,
+            *paste.size,
+            scaled,
+        )
+        return paste
 
     def render_clips(
         self,
@@ -411,6 +442,8 @@ class MemoGenerator:
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
+        if seed is not None:  # the seed setting's own check, as for seed=N
+            seed = validate(dataclasses.replace(self.config, seed=seed)).seed
         if self.parallel is not None:
             self.parallel.agree(dataclasses.asdict(self.config))
             if not self.parallel.is_main:

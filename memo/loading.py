@@ -9,6 +9,7 @@ training-data preparation share it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from memo.io.hub import (
     EMOTION_CLASSIFIER_FOLDER,
     FACE_MODELS_FOLDER,
     MEMO_REPO,
+    NETWORK_FOLDERS,
     REGISTRY,
     VAE_FILES,
     VAE_REPO,
@@ -33,6 +35,7 @@ from memo.io.hub import (
     missing_models_message,
     resolve_model_dir,
 )
+from memo.io.model_files import ModelFolder, check_model_files
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
 from memo.settings.inference import ConfigError, InferenceConfig
@@ -42,6 +45,31 @@ CHECKPOINT_PATTERNS = list(REGISTRY["networks"].files) + [f"{CHECKPOINT_VAE_FOLD
 folder where the checkpoint carries its own."""
 MISC_FILES = list(REGISTRY["face_analysis"].files)
 SEPARATOR_FILES = list(REGISTRY["vocal_separator"].files)
+NETWORK_FILES = [f"{folder}/{name}" for folder in NETWORK_FOLDERS for name in VAE_FILES]
+"""The files the four networks load from a checkpoint (each folder's ``config.json`` and safetensors weights)."""
+CLASSIFIER_FILES = [f"{EMOTION_CLASSIFIER_FOLDER}/{name}" for name in VAE_FILES]
+"""The emotion classifier's files, in the same layout."""
+
+
+def check_checkpoint_files(
+    model_name_or_path: str, root: Path, vae: str, vae_dir: Path, extra: Sequence[ModelFolder] = ()
+) -> None:
+    """Check every file the networks, the emotion classifier and the VAE load (and ``extra`` folders) before
+    anything loads: one :class:`~memo.io.model_files.DamagedModelError` names each missing or damaged file."""
+    own_vae = Path(vae_dir) == root / CHECKPOINT_VAE_FOLDER and vae == VAE_REPO
+    check_model_files(
+        [
+            ModelFolder("model_name_or_path", model_name_or_path, root, NETWORK_FILES + CLASSIFIER_FILES),
+            ModelFolder(
+                "model_name_or_path" if own_vae else "vae",
+                model_name_or_path if own_vae else vae,
+                Path(vae_dir),
+                VAE_FILES,
+                component="vae",
+            ),
+            *extra,
+        ]
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,6 +164,14 @@ def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles
         if lacking:
             locator.missing.append(("misc_model_dir", str(misc), f"lacks {', '.join(lacking)} (from {MEMO_REPO})"))
     locator.check()
+    extra = [ModelFolder("wav2vec", config.wav2vec, wav2vec, list(WAV2VEC_FILES))]
+    if misc is not None:
+        misc_setting = "misc_model_dir" if config.misc_model_dir else "model_name_or_path"
+        misc_name = config.misc_model_dir or (config.model_name_or_path if misc == memo_root else MEMO_REPO)
+        extra.append(ModelFolder(misc_setting, str(misc_name), misc, misc_files))
+    if emotion2vec is not None:
+        extra.append(ModelFolder("emotion2vec", config.emotion2vec, emotion2vec, list(EMOTION2VEC_FILES)))
+    check_checkpoint_files(config.model_name_or_path, memo_root, config.vae, vae, extra)
     return ModelFiles(memo=memo_root, misc=misc, vae=vae, wav2vec=wav2vec, emotion2vec=emotion2vec)
 
 
@@ -203,5 +239,6 @@ class ConditionModels:
             source = resolve_model_dir(
                 self.emotion2vec_source, list(EMOTION2VEC_FILES), cache_dir=self.cache_dir, setting="emotion2vec"
             )
+            check_model_files([ModelFolder("emotion2vec", str(self.emotion2vec_source), source, EMOTION2VEC_FILES)])
             self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
         return self._emotion_encoder

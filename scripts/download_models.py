@@ -1,10 +1,11 @@
 """Download every published model MEMO uses into the Hugging Face cache, once, so that later runs work offline.
 
-    python scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--list]
+    python scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--force] [--list]
     python scripts/download_models.py --metrics [DIR]      # the evaluation's metric networks instead
 
 The models, their files, licences and sizes are the registry in ``memo/io/hub.py``. Files already in the cache
-are not fetched again, and an interrupted download resumes. With ``--cache_dir`` the files go there; give the
+are not fetched again (``--force`` fetches them anew, replacing damaged ones), and an interrupted download
+resumes. With ``--cache_dir`` the files go there; give the
 same folder to the programs as ``model_cache_dir=DIR``. ``--metrics`` fetches the files scripts/evaluate.py
 scores with (FID's Inception, FVD's I3D, SyncNet; published outside the hub) into ``DIR/metrics`` (default
 ``$MEMO_EVAL_MODELS`` or ``~/.cache/memo/evaluation``, where evaluate.py looks).
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated components (default: all): {', '.join(REGISTRY)}")
     parser.add_argument("--cache_dir", help="download into this folder instead of the Hugging Face cache")
     parser.add_argument("--list", action="store_true", help="list the models and exit")
+    parser.add_argument("--force", action="store_true", help="download files already cached again (damaged ones)")
     parser.add_argument(
         "--metrics",
         nargs="?",
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
     try:
-        folders = download_all(components, cache_dir=args.cache_dir)
+        folders = download_all(components, cache_dir=args.cache_dir, force=args.force)
     except KeyboardInterrupt:
         print("interrupted; run the command again to resume.", file=sys.stderr)
         return 130

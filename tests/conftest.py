@@ -115,3 +115,12 @@ def load_program(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def link_example_files(folder: Path, **names: str) -> None:
+    """Files named as a manifest's rows name them, linked to the example portrait (``.jpg``/``.png``) or speech
+    (``.wav``), since manifests' paths are checked when they load; e.g. ``link_example_files(tmp, a="a.jpg")``."""
+    examples = REPO / "assets" / "examples"
+    for name in names.values():
+        source = "speech.wav" if name.endswith(".wav") else "portrait.jpg"
+        (folder / name).symlink_to(examples / source)

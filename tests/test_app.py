@@ -87,10 +87,14 @@ def app_url(pack, tmp_path_factory):
         print((root / "app.log").read_text())
 
 
-def generate_args(image: Path, audio: Path, *, steps: int = 2, guidance: float = 3.5, speed: str = "exact") -> tuple:
-    """The /generate endpoint's inputs: image, audio, emotion, size, steps, guidance, seed, framing, speed."""
+def generate_args(
+    image: Path, audio: Path, *, steps: int = 2, guidance: float = 3.5, speed: str = "exact", paste_back: bool = False
+) -> tuple:
+    """The /generate endpoint's inputs: image, audio, emotion, size, steps, guidance, seed, framing, speed,
+    paste_back."""
     handle_file = gradio_client.handle_file
-    return handle_file(str(image)), handle_file(str(audio)), "auto", "64x64", steps, guidance, 7, "crop", speed
+    files = handle_file(str(image)), handle_file(str(audio))
+    return *files, "auto", "64x64", steps, guidance, 7, "crop", speed, paste_back
 
 
 @pytest.mark.e2e
@@ -159,16 +163,11 @@ def test_the_page_in_a_browser_renders_the_example(app_url):
             browser.close()
 
 
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
-def test_bad_settings_stop_the_app_with_a_message(pack, where):
+def test_bad_settings_stop_the_app_with_a_message(pack):
+    """In this process; ``app.py`` started as a program stops on bad settings in test_settings.py."""
     from memo.apps import web
 
-    args = ["--config", str(pack / "inference.yaml"), "resolution=100"]
-    if where == "program":
-        command = [sys.executable, str(REPO / "app.py"), *args]
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
-    else:
-        result = run_main(web.main, args)
+    result = run_main(web.main, ["--config", str(pack / "inference.yaml"), "resolution=100"])
     assert result.returncode == 2
     assert "error: Invalid settings: width must be a positive multiple of 64" in result.stderr
     assert "Traceback" not in result.stderr
@@ -200,3 +199,10 @@ def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path
     Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
     with pytest.raises(gr.Error, match="No face was found in .*flat_grey.png"):
         app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record)
+    # The paste back checkbox: the video at the photo's size (a wide one, to tell it from the square crop).
+    wide = tmp_path / "wide.png"
+    Image.open(EXAMPLE_IMAGE).convert("RGB").resize((384, 256)).save(wide)
+    pasted = app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record)
+    assert (probe_video(pasted).width, probe_video(pasted).height) == (384, 256)
+    with pytest.raises(gr.Error, match="paste_back=true needs framing=crop"):
+        app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)

@@ -111,7 +111,7 @@ def test_load_audio_other_rate(media):
 
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.wav"
-    with pytest.raises(AudioError, match="not found") as info:
+    with pytest.raises(AudioError, match="does not exist") as info:
         load_audio(missing)
     assert str(missing) in str(info.value)
 

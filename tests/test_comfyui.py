@@ -203,7 +203,7 @@ def test_a_pack_folder_named_memo_refuses_to_load_and_says_why(comfy, tmp_path):
 
 def test_pack_imports_as_a_custom_node_and_registers_its_model_folder(comfy):
     mappings, names = comfy.pack.NODE_CLASS_MAPPINGS, comfy.pack.NODE_DISPLAY_NAME_MAPPINGS
-    assert set(mappings) == {"LoadMemo", "MemoEmotion", "MemoFaceCrop", "MemoGenerate"}
+    assert set(mappings) == {"LoadMemo", "MemoEmotion", "MemoFaceCrop", "MemoGenerate", "MemoPasteBack"}
     assert set(names) == set(mappings) and all(isinstance(v, str) and v for v in names.values())
     assert comfy.pack.__name__ in sys.modules
     folders = sys.modules["folder_paths"].get_folder_paths("memo")
@@ -332,7 +332,7 @@ def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo, caplog)
     image = load_image_node(EXAMPLE_IMAGE)
     crop = dict(memo=memo, width=64, height=128, framing="crop", allow_no_face=False)
     with caplog.at_level("WARNING", logger="memo"):
-        (reference,) = run(comfy, "MemoFaceCrop", image=image, **crop)
+        reference, _ = run(comfy, "MemoFaceCrop", image=image, **crop)
     assert reference.shape == (1, 128, 64, 3) and reference.dtype == torch.float32
     assert 0 <= reference.min() and reference.max() <= 1 and reference.std() > 0.05
     assert "ComfyUI images are 0..1" not in caplog.text
@@ -340,6 +340,35 @@ def test_face_crop_is_the_reference_frame_at_the_video_size(comfy, memo, caplog)
     with caplog.at_level("WARNING", logger="memo"):
         run(comfy, "MemoFaceCrop", image=image * 255, **{**crop, "allow_no_face": True})
     assert "reaches 255 but ComfyUI images are 0..1" in caplog.text
+
+
+def test_paste_back_puts_the_crop_back_into_the_picture(comfy, memo):
+    """The Face Crop's own reference frame, pasted back as if it were the video: the picture comes back (up to
+    the resampling there and back), at its size or scaled to max_output_side; mismatched inputs are refused."""
+    picture = torch.from_numpy(np.array(Image.open(EXAMPLE_IMAGE).convert("RGB").resize((600, 400)))).float()[None]
+    picture = picture / 255.0
+    crop_inputs = dict(memo=memo, width=64, height=64, framing="crop", allow_no_face=False)
+    reference, crop = run(comfy, "MemoFaceCrop", image=picture, **crop_inputs)
+    frames = reference.repeat(3, 1, 1, 1)
+    (pasted,) = run(comfy, "MemoPasteBack", frames=frames, image=picture, crop=crop, max_output_side=1920)
+    assert pasted.shape == (3, 400, 600, 3) and pasted.dtype == torch.float32
+    left, top, right, bottom = crop.box
+    outside = torch.ones(400, 600, dtype=torch.bool)
+    outside[int(top) : int(bottom) + 1, int(left) : int(right) + 1] = False
+    assert torch.equal(pasted[0][outside], picture[0][outside])
+    # The 64x64 reference is the crop shrunk: pasted back it is a blurred copy of that part of the picture.
+    assert (pasted[0] - picture[0]).abs().mean() < 0.05
+    (small,) = run(comfy, "MemoPasteBack", frames=frames[:1], image=picture, crop=crop, max_output_side=300)
+    assert small.shape == (1, 200, 300, 3)
+
+    error = comfy.pack.runtime.MemoNodeError
+    _, stretched = run(comfy, "MemoFaceCrop", image=picture, **{**crop_inputs, "framing": "stretch"})
+    with pytest.raises(error, match="framing=stretch, so there is no region of the picture to paste into"):
+        run(comfy, "MemoPasteBack", frames=frames, image=picture, crop=stretched, max_output_side=1920)
+    with pytest.raises(error, match="The frames are 32x32 but MEMO Face Crop framed for 64x64"):
+        run(comfy, "MemoPasteBack", frames=frames[:, :32, :32], image=picture, crop=crop, max_output_side=1920)
+    with pytest.raises(error, match="connect the same picture to both"):
+        run(comfy, "MemoPasteBack", frames=frames, image=picture[:, :200], crop=crop, max_output_side=1920)
 
 
 @pytest.mark.e2e
@@ -420,7 +449,14 @@ def test_stop_button_interrupts_between_steps_and_models_go_back(comfy, memo, sp
     assert comfy.management.calls[-1] == ("soft_empty_cache",)
 
 
-def test_example_workflow_uses_core_nodes_and_these(comfy):
+WORKFLOWS = {
+    "portrait_to_video_api.json": {"LoadMemo", "MemoEmotion", "MemoGenerate"},
+    "portrait_to_video_paste_back_api.json": {"LoadMemo", "MemoFaceCrop", "MemoGenerate", "MemoPasteBack"},
+}
+
+
+@pytest.mark.parametrize("name", list(WORKFLOWS))
+def test_example_workflow_uses_core_nodes_and_these(comfy, name):
     """The API-format example passes the checks of ComfyUI's execution.validate_inputs: required inputs given,
     each link joins an output to an input of the same type, widget values within min/max or among the
     choices. Core nodes are taken as their definitions read in ComfyUI (LoadImage, LoadAudio, CreateVideo,
@@ -443,9 +479,10 @@ def test_example_workflow_uses_core_nodes_and_these(comfy):
         for name, spec in specs.items()
     }
     definitions = {**core, **ours}
-    workflow = json.loads((PACK_DIR / "workflows" / "portrait_to_video_api.json").read_text())
+    assert sorted(path.name for path in (PACK_DIR / "workflows").glob("*.json")) == sorted(WORKFLOWS)
+    workflow = json.loads((PACK_DIR / "workflows" / name).read_text())
     kinds = {node["class_type"] for node in workflow.values()}
-    assert kinds == {"LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", "LoadMemo", "MemoEmotion", "MemoGenerate"}
+    assert kinds == {"LoadImage", "LoadAudio", "CreateVideo", "SaveVideo", *WORKFLOWS[name]}
     for node_id, node in workflow.items():
         inputs, _ = definitions[node["class_type"]]
         assert set(node["inputs"]) <= set(inputs), node_id

@@ -332,15 +332,20 @@ def hiding(tmp_path: Path, *modules: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+MISSING_RUNTIMES = [
+    ("onnxruntime", ['pip install -e ".[gpu]"', '".[cpu]"']),
+    ("insightface", [INSIGHTFACE_INSTALL]),
+    ("audio_separator", ['pip install -e ".[gpu]"', "vocal_separation=false"]),
+]
+
+
+# Each runtime in this process; the real program once, in a Python that cannot import onnxruntime (the same
+# up-front check names each of them).
 @pytest.mark.parametrize(
-    "hidden, install",
-    [
-        ("onnxruntime", ['pip install -e ".[gpu]"', '".[cpu]"']),
-        ("insightface", [INSIGHTFACE_INSTALL]),
-        ("audio_separator", ['pip install -e ".[gpu]"', "vocal_separation=false"]),
-    ],
-)
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
+    "hidden, install, where",
+    [*((hidden, install, "in_process") for hidden, install in MISSING_RUNTIMES),
+     pytest.param(*MISSING_RUNTIMES[0], "program", marks=pytest.mark.e2e)],
+)  # fmt: skip
 def test_a_missing_runtime_is_one_line_naming_what_to_install(pack, tmp_path, monkeypatch, hidden, install, where):
     out = tmp_path / "out"
     args = ["--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(EXAMPLE_AUDIO), "--output_dir", str(out)]

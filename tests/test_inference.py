@@ -142,18 +142,24 @@ def _bad_audio(kind: str, directory: Path) -> Path:
     return path
 
 
+BAD_IMAGES = [
+    ("missing", ["missing.png", "does not exist"]),
+    ("corrupt", ["corrupt.png"]),
+    ("tiny", ["tiny.png", "32"]),
+    ("faceless", ["faceless.png", "face"]),
+]
+
+
+# Each kind in this process; the real program once, with the image refused last (after the face models load).
 @pytest.mark.parametrize(
-    "image_kind, fragments",
-    [
-        ("missing", ["missing.png", "does not exist"]),
-        ("corrupt", ["corrupt.png"]),
-        ("tiny", ["tiny.png", "32"]),
-        ("faceless", ["faceless.png", "face"]),
-    ],
-)
-def test_bad_image(pack, speech, tmp_path, image_kind, fragments, runner):
+    "image_kind, fragments, where",
+    [*((kind, fragments, "in_process") for kind, fragments in BAD_IMAGES),
+     pytest.param(*BAD_IMAGES[-1], "program", marks=pytest.mark.e2e)],
+)  # fmt: skip
+def test_bad_image(pack, speech, tmp_path, image_kind, fragments, where):
     image = _bad_image(image_kind, tmp_path)
     out = tmp_path / "out"
+    runner = run if where == "in_process" else run_program
     result = runner(pack, "--input_image", str(image), "--input_audio", str(speech), "--output_dir", str(out))
     assert_user_error(result, *fragments)
     assert not out.exists() or not any(out.iterdir())
@@ -162,7 +168,7 @@ def test_bad_image(pack, speech, tmp_path, image_kind, fragments, runner):
 @pytest.mark.parametrize(
     "audio_kind, fragments",
     [
-        ("missing", ["missing.wav", "not found"]),
+        ("missing", ["missing.wav", "does not exist"]),
         ("corrupt", ["corrupt.wav"]),
         ("empty", ["empty.wav"]),
         ("blip", ["blip.wav", "shorter than one video frame"]),

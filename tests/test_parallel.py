@@ -57,58 +57,55 @@ def frames_and_sound(path):
     return frames, sound
 
 
+# (offload, steps, guidance_end, deep_cache_interval, solver): exact; speed=fast's settings under offload=model
+# (row-chunked feed-forward); group. One launch compares them all: the processes start and join once.
+SPLIT_SETTINGS = [("none", 2, 1.0, 1, "euler"), ("model", 4, 0.25, 2, "unipc"), ("group", 2, 1.0, 1, "euler")]
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize(
-    "offload, steps, guidance_end, deep_cache_interval, solver",
-    # exact; speed=fast's settings under offload=model (row-chunked feed-forward); group
-    [("none", 2, 1.0, 1, "euler"), ("model", 4, 0.25, 2, "unipc"), ("group", 2, 1.0, 1, "euler")],
-)
-def test_two_processes_compute_the_frames_of_one(
-    tiny_checkpoint, offload, steps, guidance_end, deep_cache_interval, solver
-):
-    command = two_processes(str(REPO / "tests" / "parallel_ranks.py"), str(tiny_checkpoint), offload, str(steps),
-                            str(guidance_end), str(deep_cache_interval), solver)  # fmt: skip
+def test_two_processes_compute_the_frames_of_one(tiny_checkpoint):
+    settings = [",".join(map(str, setting)) for setting in SPLIT_SETTINGS]
+    command = two_processes(str(REPO / "tests" / "parallel_ranks.py"), str(tiny_checkpoint), *settings)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["equal"] and report["max_difference"] == 0.0
-    assert report["memory_halved"]  # each process holds its half of the temporal memory
-    clips, frames_per_clip, latent = 2, 4, 8 * 8  # the test inputs: 64x64, two clips of 4 frames
-    batched = sum(1 for i in range(steps) if i < guidance_end * steps or i == 0)
-    assert report["steps"] == clips * steps  # one collective per step
-    # Rank 0 sends its half's prediction in each batched step, (1, 4, frames, 8, 8) float32, nothing else.
-    assert report["bytes_sent"] == clips * batched * 4 * frames_per_clip * latent * 4
+    reports = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    assert [report["offload"] for report in reports] == [setting[0] for setting in SPLIT_SETTINGS], result.stdout
+    for (_, steps, guidance_end, _, _), report in zip(SPLIT_SETTINGS, reports):
+        assert report["equal"] and report["max_difference"] == 0.0, report
+        assert report["memory_halved"], report  # each process holds its half of the temporal memory
+        clips, frames_per_clip, latent = 2, 4, 8 * 8  # the test inputs: 64x64, two clips of 4 frames
+        batched = sum(1 for i in range(steps) if i < guidance_end * steps or i == 0)
+        assert report["steps"] == clips * steps, report  # one collective per step
+        # Rank 0 sends its half's prediction in each batched step, (1, 4, frames, 8, 8) float32, nothing else.
+        assert report["bytes_sent"] == clips * batched * 4 * frames_per_clip * latent * 4, report
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(
-    "launcher, settings",
-    [("torchrun", ["speed=exact"]), ("accelerate", ["speed=fast", "inference_steps=10"])],  # fast: 4 steps, 3 alone
-)
-def test_inference_on_two_processes_writes_the_video_of_one(pack, tmp_path, launcher, settings):
+def test_inference_on_two_processes_writes_the_video_of_one(pack, tmp_path):
+    """One process's video, then the same from two processes under each launcher (torchrun, accelerate).
+    speed=fast (4 steps, 3 of them conditional alone): both kinds of exchange, batched and conditional-only."""
     audio = speech(tmp_path, 1.0)
+    settings = ["speed=fast", "inference_steps=10"]
     # As many threads as each launched process has (torch.distributed.run sets 1): CPU kernels split their sums
     # by thread, so the thread count is part of what makes two runs round alike.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one", *settings)],
                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)  # fmt: skip
     assert one.returncode == 0, one.stderr
-    command = two_processes(
-        *inference(pack, audio, tmp_path / "two", "parallel=guidance", *settings), launcher=launcher
-    )
-    two = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stderr.count("memo: output:") == 1  # rank 0 writes, rank 1 says nothing of it
-    assert two.stderr.count("memo: generate:") == 1
-    expected, written = (
-        probe_video(tmp_path / "one" / "portrait_speech.mp4"),
-        probe_video(tmp_path / "two" / "portrait_speech.mp4"),
-    )
-    assert written.num_frames == expected.num_frames == 30 and written.fps == expected.fps and written.has_audio
+    expected = probe_video(tmp_path / "one" / "portrait_speech.mp4")
     frames_one, sound_one = frames_and_sound(tmp_path / "one" / "portrait_speech.mp4")
-    frames_two, sound_two = frames_and_sound(tmp_path / "two" / "portrait_speech.mp4")
-    assert np.array_equal(frames_one, frames_two) and np.array_equal(sound_one, sound_two)
+    for launcher in ("torchrun", "accelerate"):
+        out = tmp_path / launcher
+        command = two_processes(*inference(pack, audio, out, "parallel=guidance", *settings), launcher=launcher)
+        two = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert two.returncode == 0, two.stderr[-3000:]
+        assert two.stderr.count("memo: output:") == 1, launcher  # rank 0 writes, rank 1 says nothing of it
+        assert two.stderr.count("memo: generate:") == 1, launcher
+        written = probe_video(out / "portrait_speech.mp4")
+        assert written.num_frames == expected.num_frames == 30 and written.fps == expected.fps and written.has_audio
+        frames_two, sound_two = frames_and_sound(out / "portrait_speech.mp4")
+        assert np.array_equal(frames_one, frames_two) and np.array_equal(sound_one, sound_two), launcher
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO, run_main
+from conftest import REPO, link_example_files, run_main
 from diffusers import FlowMatchEulerDiscreteScheduler
 from test_pipeline import FPC, make_inputs
 
@@ -215,7 +215,8 @@ def test_counted_flops_match_a_whole_pipeline_call(tiny_pipeline):
 
     from memo.bench.flops import clip_flops
 
-    for speed in (preset("exact", STEPS), SpeedSettings("unipc", 6, (0.0, 0.5), 2)):
+    # Exact, and a plan with each kind of step: guided and alone, whole and shallow (deep cache every 2).
+    for speed in (preset("exact", 2), SpeedSettings("unipc", 4, (0.0, 0.5), 2)):
         with FlopCounterMode(display=False) as counter:
             run(tiny_pipeline, audio_features=make_inputs()["audio_features"][:FPC], **speed.pipeline_kwargs())
         counted = clip_flops(tiny_pipeline, speed, 64, 64, frames_per_clip=FPC, past_frames=FPC)
@@ -249,6 +250,7 @@ def test_settings_validate_with_clear_errors():
 
 
 def test_speed_is_a_manifest_column(pack, tmp_path):
+    link_example_files(tmp_path, a="a.jpg", b="b.jpg", c="a.wav", d="b.wav")
     manifest = tmp_path / "jobs.csv"
     manifest.write_text("image,audio,speed,deep_cache_interval\na.jpg,a.wav,fast,\nb.jpg,b.wav,exact,3\n")
     _, jobs = load_jobs(manifest, tmp_path / "out", pack / "inference.yaml", [])
@@ -258,19 +260,15 @@ def test_speed_is_a_manifest_column(pack, tmp_path):
         load_jobs(manifest, tmp_path / "out", pack / "inference.yaml", [])
 
 
-@pytest.mark.parametrize("where", ["in_process", pytest.param("program", marks=pytest.mark.e2e)])
-def test_inference_renders_a_video_at_speed_fast(pack, tmp_path, where):
+def test_inference_renders_a_video_at_speed_fast(pack, tmp_path):
+    """The command line in this process (test_inference.py starts ``inference.py`` itself as a program)."""
     speech, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
     soundfile.write(tmp_path / "speech.wav", speech[:rate], rate)  # 1 s: two clips, the second with a past
     args = ["--config", str(pack / "inference.yaml"),
             "--input_image", str(REPO / "assets" / "examples" / "portrait.jpg"),
             "--input_audio", str(tmp_path / "speech.wav"),
             "--output_dir", str(tmp_path), "speed=fast", "inference_steps=5"]  # fmt: skip
-    if where == "program":
-        command = [sys.executable, str(REPO / "inference.py"), *args]
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
-    else:
-        result = run_main(cli.main, args, cwd=REPO)
+    result = run_main(cli.main, args, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "speed fast (unipc, guided steps 0%-25%, deep cache every 2)" in result.stderr
     info = probe_video(tmp_path / "portrait_speech.mp4")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -27,9 +28,18 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from memo.apps.cli import add_settings_arguments, output_name, report_error, report_stop, setup_logging
-from memo.errors import UserError, as_path, check_runtimes, failure_message, stop_on_signals
+from memo.apps.cli import (
+    add_settings_arguments,
+    inference_setting_names,
+    output_name,
+    parse_with_settings,
+    report_error,
+    report_stop,
+    setup_logging,
+)
+from memo.errors import UserError, as_path, as_user_error, check_runtimes, failure_message, stop_on_signals
 from memo.generator import LOAD_SETTINGS, MemoGenerator
+from memo.io.inputs import URL, input_problem
 from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
 from memo.settings.inference import ConfigError, InferenceConfig, load_config
@@ -58,15 +68,52 @@ class Job:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def manifest_text(manifest: Path) -> str:
+    """The manifest's text, as spreadsheet programs save it: UTF-8 (with or without a byte-order mark), UTF-16
+    with its mark (Excel's "Unicode text"), else Windows-1252 (Excel's "CSV" on Windows), said in a warning."""
+    data = manifest.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as error:
+            raise ManifestError(f"Manifest {str(manifest)!r} is not valid UTF-16 text ({error.reason}).") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            raise ManifestError(
+                f"Manifest {str(manifest)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+                "UTF-8."
+            ) from None
+        logger.warning("%s is not UTF-8; read as Windows-1252 (save it as UTF-8 to be sure of its names)", manifest)
+        return text
+
+
+def csv_delimiter(header: str) -> str:
+    """The CSV's separator: a comma, or a semicolon or tab when the header has no comma but those (as spreadsheet
+    programs write CSV where the comma is the decimal mark)."""
+    if "," not in header:
+        for candidate in (";", "\t"):
+            if candidate in header:
+                return candidate
+    return ","
+
+
 def read_rows(manifest: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line, cells)`` of each job row of a CSV or JSONL manifest; empty cells and nulls are left out."""
-    if not manifest.is_file():
-        raise ManifestError(f"Manifest {str(manifest)!r} does not exist.")
+    """``(line, cells)`` of each job row of a CSV (comma, semicolon or tab separated) or JSONL manifest in UTF-8,
+    UTF-16 or Windows-1252 (:func:`manifest_text`); empty cells and nulls are left out."""
+    problem = input_problem(manifest, "manifest file")
+    if problem is not None:
+        raise ManifestError(f"Manifest {str(manifest)!r} {problem}.")
     suffix = manifest.suffix.lower()
     rows: list[tuple[int, dict[str, Any]]] = []
-    with manifest.open(newline="", encoding="utf-8-sig") as file:
+    with io.StringIO(manifest_text(manifest), newline="") as file:
         if suffix == ".csv":
-            reader = csv.DictReader(file, skipinitialspace=True)
+            delimiter = csv_delimiter(file.readline())
+            file.seek(0)
+            reader = csv.DictReader(file, skipinitialspace=True, delimiter=delimiter)
             for cells in reader:
                 if None in cells:
                     raise ManifestError(f"{manifest}, line {reader.line_num}: more cells than the header has columns.")
@@ -130,6 +177,12 @@ def load_jobs(
             problems.append(f"{where}: {error}")
             continue
         image, audio = (manifest.parent / Path(cells[key]).expanduser() for key in ("image", "audio"))
+        for what, path, raw in (("image", image, cells["image"]), ("audio", audio, cells["audio"])):
+            # checked here, before any model loads (a URL is told by the cell as written)
+            shown = raw if URL.match(raw) else path
+            problem = input_problem(shown, f"{what} file")
+            if problem is not None:
+                problems.append(f"{where}: the {what} {shown} {problem}")
         name = Path(str(cells.get("output") or output_name(image, audio)))
         name = name if name.suffix.lower() == ".mp4" else name.with_name(name.name + ".mp4")
         changed = {
@@ -166,7 +219,7 @@ def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int) -> list[di
         try:
             generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
         except Exception as error:
-            if not isinstance(error, UserError):
+            if as_user_error(error) is None:
                 logger.exception("job (line %d) failed", job.line)
             reason = failure_message(error)
         else:
@@ -212,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", required=True, help="jobs as .csv (with a header) or .jsonl")
     parser.add_argument("--output_dir", required=True, help=f"where the videos and {SUMMARY_NAME} go")
     add_settings_arguments(parser, overrides_help="setting overrides for every job")
-    return parser.parse_args(argv)
+    return parse_with_settings(parser, argv, inference_setting_names())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +294,9 @@ def _run(args: argparse.Namespace, start: float) -> int:
             )
         check_runtimes(base.vocal_separation)
         check_output_folder(args.output_dir)
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         return report_error(error) if first else 2
 
     state = PartialState(cpu=wants_cpu(base), timeout=GATHER_TIMEOUT)
@@ -253,7 +308,9 @@ def _run(args: argparse.Namespace, start: float) -> int:
     try:
         config = dataclasses.replace(base, device="cpu") if state.device.type == "cpu" else base
         generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         return report_error(error)
     if several:
         generator.pipeline.set_progress_bar_config(disable=True)
@@ -262,8 +319,14 @@ def _run(args: argparse.Namespace, start: float) -> int:
     summary = summarize(results, args.manifest, args.output_dir, state.num_processes)
     if state.is_main_process:
         path = args.output_dir / SUMMARY_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(summary, indent=2) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, json.dumps(summary, indent=2) + "\n")
+        except OSError as caught:
+            if (error := as_user_error(caught)) is None:
+                raise
+            print(report(summary, path) + f"\n  (not written: {error})")
+            return report_error(error)
         print(report(summary, path) + f"\n  in {time.perf_counter() - start:.1f} s")
     if several:
         state.destroy_process_group()

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from memo.errors import Interrupted, UserError, as_path, stop_on_signals
+from memo.errors import Interrupted, UserError, as_path, as_user_error, stop_on_signals
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -65,6 +65,28 @@ def add_settings_arguments(
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
 
 
+def parse_with_settings(
+    parser: argparse.ArgumentParser, argv: list[str] | None, names: list[str]
+) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an unknown ``--NAME [VALUE]`` or ``--NAME=VALUE`` where NAME is a
+    setting (of ``names``) is answered with the form settings take: ``NAME=VALUE`` (exit status 2)."""
+    args, unknown = parser.parse_known_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    for item in unknown:
+        if not item.startswith("--"):
+            continue
+        name, _, value = item[2:].partition("=")
+        key = name.replace("-", "_")
+        if key in names:
+            after = given[given.index(item) + 1 :] if item in given else []
+            if not value and after and not after[0].startswith("-") and "=" not in after[0]:
+                value = after[0]
+            parser.error(f"{item} is not an option: settings are given as key=value, e.g. {key}={value or '...'}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def report_error(error: UserError) -> int:
     """Print a user error as one ``error:`` line on stderr; returns its exit status, 2."""
     print(f"error: {error}", file=sys.stderr)
@@ -94,6 +116,13 @@ def model_settings(pack_config: Path) -> list[str]:
     return [f"{key}={value}" for key, value in OmegaConf.to_container(OmegaConf.load(pack_config)).items()]
 
 
+def inference_setting_names() -> list[str]:
+    from memo.settings.inference import InferenceConfig
+    from memo.settings.schema import setting_names
+
+    return setting_names(InferenceConfig)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Generate a talking video from one portrait and one audio file with MEMO.",
@@ -103,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input_image", help="portrait image (default: the bundled example)")
     parser.add_argument("--input_audio", help="speech or song, any format ffmpeg reads (default: the example)")
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
-    parser.add_argument("--seed", type=int, help="random seed (default: the config's seed)")
+    parser.add_argument("--seed", type=int, help="random seed, the same as seed=N (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument(
         "--tiny",
@@ -111,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="check the installation offline: render with a tiny pack of RANDOM weights, built on first use "
         "(the video is noise; the name ends in _tiny.mp4); the config's model settings are replaced by the pack's",
     )
-    return parser.parse_args(argv)
+    return parse_with_settings(parser, argv, inference_setting_names())
 
 
 TINY_NOTICE = (
@@ -148,15 +177,17 @@ def _run(args: argparse.Namespace) -> int:
         audio = EXAMPLE_AUDIO if args.input_audio is None else as_path(args.input_audio, "--input_audio")
         output_dir = as_path(args.output_dir, "--output_dir")
         name = output_name(image, audio)
+        # --seed N is the setting seed=N: one check for both (memo.settings.inference)
+        overrides = [*args.overrides, *([f"seed={args.seed}"] if args.seed is not None else [])]
         if args.tiny:
             from memo.tiny.pack import cached_tiny_pack
 
             pack_config = cached_tiny_pack()
             logger.warning(TINY_NOTICE, pack_config.parent)
-            config = load_config(args.config, [*model_settings(pack_config), *args.overrides])
+            config = load_config(args.config, [*model_settings(pack_config), *overrides])
             name = f"{Path(name).stem}_tiny.mp4"
         else:
-            config = load_config(args.config, args.overrides)
+            config = load_config(args.config, overrides)
         if launched_processes() > 1 and config.parallel == "none":
             raise ConfigError(
                 f"launched as {launched_processes()} processes but parallel=none (each would render the same "
@@ -172,11 +203,14 @@ def _run(args: argparse.Namespace) -> int:
 
         quiet_checks = False
         generator = MemoGenerator(config)
-        generator.generate(image, audio, output, seed=args.seed, overwrite=args.overwrite)
+        generator.generate(image, audio, output, overwrite=args.overwrite)
         if args.tiny:
             logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        error = as_user_error(caught)
+        if error is None:
+            raise
         if args.verbose:
             logger.exception("error")
         if quiet_checks or getattr(error, "quiet", False):  # the other process of parallel=guidance says why

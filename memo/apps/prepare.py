@@ -18,7 +18,7 @@ import argparse
 import logging
 
 from memo.apps.cli import add_settings_arguments, report_error, report_stop, setup_logging
-from memo.errors import UserError, as_path, stop_on_signals
+from memo.errors import UserError, as_path, as_user_error, stop_on_signals
 
 logger = logging.getLogger("memo")
 
@@ -73,7 +73,9 @@ def _run(args: argparse.Namespace) -> int:
             config.misc_model_dir = args.misc_model_dir
         prepare_videos(config, args.input_dir, output_dir, args.shard, args.num_shards, args.limit)
         return 0
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         return report_error(error)
     except KeyboardInterrupt as stop:
         return report_stop(stop, "finished videos are kept, run again to go on.")

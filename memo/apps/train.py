@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from memo.apps.cli import HelpSettingsAction, report_stop
-from memo.errors import UserError, stop_on_signals
+from memo.apps.cli import HelpSettingsAction, parse_with_settings, report_stop
+from memo.errors import UserError, as_user_error, stop_on_signals
 
 logger = logging.getLogger("memo")
 
@@ -98,7 +98,10 @@ def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
         "--help-settings", action=HelpSettingsAction, text=settings_help, help="list every setting and exit"
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    from memo.settings.schema import setting_names
+    from memo.settings.training import TrainingConfig
+
+    return parse_with_settings(parser, argv, setting_names(TrainingConfig))
 
 
 def main(argv: list[str] | None = None, description: str = "Finetune MEMO on prepared talking videos.") -> int:
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None, description: str = "Finetune MEMO on pre
 
         with stop_on_signals():
             train(config)
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:

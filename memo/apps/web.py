@@ -1,8 +1,9 @@
 """The web app: a Gradio page over one :class:`MemoGenerator`, loaded once at start and shared by every request.
 
-Per-request settings (emotion, size, steps, guidance, seed, framing) go through ``MemoGenerator.with_settings``,
-which shares the loaded models. Renders run one at a time (later requests wait in Gradio's queue); errors from
-bad input show as their message in the page, anything else as a short message with the details in the log.
+Per-request settings (emotion, size, steps, guidance, seed, framing, speed, paste back) go through
+``MemoGenerator.with_settings``, which shares the loaded models. Renders run one at a time (later requests wait in
+Gradio's queue); errors from bad input show as their message in the page, anything else as a short message with
+the details in the log.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from memo.generator import MemoGenerator
 from memo.io.partial import remove_abandoned
 from memo.io.video import check_output_folder
 from memo.sampling.speed import SPEEDS
-from memo.settings.inference import FRAMINGS, load_config
+from memo.settings.inference import FRAMINGS, load_config, setting_help
 
 logger = logging.getLogger("memo")
 
@@ -133,6 +134,7 @@ class WebApp:
         seed: float | None,
         framing: str,
         speed: str,
+        paste_back: bool = False,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
     ) -> str:
         """Render the video and return its path. The inputs carry the settings' names (the page's API too);
@@ -146,7 +148,7 @@ class WebApp:
                 "inference_steps": whole_number(inference_steps, "inference_steps"),
                 "cfg_scale": float(cfg_scale),
             }
-            settings |= {"framing": framing, "speed": speed}
+            settings |= {"framing": framing, "speed": speed, "paste_back": bool(paste_back)}
             settings |= {"emotion": emotion, **parse_size(size)}
             settings |= {} if seed is None else {"seed": whole_number(seed, "seed")}
             generator = self.generator.with_settings(**settings)
@@ -190,6 +192,12 @@ class WebApp:
                             label="Speed",
                             info="fast: under a quarter of the compute, slightly different frames",
                         )
+                    paste_back = gr.Checkbox(
+                        value=config.paste_back,
+                        label="Paste back into the photo",
+                        info=setting_help("paste_back"),
+                        elem_id="paste-back",
+                    )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
             example.click(
@@ -205,7 +213,7 @@ class WebApp:
             )
             run.click(
                 self.generate,
-                inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed],
+                inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed, paste_back],
                 outputs=video,
                 api_name="generate",
                 concurrency_limit=1,

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from memo.constants import SAMPLE_RATE
 from memo.errors import UserError, import_runtime
 from memo.io.audio import load_audio
 from memo.io.hub import VOCAL_SEPARATOR_FILE
+from memo.io.partial import work_folder
 
 logger = logging.getLogger("memo")
 
@@ -231,7 +231,7 @@ class VocalSeparator:
         if work_dir is not None:
             Path(work_dir).mkdir(parents=True, exist_ok=True)
         try:
-            with tempfile.TemporaryDirectory(prefix="memo-separator-", dir=work_dir) as tmp:
+            with work_folder("memo-separator", work_dir) as tmp:
                 staged = Path(tmp) / "models"
                 staged.mkdir()
                 _place(model_path.resolve(), staged / model_filename)
@@ -275,7 +275,7 @@ class VocalSeparator:
             raise ValueError("The waveform contains NaN or infinite values.")
 
         separator = self._separator
-        with tempfile.TemporaryDirectory(prefix="memo-vocals-", dir=self.work_dir) as tmp:
+        with work_folder("memo-vocals", self.work_dir) as tmp:
             source = Path(tmp) / "speech.wav"
             sf.write(source, samples, SAMPLE_RATE, subtype="FLOAT")
             separator.output_dir = tmp

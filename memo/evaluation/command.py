@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from memo.errors import UserError, as_path
+from memo.errors import UserError, as_path, as_user_error
 from memo.evaluation.models import MetricModels, default_models_dir
 from memo.evaluation.run import DEFAULT_METRICS, METRICS, FeatureCache, evaluate, markdown, pair_videos, write_report
 from memo.io.video import check_output_path
@@ -53,13 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         pairs, problems = pair_videos(generated, reference, audio)
         evaluation = evaluate(pairs, tuple(args.metrics), models, FeatureCache(cache_dir))
-    except UserError as error:
+    except (UserError, OSError) as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     evaluation.problems[:0] = problems
     for line in evaluation.problems:
         print(line, file=sys.stderr)
     print(markdown(evaluation))
-    write_report(evaluation, out)
+    try:
+        write_report(evaluation, out)
+    except OSError as caught:
+        if (error := as_user_error(caught)) is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"Wrote {out} and {out.with_suffix('.md')}")
     return 2 if any(line.startswith("error:") for line in evaluation.problems) else 0

@@ -23,9 +23,11 @@ from memo.io.hub import (
     METRIC_MODELS,
     MissingModelError,
     default_metric_models_dir,
+    metric_download_command,
     require_model_file,
     resolve_model_dir,
 )
+from memo.io.model_files import DamagedModelError, file_problem
 from memo.models.syncnet import SyncNet
 
 FACE_MODELS = FACE_MODELS_FOLDER
@@ -47,8 +49,15 @@ class MetricModels:
 
     def path(self, name: str) -> Path:
         """The file of metric network ``name`` (a key of :data:`memo.io.hub.METRIC_MODELS`); MissingModelError
-        (one line with the download command) when absent."""
-        return require_model_file(self.root, METRIC_MODELS[name])
+        (one line with the download command) when absent, DamagedModelError (the same, with ``rm``) when damaged."""
+        model = METRIC_MODELS[name]
+        path = require_model_file(self.root, model)
+        problem = file_problem(path)
+        if problem is not None:
+            raise DamagedModelError(
+                f"{path} {problem}: download it again: `rm {path} && {metric_download_command(self.root)}`"
+            )
+        return path
 
     def fingerprint(self, name: str) -> str:
         """A short hash of network ``name``'s file (size, mtime, head bytes): features cached with other

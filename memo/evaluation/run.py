@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ from memo.errors import UserError
 from memo.evaluation import metrics as m
 from memo.evaluation.models import MetricModels
 from memo.io.audio import AudioError, decode_audio
+from memo.io.partial import Partial, write_atomically
+from memo.io.video import probe_video
 from memo.models.syncnet import FPS
 
 logger = logging.getLogger("memo")
@@ -65,13 +65,29 @@ def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _sizes(video: Path, reference: Path) -> tuple[str, str] | None:
+    """``("WxH", "WxH")`` of a generated video and its reference when they differ (read from the headers),
+    None when they match or a header cannot be read (decoding reports that)."""
+    try:
+        sizes = [probe_video(path) for path in (video, reference)]
+    except Exception:  # noqa: BLE001 - an unreadable file is reported where it is decoded
+        return None
+    shown = [f"{info.width}x{info.height}" for info in sizes]
+    return None if shown[0] == shown[1] else (shown[0], shown[1])
+
+
 def pair_videos(generated: Path, reference: Path, audio: Path | None = None) -> tuple[list[Pair], list[str]]:
     """The pairs of videos to score and one ``error:`` line for each generated video that has no reference
     (or no audio file, when an audio folder is given). Raises EvaluationError for a missing or empty folder."""
     for folder, what in ((generated, "--generated"), (reference, "--reference"), (audio, "--audio")):
         if folder is not None and not folder.is_dir():
             raise EvaluationError(f"{what} {folder} is not a folder; give the folder that holds the files.")
-    videos = sorted(p for p in generated.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    found = sorted(p for p in generated.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    # Hidden files are not videos of the set: macOS's ._NAME metadata, a killed run's .NAME.<pid>-<hex>.partial.mp4
+    hidden = [p for p in found if p.name.startswith(".")]
+    videos = [p for p in found if not p.name.startswith(".")]
+    if hidden:
+        logger.info("skipped %d hidden file(s) in %s: %s", len(hidden), generated, ", ".join(p.name for p in hidden))
     if not videos:
         raise EvaluationError(f"--generated {generated} holds no videos ({', '.join(VIDEO_SUFFIXES)}).")
     pairs, problems = [], []
@@ -80,6 +96,13 @@ def pair_videos(generated: Path, reference: Path, audio: Path | None = None) -> 
         if ref is None:
             problems.append(f"error: {video.name}: no reference video {video.stem}.* in {reference}; not scored.")
             continue
+        sizes = _sizes(video, ref)
+        if sizes is not None:
+            problems.append(
+                f"warning: {video.name} is {sizes[0]} but its reference {ref.name} is {sizes[1]}: scored as they are, "
+                "so FID, FVD and CSIM compare different detail; render at the reference's size to compare like "
+                "with like."
+            )
         pair = Pair(video.stem, video, ref, _find(reference, video.stem, IMAGE_SUFFIXES))
         if audio is not None:
             pair.audio = _find(audio, video.stem, AUDIO_SUFFIXES)
@@ -113,10 +136,9 @@ class FeatureCache:
         self.computed += 1
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".npz")
-            os.close(handle)
-            np.savez(temporary, **arrays)
-            os.replace(temporary, file)
+            with Partial(file, suffix=".npz") as partial:
+                np.savez(partial.path, **arrays)
+                partial.publish()
         return arrays
 
 
@@ -385,21 +407,21 @@ def markdown(evaluation: Evaluation) -> str:
         for c in ("fid", "fvd", "sync_c", "sync_d", "sync_offset", "csim", "motion")
         if c in evaluation.set or any(c in v for v in evaluation.videos.values())
     ]
-    header = "| video | " + " | ".join(columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
 
     def cell(value) -> str:
-        if value is None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
             return "-"
-        return str(value) if isinstance(value, int) else f"{value:.4g}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value) if isinstance(value, int) else f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
 
+    def row(cells: list[str]) -> str:  # every row has exactly 1 + len(columns) cells, whatever is missing
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [row(["video", *columns]), row(["---"] * (len(columns) + 1))]
     for name, scores in evaluation.videos.items():
-        lines.append(f"| {name} | " + " | ".join(cell(scores.get(c)) for c in columns) + " |")
-    lines.append(
-        f"| **set** ({evaluation.set.get('videos', 0)}) | "
-        + " | ".join(cell(evaluation.set.get(c)) for c in columns)
-        + " |"
-    )
+        lines.append(row([cell(name), *(cell(scores.get(c)) for c in columns)]))
+    lines.append(row([f"**set** ({evaluation.set.get('videos', 0)})", *(cell(evaluation.set.get(c)) for c in columns)]))
     return "\n".join(lines)
 
 
@@ -410,7 +432,4 @@ def write_report(evaluation: Evaluation, path: Path) -> None:
         (path.with_suffix(".md"), markdown(evaluation) + "\n"),
     ):
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=target.suffix)
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temporary, target)
+        write_atomically(target, text)  # the user's umask decides the mode, as for any file they write

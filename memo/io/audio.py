@@ -21,6 +21,7 @@ import torch
 
 from memo.constants import SAMPLE_RATE
 from memo.errors import UserError, as_path
+from memo.io.inputs import input_problem
 
 logger = logging.getLogger("memo")
 
@@ -382,10 +383,9 @@ def _open_audio(path: Path):
     """Open ``path`` and its first audio stream, or raise :class:`AudioError` saying what is wrong with it."""
     import av
 
-    if not path.exists():
-        raise AudioError(f"Audio file not found: {path}. Check the path and file name.")
-    if path.is_dir():
-        raise AudioError(f"The audio path {path} is a folder; pass the audio file itself.")
+    problem = input_problem(path, "audio file")
+    if problem is not None:
+        raise AudioError(f"The audio {path} {problem}.")
     if path.stat().st_size == 0:
         raise AudioError(f"The audio file {path} is empty (0 bytes); it may not have finished copying.")
     try:

@@ -208,17 +208,17 @@ def missing_models_message(missing: Iterable[tuple[str, str, str]]) -> str:
 
 
 def download_all(
-    components: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None
+    components: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None, force: bool = False
 ) -> dict[str, Path]:
     """Download the files of the registry rows ``components`` (default: all) into the hub cache (or
     ``cache_dir``), one ``snapshot_download`` per repo; returns each repo's local folder. Already cached files
-    are not fetched again."""
+    are not fetched again unless ``force`` (which replaces damaged ones)."""
     wanted = [REGISTRY[name] for name in (components or REGISTRY)]
     patterns: dict[str, list[str]] = {}
     for model in wanted:
         patterns.setdefault(model.repo_id, []).extend(model.files)
     return {
-        repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir))
+        repo: Path(snapshot_download(repo_id=repo, allow_patterns=files, cache_dir=cache_dir, force_download=force))
         for repo, files in patterns.items()
     }
 
@@ -269,12 +269,17 @@ METRICS_FOLDER = "metrics"
 """The folder of a models folder (``evaluate.py --models``, the tiny pack) that holds the metric files."""
 
 
+def memo_cache_dir() -> Path:
+    """The project's own cache folder: ``$XDG_CACHE_HOME/memo``, else ``~/.cache/memo``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memo"
+
+
 def default_metric_models_dir() -> Path:
     """Where the metric files are kept by default: ``$MEMO_EVAL_MODELS``, else ``$XDG_CACHE_HOME/memo/evaluation``
     (``~/.cache/memo/evaluation``)."""
     if os.environ.get("MEMO_EVAL_MODELS"):
         return Path(os.environ["MEMO_EVAL_MODELS"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "memo" / "evaluation"
+    return memo_cache_dir() / "evaluation"
 
 
 def metric_download_command(models_dir: str | os.PathLike) -> str:

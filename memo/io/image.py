@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from memo.errors import UserError, as_path
+from memo.io.inputs import input_problem
 
 logger = logging.getLogger("memo")
 
@@ -56,9 +57,9 @@ def load_image(path: str | os.PathLike, min_side: int = MIN_IMAGE_SIDE) -> Image
     decodes it once.
     """
     path = as_path(path, "The image path")
-    if not path.is_file():
-        where = "is a folder, not an image file" if path.is_dir() else "does not exist"
-        raise ImageError(f"The image {path} {where}. Check the path to your portrait.")
+    problem = input_problem(path, "image file")
+    if problem is not None:
+        raise ImageError(f"The image {path} {problem}.")
     stat = path.stat()
     if stat.st_size == 0:
         raise ImageError(f"The image file {path} is empty (0 bytes); it may not have finished copying.")

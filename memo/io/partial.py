@@ -1,9 +1,11 @@
 """Files and folders written under a temporary name and renamed onto their place once complete.
 
 Every output of the project (the mp4, batch summaries, prepared-data files, finetuning checkpoints, the tiny
-pack's files) is written through :class:`Partial`: a hidden ``.NAME.<pid>-<hex>.partial[SUFFIX]`` beside the
-target, renamed onto it by :meth:`Partial.publish`, removed by :meth:`Partial.discard`. A run stopped by an
-exception or a handled signal (``memo.errors.stop_on_signals``) discards its partial on the way out.
+pack's files, evaluation reports and feature caches), and every temporary work folder (:func:`work_folder`:
+vocal separation's copies of the user's audio), is written through :class:`Partial`: a hidden
+``.NAME.<pid>-<hex>.partial[SUFFIX]`` beside the target, renamed onto it by :meth:`Partial.publish`, removed
+by :meth:`Partial.discard`. A run stopped by an exception or a handled signal (``memo.errors.stop_on_signals``)
+discards its partial on the way out.
 
 A run killed where no handler sees it (``kill -9``, the OOM killer, a power cut) leaves the partial behind;
 the next :class:`Partial` created in that folder removes it. Whether a partial's writer is still running is
@@ -21,7 +23,9 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 try:
@@ -200,6 +204,18 @@ class Partial:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def work_folder(name: str, parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A temporary work folder (``.NAME.<pid>-<hex>.partial`` in ``parent``, default the system's temporary
+    folder, ``TMPDIR``), removed on leaving, under the same rule as partial outputs: locked while this process
+    runs, so that a run killed with ``kill -9`` leaves it only until the next one that makes a work folder there
+    (:func:`remove_abandoned`). For intermediate files holding the user's data (decoded audio...)."""
+    folder = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    with Partial(folder / name, directory=True) as partial:
+        yield partial.path
 
 
 def write_atomically(target: str | os.PathLike, data: bytes | str, sync: bool = False) -> Path:

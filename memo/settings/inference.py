@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from omegaconf import OmegaConf
 
-from memo.constants import DTYPES, EMOTION_NAMES
+from memo.constants import DTYPES, EMOTION_NAMES, SEED_MAX
 from memo.io.hub import EMOTION2VEC_REPO, MEMO_REPO, VAE_REPO, WAV2VEC_REPO
 from memo.runtime.parallel import PARALLEL_CHOICES
 from memo.sampling.solvers import SOLVERS
@@ -75,13 +75,17 @@ class InferenceConfig:
     num_past_frames: int = setting(16, "generated frames each later clip conditions on", minimum=1)
     inference_steps: int = setting(20, "denoising steps per clip", minimum=1)
     cfg_scale: float = setting(3.5, "classifier-free guidance scale; 1 turns it off (about twice as fast)", minimum=0.0)
-    seed: int = setting(42, "random seed of the noise", minimum=0)
+    seed: int = setting(42, "random seed of the noise", minimum=0, maximum=SEED_MAX)
 
     # Conditions.
     framing: str = setting(
         "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)", choices=FRAMINGS
     )
     allow_no_face: bool = setting(False, "go on with a zero face embedding when no face is found")
+    paste_back: bool = setting(False, "paste each frame back into the photo: the video at the photo's own size (crop)")
+    max_output_side: int = setting(
+        1920, "with paste_back, the video's longer side at most this (the photo is scaled down, never up)", minimum=64
+    )
     vocal_separation: bool = setting(True, "separate the voice from music before reading the audio")
     emotion: str = setting("auto", "auto: read from the voice; or one emotion for the whole video", choices=EMOTIONS)
 
@@ -171,6 +175,11 @@ def validate(config: InferenceConfig) -> InferenceConfig:
         problems.append(
             "parallel=guidance needs an even num_generated_frames_per_clip (each half's frames meet the two "
             f"halves' reference frames in turn), got {config.num_generated_frames_per_clip}"
+        )
+    if config.paste_back and config.framing != "crop":
+        problems.append(
+            f"paste_back=true needs framing=crop (framing={config.framing} animates the whole squashed picture, "
+            "so there is no region to paste back into); use framing=crop or paste_back=false"
         )
     if config.vae_tile_size < 0 or config.vae_tile_size % 64:
         problems.append(f"vae_tile_size must be 0 (never tile) or a multiple of 64, got {config.vae_tile_size}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -154,29 +156,61 @@ def range_problems(settings: Any, prefix: str = "") -> list[str]:
     return problems
 
 
+def yaml_reason(error: BaseException) -> str:
+    """A YAML parser's error in one line, all of it (the problem, then where: PyYAML spreads them over lines)."""
+    text = " ".join(str(error).split())
+    for source in ('in "<unicode string>", ', 'in "<file>", ', "in '<unicode string>', "):
+        text = text.replace(source, "")
+    return text or type(error).__name__
+
+
 def read_yaml(path: str | os.PathLike) -> DictConfig:
-    """A YAML settings file as a mapping; :class:`ConfigError` if it is missing, not YAML or not a mapping."""
+    """A YAML settings file as a mapping; :class:`ConfigError` if it is missing, a folder, not readable, not YAML
+    or not a mapping."""
+    if os.path.isdir(path):
+        raise ConfigError(f"Config file {str(path)!r} is a folder; give the YAML file (e.g. {path}/inference.yaml).")
     if not os.path.isfile(path):
         raise ConfigError(f"Config file {str(path)!r} does not exist.")
     try:
-        loaded = OmegaConf.load(path)
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"Config file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8."
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"Config file {str(path)!r} cannot be read ({error.strerror or error}).") from None
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {reason}") from None
+        tabs = [i for i, line in enumerate(text.splitlines(), 1) if line[: len(line) - len(line.lstrip())].count("\t")]
+        hint = f" (line {tabs[0]} is indented with a tab: YAML takes spaces only)" if tabs else ""
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML{hint}: {yaml_reason(error)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"Config file {str(path)!r} must hold a mapping of settings.")
     return loaded
 
 
 def read_overrides(overrides: Sequence[str]) -> DictConfig:
-    """``key=value`` overrides (OmegaConf dot-list syntax) as a mapping; :class:`ConfigError` for a malformed one."""
+    """``key=value`` overrides (OmegaConf dot-list syntax) as a mapping; :class:`ConfigError` naming the override
+    for a malformed one (no ``=``, an unbalanced quote, a value YAML cannot read)."""
     for item in overrides:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"Override {item!r} must look like key=value.")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"Invalid override: {str(error).splitlines()[0]}") from None
+        key, value = (part.strip() for part in item.split("=", 1))
+        for quote in "\"'":
+            if value.count(quote) % 2 and value.startswith(quote):
+                shell = "'" if quote == '"' else '"'
+                raise ConfigError(
+                    f"Override {item!r} has an unbalanced quote ({quote}): write {key}={value.strip(quote)} or "
+                    f"close the quote (in a shell: {shell}{key}={quote}{value.strip(quote)}{quote}{shell})."
+                )
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
+            reason = yaml_reason(error) if isinstance(error, yaml.YAMLError) else str(error).splitlines()[0]
+            raise ConfigError(f"Override {item!r} cannot be read: {reason}") from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def _leaves(layer: DictConfig, cls: type | None, prefix: str = "") -> Iterator[tuple[str, bool]]:
@@ -229,11 +263,16 @@ def load_layers(
             if key in layer:
                 logger.warning("Ignoring %s from %s: %s.", key, origin, why)
                 del layer[key]
+        kinds = dict(zip(names, [kind for _, kind, _, _ in describe(cls)]))
         for key, known in _leaves(layer, cls):
             if not known:
                 raise ConfigError(
                     f"Unknown setting {key!r} in {origin}{closest(key, names)} (`{help_command}` lists every setting)."
                 )
+            value = OmegaConf.select(layer, key, default=None)
+            if kinds.get(key, "").startswith("bool") and isinstance(value, int) and not isinstance(value, bool):
+                if value not in (0, 1):  # OmegaConf takes any number as true
+                    raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:

@@ -81,33 +81,33 @@ TINY_FACES = (
 
 
 class TinySCRFD(nn.Module):
-    """Scores each of :data:`TINY_FACES` by the texture inside its box (and, for an isolated one, the flatness
-    of the ring around it); boxes and keypoints are fixed."""
+    """Scores each of ``faces`` (:data:`TINY_FACES` unless given) by the texture inside its box (and, for an
+    isolated one, the flatness of the ring around it); boxes and keypoints are fixed."""
 
-    def __init__(self) -> None:
+    def __init__(self, faces: tuple[TinyFace, ...] = TINY_FACES) -> None:
         super().__init__()
         size = DETECTOR_INPUT_SIZE
-        masks = torch.zeros(len(TINY_FACES), size - 1, size - 1)
-        sides = torch.zeros(len(TINY_FACES), 4, size - 1, size - 1)  # the ring's four sides, each its own
-        for i, face in enumerate(TINY_FACES):
+        masks = torch.zeros(len(faces), size - 1, size - 1)
+        sides = torch.zeros(len(faces), 4, size - 1, size - 1)  # the ring's four sides, each its own
+        for i, face in enumerate(faces):
             x1, y1, x2, y2 = face.box
             masks[i, y1:y2, x1:x2] = 1.0
             top, bottom, left, right = max(y1 - _RING, 0), y2 + _RING, max(x1 - _RING, 0), x2 + _RING
             sides[i, 0, top:y1, left:right] = sides[i, 1, y2:bottom, left:right] = 1.0
             sides[i, 2, y1:y2, left:x1] = sides[i, 3, y1:y2, x2:right] = 1.0
-        for i, j in itertools.permutations(range(len(TINY_FACES)), 2):  # another face is not the surroundings
-            x1, y1, x2, y2 = TINY_FACES[j].box
+        for i, j in itertools.permutations(range(len(faces)), 2):  # another face is not the surroundings
+            x1, y1, x2, y2 = faces[j].box
             sides[i, :, max(y1 - 1, 0) : y2 + 1, max(x1 - 1, 0) : x2 + 1] = 0.0
         self.register_buffer("region_weights", masks / masks.sum(dim=(1, 2), keepdim=True))
         self.register_buffer("side_weights", sides / sides.sum(dim=(2, 3), keepdim=True).clamp(min=1.0))
         # A face that need not be isolated gets a ring logit so high that it never decides the score.
-        self.register_buffer("ring_bias", torch.tensor([0.0 if face.isolated else 1e4 for face in TINY_FACES]))
+        self.register_buffer("ring_bias", torch.tensor([0.0 if face.isolated else 1e4 for face in faces]))
         for stride in _STRIDES:
             n = (size // stride) ** 2 * _NUM_ANCHORS
-            select = torch.zeros(len(TINY_FACES), n, 1)
+            select = torch.zeros(len(faces), n, 1)
             bbox = torch.zeros(n, 4)
             kps = torch.zeros(n, 10)
-            for i, face in enumerate(TINY_FACES):
+            for i, face in enumerate(faces):
                 if face.stride != stride:
                     continue
                 row = face.anchor_row
@@ -175,13 +175,14 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, output_names: 
         )
 
 
-def write_tiny_face_models(directory: Path) -> None:
-    """Write tiny ``scrfd_10g_bnkps.onnx`` and ``glintr100.onnx`` into ``directory`` (created if needed)."""
+def write_tiny_face_models(directory: Path, faces: tuple[TinyFace, ...] = TINY_FACES) -> None:
+    """Write tiny ``scrfd_10g_bnkps.onnx`` and ``glintr100.onnx`` into ``directory`` (created if needed); the
+    detector knows ``faces`` (a test may place a face elsewhere, e.g. at the image's edge, with its own)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     size = DETECTOR_INPUT_SIZE
     names = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in _STRIDES]
-    _export(TinySCRFD(), torch.zeros(1, 3, size, size), directory / DETECTOR_FILE, names)
+    _export(TinySCRFD(faces), torch.zeros(1, 3, size, size), directory / DETECTOR_FILE, names)
     _export(
         TinyArcFace(),
         torch.zeros(1, 3, 112, 112),

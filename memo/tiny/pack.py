@@ -18,14 +18,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
+from memo.errors import UserError
+from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER, memo_cache_dir
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
 from memo.tiny.separator import write_tiny_vocal_separator
 
-CACHE_DIR = Path("~/.cache/memo").expanduser()
-"""Where :func:`cached_tiny_pack` keeps the pack it builds (beside the inductor cache of ``memo.runtime``)."""
+
+class TinyPackError(UserError, OSError):
+    """The tiny pack cannot be built where it is kept (a read-only or full cache folder)."""
+
 
 TINY_SETTINGS = {
     "resolution": 64,
@@ -60,19 +63,29 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
 
 
 def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
-    """The tiny pack in ``cache_dir`` (default :data:`CACHE_DIR`), built there on first use; returns its config.
+    """The tiny pack in ``cache_dir`` (default: :func:`memo.io.hub.memo_cache_dir`, which honours
+    ``XDG_CACHE_HOME``), built there on first use; returns its config. Raises :class:`TinyPackError` (what to set)
+    when that folder cannot be written.
 
     The folder is named after a digest of the code that writes the pack, so a changed pack is built anew
     rather than an old one reused. It is built in a temporary folder beside it and renamed when complete:
     an interrupted build leaves no half pack behind.
     """
     source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
-    root = Path(cache_dir or CACHE_DIR).expanduser() / f"tiny-pack-{hashlib.sha256(source).hexdigest()[:12]}"
+    root = Path(cache_dir or memo_cache_dir()).expanduser() / f"tiny-pack-{hashlib.sha256(source).hexdigest()[:12]}"
     config = root / "inference.yaml"
     if config.is_file():
         return config
-    root.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=".tiny-pack-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".tiny-pack-", dir=root.parent))
+    except OSError as error:
+        reason = error.strerror or error
+        raise TinyPackError(
+            f"--tiny cannot build its pack in {root.parent} ({reason}); point XDG_CACHE_HOME at a writable "
+            "folder (e.g. XDG_CACHE_HOME=/tmp/cache), or write the pack with scripts/make_tiny_checkpoint.py DIR "
+            "and pass --config DIR/inference.yaml."
+        ) from None
     try:
         write_tiny_pack(building)
         # The config names the pack's folders: write it again for where the pack will live.

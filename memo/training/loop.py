@@ -52,15 +52,18 @@ from torch.utils.data import DataLoader
 from memo.constants import DTYPES
 from memo.data.dataset import TalkingVideoDataset
 from memo.io.partial import Partial
-from memo.loading import ModelLocator, locate_checkpoint
+from memo.loading import ModelLocator, check_checkpoint_files, locate_checkpoint
 from memo.pipeline import NETWORKS
 from memo.settings.training import dataloader_workers
 from memo.training.checkpointing import (
     checkpoint_step,
     load_networks,
     prune_checkpoints,
+    reached,
     resolve_resume,
     save_networks,
+    sync_folder,
+    sync_tree,
     write_training_state,
 )
 from memo.training.conditioning import ConditionDropout
@@ -83,6 +86,7 @@ def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> tu
     locator = ModelLocator()
     root, vae_dir = locate_checkpoint(locator, model_name_or_path, vae_name_or_path)
     locator.check()
+    check_checkpoint_files(model_name_or_path, root, vae_name_or_path, vae_dir)
     return root, vae_dir
 
 
@@ -269,6 +273,7 @@ def register_checkpoint_hooks(
                 ema.copy_to(params)
                 save_networks(trained, Path(directory) / "ema", source)
                 ema.restore(params)
+            reached("networks_written")
         if native:
             del weights[:]
 
@@ -550,29 +555,37 @@ def end_optimizer_step(run: TrainingRun, state: TrainState, epoch: int, grad_nor
 
 
 def save_checkpoint(run: TrainingRun, step: int) -> Path:
-    """Write ``<output_dir>/checkpoint-<step>`` (removing the oldest beyond ``checkpoints_total_limit``).
+    """Write ``<output_dir>/checkpoint-<step>``, then remove the oldest beyond ``checkpoints_total_limit``.
 
-    Every process writes its part into one hidden partial folder; the main process renames it onto
-    ``checkpoint-<step>`` once all are done, so a killed run never leaves a checkpoint ``latest`` would
-    pick up half-written (the next run removes the partial, :mod:`memo.io.partial`)."""
+    Every process writes its part into one hidden partial folder; the main process flushes it to disk and
+    renames it onto ``checkpoint-<step>`` once all are done, and only then removes old checkpoints, so a run
+    killed at any point of a save keeps a complete checkpoint for ``latest`` (the order is
+    :data:`memo.training.checkpointing.SAVE_POINTS`; the next run removes what a killed save left)."""
     accelerator = run.accelerator
     path = run.output_dir / f"checkpoint-{step}"
     with contextlib.ExitStack() as stack:
         names = [None]
         if accelerator.is_main_process:
-            for removed in prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit):
-                logger.info(f"Removed old checkpoint {removed}")
             partial = stack.enter_context(Partial(path, directory=True))
             names = [str(partial.path)]
+            reached("partial_created")
         names = broadcast_object_list(names)
         accelerator.save_state(names[0])
         if accelerator.is_main_process:
             write_training_state(names[0], step)
+            reached("state_written")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            sync_tree(partial.path)
+            reached("synced")
             partial.publish()
+            sync_folder(run.output_dir)
+            reached("published")
     accelerator.wait_for_everyone()
     logger.info(f"Saved checkpoint {path}")
+    if accelerator.is_main_process:
+        for removed in prune_checkpoints(run.output_dir, run.config.checkpoints_total_limit, keep=path):
+            logger.info(f"Removed old checkpoint {removed}")
     return path
 
 
