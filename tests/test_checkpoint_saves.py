@@ -30,7 +30,8 @@ NETWORKS = ("reference_net", "diffusion_net", "image_proj", "audio_proj")
 def run(tmp_path_factory, tiny_checkpoint):
     """A prepared training run whose output folder holds ``checkpoint-1``; the folder is ``run.base``."""
     from memo.settings.training import load_config
-    from memo.training.loop import make_accelerator, prepare_run, save_checkpoint
+    from memo.training.run import make_accelerator, prepare_run
+    from memo.training.saving import save_checkpoint
 
     root = tmp_path_factory.mktemp("kill_saves")
     data = make_prepared_data(root / "data", videos=1, frames=12)
@@ -45,13 +46,13 @@ def run(tmp_path_factory, tiny_checkpoint):
 def killed_save(run, folder: Path, point: str) -> int:
     """Save ``checkpoint-2`` into ``folder`` (a copy of the run's folder) in a forked child killed at ``point``;
     returns the signal that ended the child."""
-    from memo.training.loop import save_checkpoint
+    from memo.training.saving import save_checkpoint
 
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
             torch.set_num_threads(1)  # no OpenMP pool after fork
-            run.config.output_dir = str(folder)
+            run.output_dir = folder
 
             def kill_at(reached: str) -> None:
                 if reached == point:
@@ -68,7 +69,7 @@ def killed_save(run, folder: Path, point: str) -> int:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("point", SAVE_POINTS)
 def test_a_save_killed_at_any_point_keeps_a_complete_checkpoint(run, tmp_path, point):
-    from memo.training.loop import save_checkpoint
+    from memo.training.saving import save_checkpoint
 
     folder = tmp_path / "run"
     shutil.copytree(run.base, folder)
@@ -84,12 +85,12 @@ def test_a_save_killed_at_any_point_keeps_a_complete_checkpoint(run, tmp_path, p
     run.accelerator.load_state(str(latest))
 
     # The next save removes what the killed one left (its partial folder, or the old checkpoint moved aside).
-    saved_to = run.config.output_dir
+    saved_to = run.output_dir
     try:
-        run.config.output_dir = str(folder)
+        run.output_dir = folder
         save_checkpoint(run, 3)
     finally:
-        run.config.output_dir = saved_to
+        run.output_dir = saved_to
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3", "config.yaml", "logs"]
 
 

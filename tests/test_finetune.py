@@ -395,7 +395,7 @@ def test_config_rejects_unknown_and_bad_keys(tmp_path, data_dir):
 def test_each_dropped_condition_changes_only_its_sample(tiny_checkpoint):
     """Every dropout mode: dropping a sample's image, audio or emotion changes that sample's prediction only."""
     from memo.training.conditioning import ConditionDropout, DroppedConditions
-    from memo.training.loop import load_model_components
+    from memo.training.networks import load_model_components
     from memo.training.model import MemoTrainingModel
 
     networks, _, _ = load_model_components(str(tiny_checkpoint), str(tiny_checkpoint / "vae"))
@@ -592,7 +592,9 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
     from memo.data import TalkingVideoDataset
     from memo.settings.training import load_config
     from memo.training.flow_matching import FlowMatchingObjective
-    from memo.training.loop import _Encoder, load_model_components, train
+    from memo.sampling.conditioning import encode_frames
+    from memo.training.loop import train
+    from memo.training.networks import load_model_components
     from memo.training.model import MemoTrainingModel
 
     data = make_prepared_data(tmp_path / "one", videos=1, frames=8)
@@ -623,7 +625,9 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
         dataset = TalkingVideoDataset([data], 64, 64, n_sample_frames=4, num_past_frames=4)
         torch.manual_seed(0)
         sample = dataset[0]
-        encode = _Encoder(vae, torch.float32, 8)
+        def encode(pixels):
+            return encode_frames(vae, pixels, 8, torch.device("cpu"), sample=True)
+
         objective = FlowMatchingObjective({"num_train_timesteps": 1000})
         total = 0.0
         with torch.no_grad():

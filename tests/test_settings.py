@@ -7,6 +7,7 @@ bad keys in every entry point, ``--help-settings``, and first runs offline and w
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from omegaconf import DictConfig
 
 from memo.io import hub
 from memo.settings import inference, schema, training
@@ -67,8 +69,39 @@ def test_training_bad_keys_name_the_key_and_the_closest_valid_ones():
     with pytest.raises(schema.ConfigError, match="mixed_precision must be one of no, fp16, bf16, got 'fp8'"):
         training.load_config(config, ["mixed_precision=fp8"])
     loaded = training.load_config(config, ["data.width=256"])
-    with pytest.raises(Exception, match="could not be converted"):  # the result stays typed
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, at loading: nothing changes it later
         loaded.data.width = "wide"
+
+
+def test_training_settings_load_as_typed_sections_under_the_names_users_write(tmp_path):
+    """Flat names (as in the original release) land in their section; the result holds no DictConfig."""
+    loaded = training.load_config(
+        REPO / "configs" / "finetune.yaml",
+        ["learning_rate=2e-5", "max_train_steps=7", "uncond_img_mode=drop_reference", "report_to=none"],
+        exp_name="run",
+    )
+    assert isinstance(loaded, training.TrainingConfig)
+    assert isinstance(loaded.optimizer, training.OptimizerSettings) and loaded.optimizer.learning_rate == 2e-5
+    assert isinstance(loaded.schedule.max_train_steps, int) and loaded.schedule.max_train_steps == 7
+    assert loaded.dropout.uncond_img_mode == "drop_reference" and loaded.tracking.report_to == "none"
+    assert loaded.models.trained() == {
+        "reference_net": False, "diffusion_net": True, "image_proj": False, "audio_proj": False
+    }
+    assert loaded.output_dir == os.path.join("outputs", "run")
+
+    def no_dictconfig(value):
+        assert not isinstance(value, DictConfig), value
+        if dataclasses.is_dataclass(value):
+            for field in dataclasses.fields(value):
+                no_dictconfig(getattr(value, field.name))
+
+    no_dictconfig(loaded)
+    # A run saves its settings under the names users write (config.yaml), which load back to the same settings.
+    saved = tmp_path / "config.yaml"
+    saved.write_text(loaded.to_yaml())
+    assert "\nlearning_rate: 2.0e-05\n" in saved.read_text() and "optimizer" not in saved.read_text()
+    again = training.load_config(saved)
+    assert dataclasses.replace(again, output_dir=loaded.output_dir) == loaded
 
 
 def test_old_training_names_still_work_with_a_visible_deprecation_warning(caplog):
@@ -95,7 +128,7 @@ def test_shipped_configs_and_the_tiny_packs_config_load_without_warnings(pack, c
 def test_same_settings_share_defaults_between_inference_and_training():
     """A setting inference and training both have holds the same default under the same name."""
     run, train = inference.InferenceConfig(), training.TrainingConfig()
-    assert (run.model_name_or_path, run.vae) == (train.model_name_or_path, train.vae)
+    assert (run.model_name_or_path, run.vae) == (train.models.model_name_or_path, train.models.vae)
     assert run.num_generated_frames_per_clip == train.data.num_generated_frames_per_clip
     assert run.num_past_frames == train.data.num_past_frames
     assert (run.inference_steps, run.cfg_scale) == (train.validation.inference_steps, train.validation.cfg_scale)

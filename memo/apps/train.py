@@ -16,10 +16,14 @@ import os
 import sys
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from memo.apps.cli import HelpSettingsAction, parse_with_settings, report_stop
 from memo.errors import UserError, as_user_error, stop_on_signals
+
+if TYPE_CHECKING:
+    from memo.settings.training import TrainingConfig
+    from memo.training.run import RunInputs
 
 logger = logging.getLogger("memo")
 
@@ -74,18 +78,21 @@ def check_trackers(report_to: str) -> None:
         )
 
 
-def preflight(config: DictConfig) -> None:
+def preflight(config: TrainingConfig) -> RunInputs:
     """Everything a run needs that can be checked before the accelerator starts and the models load: the
-    trackers, the checkpoint and VAE files (fetched once into the hub cache), and the prepared data's metadata."""
+    trackers, the checkpoint and VAE files (fetched once into the hub cache), and the prepared data's metadata;
+    returns what was found, for the run to use as it is."""
     from memo.data.dataset import load_metadata
-    from memo.training.loop import locate_training_models
+    from memo.training.networks import locate_training_models
+    from memo.training.run import RunInputs
 
-    check_trackers(config.report_to)
-    locate_training_models(config.model_name_or_path, config.vae)
+    check_trackers(config.tracking.report_to)
+    folders = locate_training_models(config.models.model_name_or_path, config.models.vae)
     try:
-        load_metadata(list(config.data.data_dirs))
+        entries = load_metadata(list(config.data.data_dirs))
     except FileNotFoundError as error:
         raise DataError(f"data.data_dirs: {error} Prepare videos with scripts/prepare_data.py first.") from None
+    return RunInputs(folders, entries)
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -114,11 +121,11 @@ def main(argv: list[str] | None = None, description: str = "Finetune MEMO on pre
         from memo.settings.training import load_config
 
         config = load_config(args.config, args.overrides, exp_name=args.exp_name)
-        preflight(config)
+        inputs = preflight(config)
         from memo.training.loop import train
 
         with stop_on_signals():
-            train(config)
+            train(config, inputs)
     except (UserError, OSError) as caught:
         if (error := as_user_error(caught)) is None:
             raise

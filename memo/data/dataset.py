@@ -31,13 +31,18 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+if TYPE_CHECKING:
+    from memo.settings.training import DataSettings
+
 from memo.constants import NUM_EMOTIONS
+from memo.sampling.conditioning import clip_emotion
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +100,6 @@ def resize_and_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tens
     return (frames / 127.5 - 1).clamp(-1, 1)
 
 
-def clip_emotion(labels: torch.Tensor) -> int:
-    """The emotion of a clip: its most frequent per-frame label, the smallest one on a tie (as the pipeline)."""
-    return int(torch.bincount(labels.long(), minlength=NUM_EMOTIONS).argmax())
-
-
 def _randint(low: int, high: int) -> int:
     """A uniform integer in [low, high] from torch's generator (seeded per dataloader worker)."""
     return int(torch.randint(low, high + 1, ()).item())
@@ -124,6 +124,7 @@ class TalkingVideoDataset(Dataset):
         max_attempts: samples tried in a row before giving up with an error.
         length_tolerance: frames by which the video and its features may differ in length (decoders do not
             always agree on the last frame); the clip is drawn from the frames all of them have.
+        entries: the metadata of ``sources`` when the caller has read it already (:func:`load_metadata`).
     """
 
     def __init__(
@@ -141,11 +142,12 @@ class TalkingVideoDataset(Dataset):
         face_dim: int | None = 512,
         max_attempts: int = 20,
         length_tolerance: int = 2,
+        entries: list[dict] | None = None,
     ):
         super().__init__()
         if n_sample_frames < 1 or num_past_frames < 0:
             raise ValueError("n_sample_frames must be positive and num_past_frames non-negative.")
-        self.entries = load_metadata(sources)
+        self.entries = entries if entries is not None else load_metadata(sources)
         self.width, self.height = int(width), int(height)
         self.n_sample_frames = int(n_sample_frames)
         self.num_past_frames = int(num_past_frames)
@@ -159,6 +161,33 @@ class TalkingVideoDataset(Dataset):
         self.length_tolerance = int(length_tolerance)
         self.num_replaced = 0
         self.bad_entries: dict[int, str] = {}
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: DataSettings,
+        entries: list[dict],
+        audio_window_shape: Sequence[int] | None,
+        face_dim: int | None,
+    ) -> TalkingVideoDataset:
+        """The dataset of the finetuning ``data`` section over ``entries`` (:func:`load_metadata` of its
+        ``data_dirs``, read once by the caller)."""
+        return cls(
+            settings.data_dirs,
+            width=settings.width,
+            height=settings.height,
+            n_sample_frames=settings.num_generated_frames_per_clip,
+            num_past_frames=settings.num_past_frames,
+            dynamic_past_frames=settings.dynamic_past_frames,
+            past_first_frame_ratio=settings.past_first_frame_ratio,
+            past_zero_ratio=settings.past_zero_ratio,
+            audio_start_ratio=settings.audio_start_ratio,
+            audio_window_shape=audio_window_shape,
+            face_dim=face_dim,
+            max_attempts=settings.max_attempts,
+            length_tolerance=settings.length_tolerance,
+            entries=entries,
+        )
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -28,10 +28,16 @@ class Networks(Protocol):
     audio_proj: AudioProjModel
 
 
-def encode_frames(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latent means (``vae.config.scaling_factor``), at most
-    ``batch_size`` frames per VAE call, computed on ``device``."""
-    latents = [vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean for chunk in pixels.split(batch_size)]
+def encode_frames(
+    vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int, device: torch.device, *, sample: bool = False
+) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] -> (N, 4, H/8, W/8) scaled latents (``vae.config.scaling_factor``), at most
+    ``batch_size`` frames per VAE call, computed on ``device``: the posterior's means, or with ``sample`` a
+    sample of it from torch's global generator (what training encodes, as the original)."""
+    latents = []
+    for chunk in pixels.split(batch_size):
+        posterior = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+        latents.append(posterior.sample() if sample else posterior.mean)
     return torch.cat(latents) * vae.config.scaling_factor
 
 

@@ -1,11 +1,13 @@
 """The machinery shared by the inference and training settings: typed fields with one line of help and a range,
 loading YAML and ``key=value`` layers over them, and the messages for a bad key.
 
-A settings class is a dataclass whose fields are made by :func:`setting`: a type (the annotation), a default,
-one line of help, and optionally ``choices``, ``minimum``/``maximum`` and ``multiple_of``. Nested dataclasses
-are sections (``data.width``). :func:`load_layers` merges layers through OmegaConf's structured configs, so a
-value of the wrong type is refused, and turns every problem into one :class:`ConfigError` line that names the
-key and, for an unknown key, the closest valid ones (difflib).
+A settings class is a dataclass whose fields are made by :func:`setting`: a type (the annotation; a choice is a
+``Literal``), a default, one line of help, and optionally ``minimum``/``maximum`` and ``multiple_of``. Fields
+made by :func:`section` hold a nested settings class: a named section's settings are dotted (``data.width``),
+a flat section's keep their own names (``learning_rate``, held in ``config.optimizer``), so settings can be
+grouped in code without renaming what users write. :func:`load_layers` merges layers through OmegaConf's
+structured configs, so a value of the wrong type is refused, and turns every problem into one
+:class:`ConfigError` line that names the key and, for an unknown key, the closest valid ones (difflib).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import difflib
 import io
 import logging
 import math
+import operator
 import os
+import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -51,8 +55,42 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def section(cls: type, help: str, *, flat: bool = False) -> Any:  # noqa: A002 (as setting())
+    """A field holding the settings class ``cls``: its settings are named ``<field>.<name>``, or with ``flat``
+    just ``<name>`` (a grouping in code that users do not see)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "flat": flat})
+
+
 def _is_section(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind)
+
+
+def choices_of(field: dataclasses.Field, kind: Any) -> tuple[Any, ...] | None:
+    """The values a field takes when it is a choice: its ``Literal``'s (``X | None`` included), else None."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    for option in options:
+        if typing.get_origin(option) is typing.Literal:
+            return typing.get_args(option)
+    return field.metadata.get("choices")
+
+
+def leaves(cls: type, prefix: str = "", path: str = "") -> Iterator[tuple[str, str, dataclasses.Field, Any]]:
+    """``(name, path, field, type)`` of every setting of ``cls`` in declaration order: the name users write and
+    the attribute path of the loaded object (they differ for the settings of a flat section)."""
+    kinds = hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = kinds[field.name]
+        if _is_section(kind):
+            flat = field.metadata.get("flat", False)
+            yield from leaves(kind, prefix if flat else f"{prefix}{field.name}.", f"{path}{field.name}.")
+        else:
+            yield f"{prefix}{field.name}", f"{path}{field.name}", field, kind
+
+
+def setting_paths(cls: type) -> dict[str, str]:
+    """Each setting's name -> its attribute path in the loaded object (``learning_rate`` ->
+    ``optimizer.learning_rate``)."""
+    return {name: path for name, path, _, _ in leaves(cls)}
 
 
 def _is_mapping(kind: Any) -> bool:
@@ -64,17 +102,9 @@ def hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def setting_names(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted setting name of ``cls`` (sections expanded)."""
-    names = []
-    types = hints(cls)
-    for field in dataclasses.fields(cls):
-        kind = types[field.name]
-        if _is_section(kind):
-            names += setting_names(kind, f"{prefix}{field.name}.")
-        else:
-            names.append(f"{prefix}{field.name}")
-    return names
+def setting_names(cls: type) -> list[str]:
+    """Every setting name of ``cls`` as users write it (sections expanded)."""
+    return [name for name, _, _, _ in leaves(cls)]
 
 
 def closest(name: str, names: Sequence[str]) -> str:
@@ -89,7 +119,9 @@ def closest(name: str, names: Sequence[str]) -> str:
 def _type_name(kind: Any) -> str:
     if kind is type(None):
         return "None"
-    if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+    if typing.get_origin(kind) is typing.Literal:
+        return "str"
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(arg) for arg in typing.get_args(kind))
     if typing.get_origin(kind) is not None:
         args = ", ".join(_type_name(arg) for arg in typing.get_args(kind))
@@ -97,19 +129,14 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-def describe(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+def describe(cls: type) -> Iterator[tuple[str, str, str, str]]:
     """``(name, type, default, help)`` of every setting of ``cls``, sections expanded, in declaration order."""
-    types = hints(cls)
-    for field in dataclasses.fields(cls):
-        kind = types[field.name]
-        if _is_section(kind):
-            yield from describe(kind, f"{prefix}{field.name}.")
-            continue
+    for name, _, field, kind in leaves(cls):
         default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
         meta = field.metadata
         kind_text = _type_name(kind)
-        if meta.get("choices"):
-            kind_text += ": " + "|".join(map(str, meta["choices"]))
+        if choices := choices_of(field, kind):
+            kind_text += ": " + "|".join(map(str, choices))
         bounds = [f">= {meta['minimum']}" if meta.get("minimum") is not None else ""]
         bounds += [f"<= {meta['maximum']}" if meta.get("maximum") is not None else ""]
         bounds += [f"multiple of {meta['multiple_of']}" if meta.get("multiple_of") else ""]
@@ -117,7 +144,7 @@ def describe(cls: type, prefix: str = "") -> Iterator[tuple[str, str, str, str]]
         if bounds:
             kind_text += f" ({', '.join(bounds)})"
         shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
-        yield f"{prefix}{field.name}", kind_text, shown, meta.get("help", "")
+        yield name, kind_text, shown, meta.get("help", "")
 
 
 def help_text(cls: type, title: str) -> str:
@@ -131,22 +158,19 @@ def help_text(cls: type, title: str) -> str:
     return "\n".join(lines)
 
 
-def range_problems(settings: Any, prefix: str = "") -> list[str]:
-    """What breaks the ``choices``/``minimum``/``maximum``/``multiple_of`` of each field (sections included)."""
+def range_problems(settings: Any) -> list[str]:
+    """What breaks the choices/``minimum``/``maximum``/``multiple_of`` of each field (sections included), each
+    under the name users write."""
     problems = []
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        name = f"{prefix}{field.name}"
-        if dataclasses.is_dataclass(value):
-            problems += range_problems(value, f"{name}.")
-            continue
+    for name, path, field, kind in leaves(type(settings)):
+        value = operator.attrgetter(path)(settings)
         if value is None or isinstance(value, (list, dict)):
             continue
-        meta = field.metadata
+        meta, choices = field.metadata, choices_of(field, kind)
         if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
             problems.append(f"{name} must be a finite number, got {value}")
-        elif meta.get("choices") is not None and value not in meta["choices"]:
-            problems.append(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        elif choices is not None and value not in choices:
+            problems.append(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
         elif meta.get("minimum") is not None and value < meta["minimum"]:
             problems.append(f"{name} must be at least {meta['minimum']}, got {value}")
         elif meta.get("maximum") is not None and value > meta["maximum"]:
@@ -213,18 +237,54 @@ def read_overrides(overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.from_dotlist(list(overrides))
 
 
+def as_layer(settings: Any) -> DictConfig:
+    """Loaded settings back as a layer: a mapping under the names users write (sections dotted)."""
+    layer = OmegaConf.create({})
+    for name, path, _, _ in leaves(type(settings)):
+        OmegaConf.update(layer, name, operator.attrgetter(path)(settings), merge=False, force_add=True)
+    return layer
+
+
+def flat_values(settings: Any) -> dict[str, Any]:
+    """Loaded settings as ``name -> value`` under the names users write."""
+    return {name: operator.attrgetter(path)(settings) for name, path, _, _ in leaves(type(settings))}
+
+
+def _keys(cls: type) -> dict[str, Any]:
+    """The keys a layer may hold at the level of ``cls``: its fields, a flat section's fields in its place."""
+    keys = {}
+    for field in dataclasses.fields(cls):
+        kind = hints(cls)[field.name]
+        if _is_section(kind) and field.metadata.get("flat", False):
+            keys |= _keys(kind)
+        else:
+            keys[field.name] = kind
+    return keys
+
+
 def _leaves(layer: DictConfig, cls: type | None, prefix: str = "") -> Iterator[tuple[str, bool]]:
     """Each dotted key of ``layer`` with whether ``cls`` knows it (a dict-typed setting takes any keys below)."""
-    types = hints(cls) if cls is not None else {}
+    keys = _keys(cls) if cls is not None else {}
     for key in list(layer.keys()):
         name = f"{prefix}{key}"
-        kind = types.get(str(key))
+        kind = keys.get(str(key))
         if kind is None:
             yield name, False
         elif _is_section(kind) and isinstance(layer[key], DictConfig):
             yield from _leaves(layer[key], kind, f"{name}.")
         else:
             yield name, True
+
+
+def _nest(layer: DictConfig, cls: type) -> DictConfig:
+    """``layer`` (checked keys, as users write them) with each setting at its attribute path."""
+    paths = setting_paths(cls)
+    if all(name == path for name, path in paths.items()):
+        return layer
+    nested = OmegaConf.create({})
+    for name, _ in _leaves(layer, cls):
+        OmegaConf.update(nested, paths[name], OmegaConf.select(layer, name), merge=False, force_add=True)
+    return nested
 
 
 def _move(layer: DictConfig, old: str, new: str) -> bool:
@@ -254,6 +314,9 @@ def load_layers(
     :class:`ConfigError` naming the key, where it came from, and the closest valid keys.
     """
     names = setting_names(cls)
+    kinds = {name: kind for name, _, _, kind in leaves(cls)}
+    described = {name: kind for name, kind, _, _ in describe(cls)}
+    names_of = {path: name for name, path in setting_paths(cls).items()}
     merged = OmegaConf.structured(cls)
     for origin, layer in layers:
         for old, new in renamed.items():
@@ -263,23 +326,29 @@ def load_layers(
             if key in layer:
                 logger.warning("Ignoring %s from %s: %s.", key, origin, why)
                 del layer[key]
-        kinds = dict(zip(names, [kind for _, kind, _, _ in describe(cls)]))
         for key, known in _leaves(layer, cls):
             if not known:
                 raise ConfigError(
                     f"Unknown setting {key!r} in {origin}{closest(key, names)} (`{help_command}` lists every setting)."
                 )
             value = OmegaConf.select(layer, key, default=None)
-            if kinds.get(key, "").startswith("bool") and isinstance(value, int) and not isinstance(value, bool):
+            if described.get(key, "").startswith("bool") and isinstance(value, int) and not isinstance(value, bool):
                 if value not in (0, 1):  # OmegaConf takes any number as true
                     raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
+            choices = typing.get_args(kinds[key]) if typing.get_origin(kinds.get(key)) is typing.Literal else None
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"Invalid setting {key}={value} in {origin}: {key} must be one of {', '.join(map(str, choices))}, "
+                    f"got {value!r}."
+                )
         try:
-            merged = OmegaConf.merge(merged, layer)
+            merged = OmegaConf.merge(merged, _nest(layer, cls))
         except OmegaConfBaseException as error:
             key = getattr(error, "full_key", "") or "?"
+            key = names_of.get(key, key)
             value = OmegaConf.select(layer, key, default=None) if key != "?" else None
             reason = str(getattr(error, "msg", error)).strip().splitlines()[0]
-            field = dict(zip(names, [kind for _, kind, _, _ in describe(cls)])).get(key)
+            field = described.get(key)
             wanted = f" (it takes {field})" if field else ""
             shown = f"={value}" if value is not None else ""
             raise ConfigError(f"Invalid setting {key}{shown} in {origin}: {reason}{wanted}.") from None

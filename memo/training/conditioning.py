@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from memo.constants import NUM_EMOTIONS
+from memo.settings.training import AudioDropMode, DropoutSettings, ImageDropMode
 
 
 @dataclass
@@ -38,16 +39,19 @@ class ConditionDropout:
     image_ratio: float = 0.05
     audio_ratio: float = 0.05
     emotion_ratio: float = 0.0
-    image_mode: str = "zero_reference"
-    audio_mode: str = "zero_features"
+    image_mode: ImageDropMode = "zero_reference"
+    audio_mode: AudioDropMode = "zero_features"
 
-    def __post_init__(self):
-        if self.image_mode not in ("zero_reference", "drop_reference"):
-            raise ValueError(
-                f"image dropout mode must be 'zero_reference' or 'drop_reference', got {self.image_mode!r}."
-            )
-        if self.audio_mode not in ("zero_features", "zero_tokens"):
-            raise ValueError(f"audio dropout mode must be 'zero_features' or 'zero_tokens', got {self.audio_mode!r}.")
+    @classmethod
+    def from_settings(cls, settings: DropoutSettings) -> ConditionDropout:
+        """The dropout as the ``dropout`` settings say (checked when they loaded)."""
+        return cls(
+            image_ratio=settings.uncond_img_ratio,
+            audio_ratio=settings.uncond_audio_ratio,
+            emotion_ratio=settings.uncond_emotion_ratio,
+            image_mode=settings.uncond_img_mode,
+            audio_mode=settings.uncond_audio_mode,
+        )
 
     def sample(self, batch: int, device: torch.device | str = "cpu") -> DroppedConditions:
         """Draw which samples lose which condition (from torch's global generator)."""

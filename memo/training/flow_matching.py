@@ -16,6 +16,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
+from memo.settings.training import ObjectiveSettings, WeightingScheme
+
 
 class FlowMatchingObjective:
     """Timestep sampling, noising and the weighted x0 loss.
@@ -30,7 +32,7 @@ class FlowMatchingObjective:
     def __init__(
         self,
         scheduler_kwargs: dict | None = None,
-        weighting_scheme: str = "logit_normal",
+        weighting_scheme: WeightingScheme = "logit_normal",
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
@@ -38,9 +40,20 @@ class FlowMatchingObjective:
         self.scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_kwargs or {}))
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.weighting_scheme = weighting_scheme
-        self.logit_mean = float(logit_mean)
-        self.logit_std = float(logit_std)
-        self.mode_scale = float(mode_scale)
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.mode_scale = mode_scale
+
+    @classmethod
+    def from_settings(cls, settings: ObjectiveSettings) -> FlowMatchingObjective:
+        """The objective as the ``objective`` settings say."""
+        return cls(
+            dict(settings.noise_scheduler_kwargs),
+            settings.weighting_scheme,
+            settings.logit_mean,
+            settings.logit_std,
+            settings.mode_scale,
+        )
 
     def sample_timesteps(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Draw one timestep per sample: (timesteps (batch,) on the 0..1000 scale the networks take,

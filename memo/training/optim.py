@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from diffusers.optimization import get_scheduler
 
+from memo.settings.training import OptimizerSettings, ScheduleSettings
+
 
 def build_optimizer(
     parameters: Iterable[torch.nn.Parameter],
@@ -28,10 +30,25 @@ def build_optimizer(
         optimizer_class = bitsandbytes.optim.AdamW8bit
     return optimizer_class(
         list(parameters),
-        lr=float(learning_rate),
-        betas=(float(betas[0]), float(betas[1])),
-        weight_decay=float(weight_decay),
-        eps=float(eps),
+        lr=learning_rate,
+        betas=betas,
+        weight_decay=weight_decay,
+        eps=eps,
+    )
+
+
+def optimizer_for(
+    parameters: Iterable[torch.nn.Parameter], settings: OptimizerSettings, clips_per_step: int
+) -> torch.optim.Optimizer:
+    """:func:`build_optimizer` as the ``optimizer`` settings say; with ``scale_lr`` the learning rate is
+    multiplied by ``clips_per_step`` (accumulation x per-device batch x processes)."""
+    return build_optimizer(
+        parameters,
+        settings.learning_rate * (clips_per_step if settings.scale_lr else 1),
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+        use_8bit_adam=settings.use_8bit_adam,
     )
 
 
@@ -52,8 +69,23 @@ def build_lr_scheduler(
     return get_scheduler(
         name,
         optimizer=optimizer,
-        num_warmup_steps=int(warmup_steps) * num_processes,
-        num_training_steps=int(training_steps) * num_processes,
-        num_cycles=int(num_cycles),
-        power=float(power),
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=training_steps * num_processes,
+        num_cycles=num_cycles,
+        power=power,
+    )
+
+
+def lr_scheduler_for(
+    optimizer: torch.optim.Optimizer, settings: ScheduleSettings, num_processes: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """:func:`build_lr_scheduler` as the ``schedule`` settings say."""
+    return build_lr_scheduler(
+        optimizer,
+        settings.lr_scheduler,
+        settings.lr_warmup_steps,
+        settings.max_train_steps,
+        num_processes,
+        settings.lr_num_cycles,
+        settings.lr_power,
     )

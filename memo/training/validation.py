@@ -8,33 +8,24 @@ embedding, audio windows and emotion labels, and as reference image its first fr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from accelerate.logging import get_logger
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 from torch import nn
 
 from memo.data.dataset import resize_and_crop
+from memo.io.video import VideoWriter
+from memo.settings.training import DataSettings, ValidationSettings
 
+if TYPE_CHECKING:
+    from memo.training.run import TrainingRun
 
-def write_mp4(path: str | Path, frames: torch.Tensor, fps: float) -> Path:
-    """Write (3, N, H, W) frames in [0, 1] as an H.264 mp4 (yuv420p; H and W must be even)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = pixels.shape[2], pixels.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for image in pixels:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")))
-        container.mux(stream.encode())
-    return path
+logger = get_logger(__name__, log_level="INFO")
 
 
 def _reference_image(entry: dict, image_path: str | None, height: int, width: int) -> torch.Tensor:
@@ -56,24 +47,18 @@ def render_validation(
     vae: AutoencoderKL,
     entry: dict,
     output_path: str | Path,
-    *,
-    width: int,
-    height: int,
-    frames_per_clip: int,
-    past_frames: int,
-    num_frames: int = 32,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 3.5,
-    seed: int = 42,
-    reference_image: str | None = None,
+    data: DataSettings,
+    settings: ValidationSettings,
 ) -> Path:
-    """Render ``num_frames`` (rounded down to whole clips, at least one) of ``entry`` and save them as mp4."""
+    """Render ``validation.num_frames`` (rounded down to whole clips, at least one) of ``entry`` at the
+    ``data`` section's size and clip length, and save them as an mp4 (replacing one of an earlier run)."""
+    frames_per_clip = data.num_generated_frames_per_clip
     from memo.pipeline import MemoPipeline
 
     audio = load_file(entry["audio_emb"])["audio_emb"]
     emotion = load_file(entry["audio_emotion"])["emotion"]
     face = load_file(entry["face_emb"])["face_emb"].reshape(1, -1)
-    available = min(audio.shape[0], emotion.shape[0], num_frames)
+    available = min(audio.shape[0], emotion.shape[0], settings.num_frames)
     frames = max(frames_per_clip, available // frames_per_clip * frames_per_clip)
     if audio.shape[0] < frames:
         raise ValueError(f"The validation video {entry.get('id')} has {audio.shape[0]} frames, fewer than one clip.")
@@ -85,17 +70,46 @@ def render_validation(
         for network in networks.values():
             network.eval()
         video = pipeline(
-            _reference_image(entry, reference_image, height, width),
+            _reference_image(entry, settings.reference_image, data.height, data.width),
             face,
             audio[:frames],
             emotion[:frames],
             frames_per_clip=frames_per_clip,
-            past_frames=past_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
+            past_frames=data.num_past_frames,
+            num_inference_steps=settings.inference_steps,
+            guidance_scale=settings.cfg_scale,
+            seed=settings.seed,
         ).frames
     finally:
         for name, network in networks.items():
             network.train(modes[name])
-    return write_mp4(output_path, video, float(entry.get("fps") or 30.0))
+    with VideoWriter(output_path, float(entry.get("fps") or 30.0), data.width, data.height, overwrite=True) as writer:
+        writer.write(video)
+    return writer.path
+
+
+def validate(run: TrainingRun, step: int) -> None:
+    """Render the preview video ``<output_dir>/validation/step-<step>.mp4`` of ``validation.video_id`` (the
+    first video without one) on the main process. A failed preview is logged, never ends the run."""
+    accelerator, settings = run.accelerator, run.config.validation
+    if accelerator.is_main_process:
+        entries = run.dataset.entries
+        wanted = settings.video_id
+        entry = next((e for e in entries if e.get("id") == wanted), None) if wanted else entries[0]
+        if entry is None:
+            logger.warning(f"validation.video_id={wanted!r} is not in the data; skipping validation")
+        else:
+            try:
+                path = render_validation(
+                    accelerator.unwrap_model(run.model).networks(),
+                    run.vae,
+                    entry,
+                    run.output_dir / "validation" / f"step-{step}.mp4",
+                    run.config.data,
+                    settings,
+                )
+                run.record({"event": "validation", "step": step, "video": str(path)})
+                logger.info(f"Validation video: {path}")
+            except Exception as err:  # noqa: BLE001 - a failed preview must not end a long run
+                logger.error(f"Validation at step {step} failed: {type(err).__name__}: {err}")
+    accelerator.wait_for_everyone()
