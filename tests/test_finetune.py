@@ -326,6 +326,7 @@ def test_trainable_selection(tiny_checkpoint):
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
     """Checkpointed layers (the temporal memory's update included) give the gradients of the plain run."""
+    from memo.models.conditions import DiffusionConditions
     from memo.models.diffusion_net import DiffusionNet
     from memo.models.reference_net import ReferenceNet
     from memo.models.temporal_memory import TemporalMemory
@@ -340,17 +341,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
         context = torch.randn(2, 4, 64, generator=g, dtype=torch.float64).repeat_interleave(3, 0)
         features = reference_net(torch.randn(6, 4, 8, 8, generator=g, dtype=torch.float64), 0.0, context)
         memory = TemporalMemory()
-        out = diffusion_net(
-            torch.randn(2, 4, 3, 8, 8, generator=g, dtype=torch.float64),
-            500.0,
-            features,
-            torch.randn(2, 4, 64, generator=g, dtype=torch.float64),
-            torch.randn(2, 3, 4, 64, generator=g, dtype=torch.float64),
-            torch.tensor([1, 3]),
-            memory,
-            True,
-            torch.tensor([True, False]),
+        sample = torch.randn(2, 4, 3, 8, 8, generator=g, dtype=torch.float64)
+        conditions = DiffusionConditions(
+            reference=features,
+            image_tokens=torch.randn(2, 4, 64, generator=g, dtype=torch.float64),
+            audio_tokens=torch.randn(2, 3, 4, 64, generator=g, dtype=torch.float64),
+            emotion=torch.tensor([1, 3]),
+            memory=memory,
+            drop_reference=(True, False),
+            update_memory=True,
         )
+        out = diffusion_net(sample, 500.0, conditions)
         out.square().mean().backward()
         named = list(reference_net.named_parameters()) + list(diffusion_net.named_parameters())
         return {name: p.grad for name, p in named if p.grad is not None}, out, memory

@@ -16,7 +16,7 @@ from memo.constants import NUM_EMOTIONS
 from memo.models.conditions import DiffusionConditions
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
-from memo.models.reference_net import ReferenceNet
+from memo.models.reference_net import ReferenceFeatures, ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
 
 
@@ -46,17 +46,89 @@ def clip_emotion(labels: torch.Tensor) -> int:
     return int(torch.bincount(labels.reshape(-1).long(), minlength=NUM_EMOTIONS).argmax())
 
 
+def _zero_items(values: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """``values`` (items * k, ...) with the k rows of each item where ``drop`` (items,) is true set to zero."""
+    if drop is None or not bool(drop.any()):
+        return values
+    rows = drop.repeat_interleave(values.shape[0] // drop.shape[0]).reshape(-1, *([1] * (values.dim() - 1)))
+    return torch.where(rows.to(values.device), torch.zeros_like(values), values)
+
+
+def drop_emotion(emotion: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """(items,) emotion labels with those of the items where ``drop`` is true set to the unconditional label
+    (:data:`memo.constants.NUM_EMOTIONS`)."""
+    if drop is None:
+        return emotion
+    return torch.where(drop.to(emotion.device), torch.full_like(emotion, NUM_EMOTIONS), emotion)
+
+
 def encode_image_tokens(
-    networks: Networks, face_embedding: torch.Tensor, guided: bool, device: torch.device
+    networks: Networks,
+    face_embedding: torch.Tensor,
+    guided: bool,
+    device: torch.device,
+    *,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(1, 512) face embedding -> (batch, n, dim) identity tokens in the diffusion net's dtype; with
-    ``guided``, the unconditional tokens (of a zero embedding) first."""
+    """(items, 512) face embeddings -> (items, n, dim) identity tokens in the diffusion net's dtype; with
+    ``guided`` (one item), the unconditional tokens (of a zero embedding) first. ``drop``: (items,) bool, the
+    items whose embedding is zeroed first (conditioning dropout: the tokens of guidance's unconditional half)."""
     image_proj = networks.image_proj
-    face_embedding = face_embedding.to(device, image_proj.dtype)
+    face_embedding = _zero_items(face_embedding.to(device, image_proj.dtype), drop)
     image_tokens = image_proj(face_embedding)
     if guided:
         image_tokens = torch.cat([image_proj(torch.zeros_like(face_embedding)), image_tokens])
     return image_tokens.to(networks.diffusion_net.dtype)
+
+
+def encode_reference(
+    networks: Networks,
+    reference_latents: torch.Tensor,
+    image_tokens: torch.Tensor,
+    *,
+    own_tokens: bool = False,
+    drop: torch.Tensor | None = None,
+) -> ReferenceFeatures:
+    """The reference pass: the reference net at timestep 0 over ``reference_latents`` with the identity tokens.
+
+    Args:
+        reference_latents: (items * rows, 4, h, w) in the diffusion net's dtype, each item's rows together
+            (its reference image, then its past frames).
+        image_tokens: (items, n, dim) from :func:`encode_image_tokens`.
+        own_tokens: each item's rows meet that item's own tokens (``repeat_interleave``): right when the items
+            are different samples (training's batches). Without it, latent row r meets token set r mod items
+            (``repeat``), as the original pipeline runs its guidance batch (two items of one sample); the
+            published frames depend on it, so the pipeline keeps it.
+        drop: (items,) bool, the items whose latents are zeroed first (conditioning dropout as the original
+            trains it).
+    """
+    items = image_tokens.shape[0]
+    rows = reference_latents.shape[0] // items
+    reference_latents = _zero_items(reference_latents, drop)
+    if own_tokens:
+        context = image_tokens.repeat_interleave(rows, dim=0)
+    else:
+        context = image_tokens.repeat(rows, 1, 1)
+    return networks.reference_net(reference_latents, 0.0, context)
+
+
+def encode_audio_tokens(
+    networks: Networks,
+    audio: torch.Tensor,
+    device: torch.device,
+    *,
+    drop: torch.Tensor | None = None,
+    drop_features: bool = False,
+) -> torch.Tensor:
+    """(items, frames, 5, layers, dim) audio features -> (items, frames, m, audio_dim) audio tokens in the
+    diffusion net's dtype. ``drop``: (items,) bool, the items trained without audio: their tokens are zeros (as
+    guidance's unconditional half), or with ``drop_features`` their features are (as the original trains)."""
+    audio_proj = networks.audio_proj
+    features = audio.to(device, audio_proj.dtype)
+    if drop_features:
+        features = _zero_items(features, drop)
+    tokens = audio_proj(features).to(networks.diffusion_net.dtype)
+    return tokens if drop_features else _zero_items(tokens, drop)
 
 
 def encode_clip_conditions(
@@ -87,9 +159,8 @@ def encode_clip_conditions(
     guided = image_tokens.shape[0] == 2
     pixels = torch.cat([reference_image, past.to(reference_image.dtype)])
     reference_latents = encode_frames(networks.vae, pixels, vae_batch_size, device).to(dtype)
-    context = image_tokens.repeat(pixels.shape[0], 1, 1)  # latent row r meets token set r mod batch
-    reference = networks.reference_net(reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), 0.0, context)
-    audio_tokens = networks.audio_proj(audio[None].to(device, networks.audio_proj.dtype)).to(dtype)
+    reference = encode_reference(networks, reference_latents.repeat(image_tokens.shape[0], 1, 1, 1), image_tokens)
+    audio_tokens = encode_audio_tokens(networks, audio[None], device)
     emotion = torch.tensor([clip_emotion(emotion_labels)], device=device)
     if guided:
         audio_tokens = torch.cat([torch.zeros_like(audio_tokens), audio_tokens])

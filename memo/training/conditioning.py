@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from memo.constants import NUM_EMOTIONS
 from memo.settings.training import AudioDropMode, DropoutSettings, ImageDropMode
 
 
@@ -59,21 +58,3 @@ class ConditionDropout:
         masks = draws < torch.tensor([self.image_ratio, self.audio_ratio, self.emotion_ratio])[:, None]
         masks = masks.to(device)
         return DroppedConditions(image=masks[0], audio=masks[1], emotion=masks[2])
-
-
-def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a (batch,) mask over the trailing dimensions of ``like`` (whose first dimension is batch*k)."""
-    rows = like.shape[0] // mask.shape[0]
-    return mask.repeat_interleave(rows).reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def zero_where(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``values`` with the rows of masked samples set to zero; rows are grouped per sample."""
-    if not bool(mask.any()):
-        return values
-    return torch.where(_per_row(mask, values), torch.zeros_like(values), values)
-
-
-def drop_emotion(mask: torch.Tensor, emotion: torch.Tensor) -> torch.Tensor:
-    """The emotion labels with the masked samples' set to the unconditional label."""
-    return torch.where(mask, torch.full_like(emotion, NUM_EMOTIONS), emotion)

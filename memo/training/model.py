@@ -1,9 +1,11 @@
 """The four MEMO networks as one trainable module: one call predicts the velocity of a batch of clips.
 
-Per sample: the face embedding becomes image tokens; the reference image and past frames run through
-the reference net at timestep 0, each with its own sample's image tokens; the audio windows become audio
-tokens; and the diffusion net denoises the clip with a fresh temporal memory that it first fills from
-that sample's past frames (``update_memory=True`` on an empty memory), as the pipeline does for each clip.
+The conditioning is built by :mod:`memo.sampling.conditioning`, as the pipeline builds it, with the training's
+conditioning dropout as its arguments. Per sample: the face embedding becomes image tokens; the reference image
+and past frames run through the reference net at timestep 0, each with its own sample's image tokens; the audio
+windows become audio tokens; and the diffusion net denoises the clip with a fresh temporal memory that it first
+fills from that sample's past frames (``update_memory=True`` on an empty memory), as the pipeline does for
+each clip.
 
 The diffusion net takes one timestep per call, so the samples of a batch go through it one after the
 other; the reference net and the projections run on the whole batch at once.
@@ -19,7 +21,9 @@ from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceFeatures, ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.training.conditioning import ConditionDropout, DroppedConditions, drop_emotion, zero_where
+from memo.models.conditions import DiffusionConditions
+from memo.sampling.conditioning import drop_emotion, encode_audio_tokens, encode_image_tokens, encode_reference
+from memo.training.conditioning import ConditionDropout, DroppedConditions
 
 NETWORK_NAMES = NETWORK_FOLDERS
 
@@ -76,48 +80,40 @@ class MemoTrainingModel(nn.Module):
             emotion: (batch,) clip emotion labels.
             dropped: the samples trained without image / audio / emotion (none when not given).
         """
-        batch = noisy_latents.shape[0]
+        batch, device = noisy_latents.shape[0], noisy_latents.device
         rows = reference_latents.shape[0] // batch
         dtype = self.diffusion_net.dtype
         if dropped is None:
-            none = torch.zeros(batch, dtype=torch.bool, device=noisy_latents.device)
+            none = torch.zeros(batch, dtype=torch.bool, device=device)
             dropped = DroppedConditions(none, none, none)
         image_mode, audio_mode = self.dropout.image_mode, self.dropout.audio_mode
+        drop_image = image_mode == "drop_reference"
 
-        face_emb = face_emb.to(self.image_proj.dtype)
-        if image_mode == "drop_reference":
-            face_emb = zero_where(dropped.image, face_emb)
-        image_tokens = self.image_proj(face_emb).to(dtype)
-        reference_latents = reference_latents.to(dtype)
-        if image_mode == "zero_reference":
-            reference_latents = zero_where(dropped.image, reference_latents)
-        drop_reference = dropped.image if image_mode == "drop_reference" and bool(dropped.image.any()) else None
-
-        audio_emb = audio_emb.to(self.audio_proj.dtype)
-        if audio_mode == "zero_features":
-            audio_emb = zero_where(dropped.audio, audio_emb)
-        audio_tokens = self.audio_proj(audio_emb).to(dtype)
-        if audio_mode == "zero_tokens":
-            audio_tokens = zero_where(dropped.audio, audio_tokens)
-        emotion = drop_emotion(dropped.emotion, emotion.long())
-
-        context = image_tokens.repeat_interleave(rows, dim=0)  # each latent row meets its own sample's tokens
-        reference = self.reference_net(reference_latents, 0.0, context)
+        image_tokens = encode_image_tokens(self, face_emb, False, device, drop=dropped.image if drop_image else None)
+        reference = encode_reference(
+            self,
+            reference_latents.to(dtype),
+            image_tokens,
+            own_tokens=True,  # the samples of a batch are different videos
+            drop=None if drop_image else dropped.image,
+        )
+        audio_tokens = encode_audio_tokens(
+            self, audio_emb, device, drop=dropped.audio, drop_features=audio_mode == "zero_features"
+        )
+        emotion = drop_emotion(emotion.long(), dropped.emotion)
+        drop_reference = dropped.image if drop_image and bool(dropped.image.any()) else None
 
         predictions = []
         for i in range(batch):
             one = slice(i, i + 1)
-            predictions.append(
-                self.diffusion_net(
-                    noisy_latents[one].to(dtype),
-                    timesteps[i],
-                    reference if batch == 1 else select_sample(reference, i, rows),
-                    image_tokens[one],
-                    audio_tokens[one],
-                    emotion[one],
-                    TemporalMemory(),
-                    update_memory=True,
-                    drop_reference=None if drop_reference is None else (bool(drop_reference[i]),),
-                )
+            conditions = DiffusionConditions(
+                reference=reference if batch == 1 else select_sample(reference, i, rows),
+                image_tokens=image_tokens[one],
+                audio_tokens=audio_tokens[one],
+                emotion=emotion[one],
+                memory=TemporalMemory(),
+                drop_reference=None if drop_reference is None else (bool(drop_reference[i]),),
+                update_memory=True,
             )
+            predictions.append(self.diffusion_net(noisy_latents[one].to(dtype), timesteps[i], conditions))
         return torch.cat(predictions)
