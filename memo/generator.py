@@ -29,7 +29,7 @@ from memo.constants import DTYPES, EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
 from memo.io.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.io.image import load_image
-from memo.io.video import VideoWriter, check_output_path, probe_video
+from memo.io.video import CheckedOutput, VideoWriter, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import (
@@ -270,7 +270,7 @@ class MemoGenerator:
         self,
         image: PreparedImage,
         audio: PreparedAudio,
-        output_path: Path,
+        output_path: Path | CheckedOutput,
         seed: int,
         overwrite: bool,
         progress: Progress | None = None,
@@ -428,16 +428,21 @@ class MemoGenerator:
         self,
         image_path: str | os.PathLike,
         audio_path: str | os.PathLike,
-        output_path: str | os.PathLike,
+        output_path: str | os.PathLike | CheckedOutput,
         *,
         seed: int | None = None,
         emotion: str | None = None,
         overwrite: bool = False,
         progress: Progress | None = None,
+        portrait: Image.Image | None = None,
+        sound: DecodedAudio | None = None,
     ) -> Path:
         """Render ``image_path`` speaking ``audio_path`` into ``output_path`` (an mp4); returns the path.
 
-        Nothing is written when an input is bad, and an existing output is kept unless ``overwrite``.
+        Nothing is written when an input is bad, and an existing output is kept unless ``overwrite``. A caller
+        that has checked its inputs already passes what it found, which is then trusted: ``output_path`` as a
+        :class:`~memo.io.video.CheckedOutput`, ``portrait`` (``load_image(image_path)``) and ``sound``
+        (``decode_audio(audio_path)``).
 
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
@@ -450,9 +455,13 @@ class MemoGenerator:
                 return self._generate_other_half(Path(output_path), progress)
         start = time.perf_counter()
         try:
-            output_path = check_output_path(output_path, overwrite)
-            image = self.prepare_image(image_path)
-            audio = self.prepare_audio(audio_path, emotion)
+            if not isinstance(output_path, CheckedOutput):
+                output_path = CheckedOutput.check(output_path, overwrite)
+            if portrait is None:
+                image = self.prepare_image(image_path)
+            else:
+                image = self.prepare_portrait(portrait, str(image_path))
+            audio = self.prepare_audio(audio_path, emotion) if sound is None else self.prepare_decoded(sound, emotion)
         except UserError as error:
             if self.parallel is not None:
                 self.parallel.share(ParallelError(str(error), quiet=True))
@@ -472,4 +481,4 @@ class MemoGenerator:
             info.height,
             time.perf_counter() - start,
         )
-        return output_path
+        return output_path.path

@@ -168,9 +168,9 @@ def _run(args: argparse.Namespace) -> int:
     quiet_checks = process_rank() != 0
     try:
         from memo.errors import check_runtimes
-        from memo.io.audio import check_audio
+        from memo.io.audio import decode_audio
         from memo.io.image import load_image
-        from memo.io.video import check_output_path
+        from memo.io.video import CheckedOutput
         from memo.settings.inference import ConfigError, load_config
 
         image = EXAMPLE_IMAGE if args.input_image is None else as_path(args.input_image, "--input_image")
@@ -194,16 +194,17 @@ def _run(args: argparse.Namespace) -> int:
                 "video); add parallel=guidance, or run one process"
             )
         check_runtimes(config.vocal_separation)
-        output = check_output_path(output_dir / name, args.overwrite)
-        load_image(image)
-        check_audio(audio)
+        # Each input checked once, here, before any model loads; what is found is handed on and trusted.
+        output = CheckedOutput.check(output_dir / name, args.overwrite)
+        portrait = load_image(image)
+        sound = decode_audio(audio)
         # Nothing has been written yet: the output folder is made when the video is (memo.io.video.VideoWriter).
 
         from memo.generator import MemoGenerator
 
         quiet_checks = False
         generator = MemoGenerator(config)
-        generator.generate(image, audio, output, overwrite=args.overwrite)
+        generator.generate(image, audio, output, overwrite=args.overwrite, portrait=portrait, sound=sound)
         if args.tiny:
             logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0

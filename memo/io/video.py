@@ -186,6 +186,26 @@ def check_output_path(path: str | os.PathLike, overwrite: bool, example: str = "
     return path
 
 
+@dataclass(frozen=True)
+class CheckedOutput:
+    """An output path that :func:`check_output_path` has passed (with ``overwrite``): the program's boundary
+    checked it, so the code that writes it (:class:`VideoWriter`) does not check it again."""
+
+    path: Path
+    overwrite: bool
+
+    @classmethod
+    def check(cls, path: str | os.PathLike, overwrite: bool, example: str = "out.mp4") -> CheckedOutput:
+        """:func:`check_output_path`, remembered; raises as it does."""
+        return cls(check_output_path(path, overwrite, example), overwrite)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 def _make_folders(folder: Path) -> list[Path]:
     """Create ``folder`` and its missing parents; the ones created, deepest first."""
     missing = []
@@ -240,12 +260,13 @@ class VideoWriter:
 
     ``audio`` is the user's audio as decoded for the conditions (:func:`memo.io.audio.decode_audio`);
     its samples become the AAC track, cut to the video's length. The output's folder is created with the
-    file (and removed again if writing fails and it is left empty); :func:`check_output_path` is checked first.
+    file (and removed again if writing fails and it is left empty); :func:`check_output_path` is checked first,
+    unless ``path`` is a :class:`CheckedOutput` (checked already, with its own ``overwrite``).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | CheckedOutput,
         fps: float,
         width: int,
         height: int,
@@ -260,7 +281,11 @@ class VideoWriter:
             raise ValueError(f"fps must be a positive number, got {fps}.")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be between 0 and 51, got {crf}.")
-        self.path = check_output_path(path, overwrite)
+        if isinstance(path, CheckedOutput):
+            path, overwrite = path.path, path.overwrite
+        else:
+            path = check_output_path(path, overwrite)
+        self.path = path
         self.overwrite, self.width, self.height = overwrite, width, height
         self.rate = Fraction(fps).limit_denominator(1001)
         self.num_frames = 0
