@@ -28,6 +28,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest's own TOML reader
     import tomli as tomllib
 
+from memo.settings import schema
 from memo.settings.inference import InferenceConfig
 from memo.settings.training import TrainingConfig
 
@@ -230,16 +231,8 @@ def extras() -> frozenset[str]:
 
 @functools.cache
 def setting_fields(cls: type) -> dict[str, tuple[typing.Any, tuple | None]]:
-    """Every dotted setting name of ``cls`` -> (its type, its choices or None)."""
-    fields = {}
-    types = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        kind = types[field.name]
-        if dataclasses.is_dataclass(kind):
-            fields |= {f"{field.name}.{name}": value for name, value in setting_fields(kind).items()}
-        else:
-            fields[field.name] = (kind, field.metadata.get("choices"))
-    return fields
+    """Every setting name of ``cls`` as users write it -> (its type, its choices or None)."""
+    return {name: (kind, schema.choices_of(field, kind)) for name, _, field, kind in schema.leaves(cls)}
 
 
 def _accepts(kind: typing.Any, value: str) -> bool:

@@ -396,8 +396,8 @@ def test_config_rejects_unknown_and_bad_keys(tmp_path, data_dir):
 def test_each_dropped_condition_changes_only_its_sample(tiny_checkpoint):
     """Every dropout mode: dropping a sample's image, audio or emotion changes that sample's prediction only."""
     from memo.training.conditioning import ConditionDropout, DroppedConditions
-    from memo.training.networks import load_model_components
     from memo.training.model import MemoTrainingModel
+    from memo.training.networks import load_model_components
 
     networks, _, _ = load_model_components(str(tiny_checkpoint), str(tiny_checkpoint / "vae"))
     torch.manual_seed(0)
@@ -591,12 +591,12 @@ def test_finetune_killed_mid_save_resumes_from_the_last_checkpoint(tmp_path, dat
 def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
     """Training on a single clip lowers its loss, measured at fixed noise and timesteps before and after."""
     from memo.data import TalkingVideoDataset
+    from memo.sampling.conditioning import encode_frames
     from memo.settings.training import load_config
     from memo.training.flow_matching import FlowMatchingObjective
-    from memo.sampling.conditioning import encode_frames
     from memo.training.loop import train
-    from memo.training.networks import load_model_components
     from memo.training.model import MemoTrainingModel
+    from memo.training.networks import load_model_components
 
     data = make_prepared_data(tmp_path / "one", videos=1, frames=8)
     path = tiny_config(
@@ -626,6 +626,7 @@ def test_loss_falls_when_one_clip_is_trained_on(tmp_path, tiny_checkpoint):
         dataset = TalkingVideoDataset([data], 64, 64, n_sample_frames=4, num_past_frames=4)
         torch.manual_seed(0)
         sample = dataset[0]
+
         def encode(pixels):
             return encode_frames(vae, pixels, 8, torch.device("cpu"), sample=True)
 

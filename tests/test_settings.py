@@ -85,7 +85,10 @@ def test_training_settings_load_as_typed_sections_under_the_names_users_write(tm
     assert isinstance(loaded.schedule.max_train_steps, int) and loaded.schedule.max_train_steps == 7
     assert loaded.dropout.uncond_img_mode == "drop_reference" and loaded.tracking.report_to == "none"
     assert loaded.models.trained() == {
-        "reference_net": False, "diffusion_net": True, "image_proj": False, "audio_proj": False
+        "reference_net": False,
+        "diffusion_net": True,
+        "image_proj": False,
+        "audio_proj": False,
     }
     assert loaded.output_dir == os.path.join("outputs", "run")
 

@@ -14,9 +14,8 @@ import logging
 import netrc
 import os
 import sys
-from urllib.parse import urlparse
-
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 from memo.apps.cli import HelpSettingsAction, parse_with_settings, report_stop
 from memo.errors import UserError, as_user_error, stop_on_signals

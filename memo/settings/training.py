@@ -274,8 +274,7 @@ def check_config(config: TrainingConfig) -> None:
         problems.append("data.data_dirs lists no prepared data")
     if not any(config.models.trained().values()):
         problems.append(
-            "nothing to train: set at least one of "
-            + ", ".join(f"train_{name}" for name in TRAINABLE_NETWORKS)
+            "nothing to train: set at least one of " + ", ".join(f"train_{name}" for name in TRAINABLE_NETWORKS)
         )
     if problems:
         raise ConfigError("Invalid settings: " + "; ".join(problems) + ".")

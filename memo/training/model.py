@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from memo.io.hub import NETWORK_FOLDERS
+from memo.models.conditions import DiffusionConditions
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceFeatures, ReferenceNet
 from memo.models.temporal_memory import TemporalMemory
-from memo.models.conditions import DiffusionConditions
 from memo.sampling.conditioning import drop_emotion, encode_audio_tokens, encode_image_tokens, encode_reference
 from memo.training.conditioning import ConditionDropout, DroppedConditions
 

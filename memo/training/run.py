@@ -106,9 +106,7 @@ class TrainingRun:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) frames in [-1, 1] -> (N, 4, H/8, W/8) scaled latents, a sample of the VAE's posterior
         (as the original trains), ``vae_batch_size`` frames per VAE call."""
-        return encode_frames(
-            self.vae, pixels, self.config.models.vae_batch_size, self.accelerator.device, sample=True
-        )
+        return encode_frames(self.vae, pixels, self.config.models.vae_batch_size, self.accelerator.device, sample=True)
 
     def record(self, entry: dict) -> None:
         """Append ``entry`` as one JSON line to ``<output_dir>/logs/metrics.jsonl`` (main process only)."""
