@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 from omegaconf import OmegaConf
 
@@ -27,10 +28,12 @@ __all__ = ["ConfigError", "InferenceConfig", "load_config", "validate", "setting
 logger = logging.getLogger("memo")
 
 WEIGHT_DTYPES = tuple(DTYPES)
-FRAMINGS = ("crop", "stretch")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-COMPILE_CHOICES = ("auto", "true", "false")
-OFFLOAD_CHOICES = ("none", "model", "group")
+Framing = Literal["crop", "stretch"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Compile = Literal["auto", "true", "false"]
+"""auto: on CUDA only. YAML's and key=value's booleans (compile: true) are read as "true"/"false"."""
+Offload = Literal["none", "model", "group"]
+FRAMINGS, DEVICES, OFFLOAD_CHOICES = get_args(Framing), get_args(Device), get_args(Offload)
 EMOTIONS = ("auto", *EMOTION_NAMES)
 
 LEGACY_KEYS = {
@@ -78,8 +81,8 @@ class InferenceConfig:
     seed: int = setting(42, "random seed of the noise", minimum=0, maximum=SEED_MAX)
 
     # Conditions.
-    framing: str = setting(
-        "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)", choices=FRAMINGS
+    framing: Framing = setting(
+        "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)"
     )
     allow_no_face: bool = setting(False, "go on with a zero face embedding when no face is found")
     paste_back: bool = setting(False, "paste each frame back into the photo: the video at the photo's own size (crop)")
@@ -90,7 +93,7 @@ class InferenceConfig:
     emotion: str = setting("auto", "auto: read from the voice; or one emotion for the whole video", choices=EMOTIONS)
 
     # Runtime.
-    device: str = setting("auto", "auto: CUDA, then MPS, then CPU", choices=DEVICES)
+    device: Device = setting("auto", "auto: CUDA, then MPS, then CPU")
     weight_dtype: str = setting("bf16", "dtype of the networks' weights", choices=WEIGHT_DTYPES)
     vae_batch_size: int = setting(8, "frames per VAE call; lower it if the GPU runs out of memory", minimum=1)
     audio_chunk_seconds: float = setting(60.0, "longer audio is encoded in chunks of this many seconds", minimum=1e-3)
@@ -112,11 +115,11 @@ class InferenceConfig:
     model_cache_dir: str | None = setting(None, "folder hub models are downloaded into; null: the Hugging Face cache")
 
     # GPU speed and memory (memo/runtime/compilation.py, memo/runtime/placement.py).
-    compile: str = setting(
-        "auto", "torch.compile the networks: auto (on CUDA only), true or false", choices=COMPILE_CHOICES
+    compile: Compile = setting(
+        "auto", "torch.compile the networks: auto (on CUDA only), true or false"
     )
-    offload: str = setting(
-        "none", "none; model: each network on the GPU when used; group: layers streamed in", choices=OFFLOAD_CHOICES
+    offload: Offload = setting(
+        "none", "none; model: each network on the GPU when used; group: layers streamed in"
     )
     fp8_weights: bool = setting(
         False, "store the two large networks' weights in fp8: about half their GPU memory, not exact (README)"

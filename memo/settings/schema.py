@@ -336,6 +336,9 @@ def load_layers(
                 if value not in (0, 1):  # OmegaConf takes any number as true
                     raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
             choices = typing.get_args(kinds[key]) if typing.get_origin(kinds.get(key)) is typing.Literal else None
+            if choices and isinstance(value, bool) and str(value).lower() in choices:  # compile: true (YAML)
+                value = str(value).lower()
+                OmegaConf.update(layer, key, value, merge=False)
             if choices and value not in choices:
                 raise ConfigError(
                     f"Invalid setting {key}={value} in {origin}: {key} must be one of {', '.join(map(str, choices))}, "
