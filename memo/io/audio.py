@@ -405,15 +405,6 @@ def _open_audio(path: Path):
     return container, container.streams.audio[0]
 
 
-def check_audio(path: str | os.PathLike) -> Path:
-    """Fail early, cheaply, on audio that :func:`decode_audio` would refuse: a missing, empty or unreadable
-    file, or one without an audio stream (only the container's header is read). Returns the path."""
-    path = as_path(path, "The audio path")
-    container, _ = _open_audio(path)
-    container.close()
-    return path
-
-
 @dataclass
 class _Damage:
     """What decoding had to skip: how many packets, their total duration, and the first error."""

@@ -252,9 +252,9 @@ def flat_values(settings: Any) -> dict[str, Any]:
 
 def _keys(cls: type) -> dict[str, Any]:
     """The keys a layer may hold at the level of ``cls``: its fields, a flat section's fields in its place."""
-    keys = {}
+    keys, kinds = {}, hints(cls)
     for field in dataclasses.fields(cls):
-        kind = hints(cls)[field.name]
+        kind = kinds[field.name]
         if _is_section(kind) and field.metadata.get("flat", False):
             keys |= _keys(kind)
         else:
