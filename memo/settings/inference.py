@@ -81,9 +81,7 @@ class InferenceConfig:
     seed: int = setting(42, "random seed of the noise", minimum=0, maximum=SEED_MAX)
 
     # Conditions.
-    framing: Framing = setting(
-        "crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)"
-    )
+    framing: Framing = setting("crop", "crop: face-centred, undistorted; stretch: squash the whole image (original)")
     allow_no_face: bool = setting(False, "go on with a zero face embedding when no face is found")
     paste_back: bool = setting(False, "paste each frame back into the photo: the video at the photo's own size (crop)")
     max_output_side: int = setting(
@@ -115,12 +113,8 @@ class InferenceConfig:
     model_cache_dir: str | None = setting(None, "folder hub models are downloaded into; null: the Hugging Face cache")
 
     # GPU speed and memory (memo/runtime/compilation.py, memo/runtime/placement.py).
-    compile: Compile = setting(
-        "auto", "torch.compile the networks: auto (on CUDA only), true or false"
-    )
-    offload: Offload = setting(
-        "none", "none; model: each network on the GPU when used; group: layers streamed in"
-    )
+    compile: Compile = setting("auto", "torch.compile the networks: auto (on CUDA only), true or false")
+    offload: Offload = setting("none", "none; model: each network on the GPU when used; group: layers streamed in")
     fp8_weights: bool = setting(
         False, "store the two large networks' weights in fp8: about half their GPU memory, not exact (README)"
     )
