@@ -49,9 +49,9 @@ class ResumeState:
 
     Attributes:
         clip: the first clip to render (0-based).
-        latents: clip index -> that clip's denoised latents (1, C, frames_per_clip, H/8, W/8), for clips
-            ``max(memory_clip, 0)`` .. ``clip - 1``: the past frames of the clips the memory lacks are decoded
-            from them, and those of ``clip``.
+        latents: clip index -> that clip's denoised latents (1, C, frames_per_clip, H/8, W/8), for the clips
+            of :meth:`needed_latents`: the past frames of the clips the memory lacks are decoded from them,
+            and those of ``clip``.
         memory: the temporal memory's states (:attr:`TemporalMemory.states`, any device) holding the past
             frames of clips 0 .. ``memory_clip``; None with ``memory_clip`` -1 (an empty memory).
         memory_clip: the last clip whose past frames the memory holds; from there to ``clip - 1`` each clip's
@@ -66,6 +66,11 @@ class ResumeState:
     memory: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     memory_clip: int = -1
     noise_state: torch.Tensor | None = None
+
+    def needed_latents(self) -> range:
+        """The clips whose latents the take-up decodes: from the snapshot's clip (or the one before the clip
+        to render, when the snapshot is of that clip) to the one before the clip to render."""
+        return range(max(min(self.memory_clip, self.clip - 1), 0), self.clip)
 
 
 @dataclass
@@ -216,7 +221,7 @@ class MemoPipeline(DiffusionPipeline):
             raise ValueError(f"num_frames must be in 1..{total}, got {num_frames}.")
         if resume_from is not None and not (
             -1 <= resume_from.memory_clip <= resume_from.clip < total // frames_per_clip
-            and all(c in resume_from.latents for c in range(max(resume_from.memory_clip, 0), resume_from.clip))
+            and all(c in resume_from.latents for c in resume_from.needed_latents())
             and (resume_from.memory is None) == (resume_from.memory_clip == -1)
         ):
             raise ValueError(

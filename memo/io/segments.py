@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import av
 import numpy as np
+import torch
 
 from memo.io.partial import Partial, write_atomically
-from memo.io.video import _AAC_RATES, X264_PARAMS, OutputExistsError, _make_folders
+from memo.io.video import _AAC_RATES, X264_PARAMS, OutputExistsError, _make_folders, to_pixels
 
 if TYPE_CHECKING:
     from memo.io.audio import DecodedAudio
@@ -75,46 +76,78 @@ def _sound_packets(sound: av.container.InputContainer) -> list[av.Packet]:
     return [packet for packet in sound.demux(sound.streams.audio[0]) if packet.size]
 
 
-def write_segment(
-    path: str | os.PathLike,
-    pixels: np.ndarray,
-    first_frame: int,
-    rate: Fraction,
-    crf: int,
-    sound: str | os.PathLike | None,
-) -> Path:
-    """Encode ``pixels``, uint8 (n, H, W, 3), as frames ``first_frame``.. of the video at ``rate`` frames per
-    second into an MPEG-TS segment at ``path`` (atomically), with the AAC packets of ``sound`` (an m4a from
-    :func:`encode_sound`, or None) that start in its time. Returns ``path``."""
-    path = Path(path)
-    start, end = Fraction(first_frame) / rate, Fraction(first_frame + len(pixels)) / rate
-    with Partial(path, suffix=SEGMENT_SUFFIX) as partial:
-        with av.open(
-            str(partial.path), "w", format="mpegts", container_options={"avoid_negative_ts": "disabled"}
-        ) as container:
-            video = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "x264-params": X264_PARAMS})
-            video.height, video.width = pixels.shape[1:3]
-            video.pix_fmt = "yuv420p"
-            if sound is None:
-                packets = []
-            else:
+class SegmentWriter:
+    """Encode frames ``first_frame``.. of the video, at ``rate`` frames per second and ``width`` x ``height``, as
+    they come into an MPEG-TS segment at ``path`` with the AAC packets of ``sound`` (an m4a from
+    :func:`encode_sound`, or None) that start in its time; :meth:`publish` renames it onto ``path`` once the
+    last frame is in. Leaving a ``with`` block without publishing removes the hidden file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        first_frame: int,
+        rate: Fraction,
+        width: int,
+        height: int,
+        crf: int,
+        sound: str | os.PathLike | None,
+    ) -> None:
+        self.path, self.first_frame, self.rate = Path(path), first_frame, rate
+        self.width, self.height = width, height
+        self.num_frames = 0
+        self._sound = sound
+        self._partial = Partial(self.path, suffix=SEGMENT_SUFFIX)
+        try:
+            self._container = av.open(
+                str(self._partial.path), "w", format="mpegts", container_options={"avoid_negative_ts": "disabled"}
+            )
+            self._video = self._container.add_stream(
+                "libx264", rate=rate, options={"crf": str(crf), "x264-params": X264_PARAMS}
+            )
+            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+            self._packets: list[tuple[Fraction, av.Packet]] = []
+            if sound is not None:
                 with av.open(str(sound)) as source:
-                    audio = container.add_stream_from_template(source.streams.audio[0])
-                    base = source.streams.audio[0].time_base
-                    packets = []
-                    for packet in _sound_packets(source):
-                        at = packet.pts * base
-                        if (first_frame == 0 or at >= start) and (at < end):
-                            packet.stream = audio
-                            packets.append(packet)
-            for index, image in enumerate(pixels):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-                frame.pts, frame.time_base = first_frame + index, 1 / rate
-                container.mux(video.encode(frame))
-            container.mux(video.encode(None))
-            for packet in packets:
-                container.mux(packet)
-        return partial.publish()
+                    audio = self._container.add_stream_from_template(source.streams.audio[0])
+                    self._packets = [(packet.pts * packet.time_base, packet) for packet in _sound_packets(source)]
+                    for _, packet in self._packets:
+                        packet.stream = audio
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def write(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Encode frames: a float (3, n, H, W) tensor or array in [0, 1], or a uint8 (n, H, W, 3) array."""
+        for image in to_pixels(frames, self.height, self.width):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = self.first_frame + self.num_frames, 1 / self.rate
+            self._container.mux(self._video.encode(frame))
+            self.num_frames += 1
+
+    def publish(self) -> Path:
+        """Finish the segment (its sound: the packets starting in its time, the first segment's priming too)
+        and rename it onto :attr:`path`; returns it."""
+        start = Fraction(self.first_frame) / self.rate
+        end = Fraction(self.first_frame + self.num_frames) / self.rate
+        self._container.mux(self._video.encode(None))
+        for at, packet in self._packets:
+            if (self.first_frame == 0 or at >= start) and at < end:
+                self._container.mux(packet)
+        self._container.close()
+        return self._partial.publish()
+
+    def discard(self) -> None:
+        """Stop without publishing (safe after :meth:`publish`)."""
+        if not self._partial.done:
+            with contextlib.suppress(av.FFmpegError, OSError, AttributeError):
+                self._container.close()
+        self._partial.discard()
 
 
 def playlist_text(durations: Sequence[float], ended: bool) -> str:
