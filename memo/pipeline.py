@@ -43,6 +43,37 @@ StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | N
 
 
 @dataclass
+class ResumeState:
+    """Where to take a video up again (``MemoPipeline.__call__(resume_from=...)``): the clips before ``clip`` are
+    done, and this is what the exact continuation needs of them.
+
+    Attributes:
+        clip: the first clip to render (0-based).
+        latents: clip index -> that clip's denoised latents (1, C, frames_per_clip, H/8, W/8), for the clips
+            of :meth:`needed_latents`: the past frames of the clips the memory lacks are decoded from them,
+            and those of ``clip``.
+        memory: the temporal memory's states (:attr:`TemporalMemory.states`, any device) holding the past
+            frames of clips 0 .. ``memory_clip``; None with ``memory_clip`` -1 (an empty memory).
+        memory_clip: the last clip whose past frames the memory holds; from there to ``clip - 1`` each clip's
+            update is replayed (its reference pass and the first step's memory update, nothing else). It may be
+            ``clip`` itself (a snapshot taken after that clip's first step): then that clip skips its update.
+        noise_state: the noise generator's state (``torch.Generator.get_state()``) after clip ``clip - 1`` drew
+            its noise; None for a generator as the seed makes it.
+    """
+
+    clip: int
+    latents: dict[int, torch.Tensor]
+    memory: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    memory_clip: int = -1
+    noise_state: torch.Tensor | None = None
+
+    def needed_latents(self) -> range:
+        """The clips whose latents the take-up decodes: from the snapshot's clip (or the one before the clip
+        to render, when the snapshot is of that clip) to the one before the clip to render."""
+        return range(max(min(self.memory_clip, self.clip - 1), 0), self.clip)
+
+
+@dataclass
 class MemoPipelineOutput(BaseOutput):
     """``frames``: (3, num_frames, H, W) in [0, 1] (a tensor, or an array for ``output_type="np"``), or None
     when the frames were only handed to ``callback_on_clip_end``."""
@@ -89,6 +120,10 @@ class MemoPipeline(DiffusionPipeline):
         self.memory_factory: Callable[[], TemporalMemory] = TemporalMemory
         self.execution_device: torch.device | None = None
         self._current_step = 0
+        self.temporal_memory: TemporalMemory | None = None
+        self.memory_clip: int | None = -1
+        self.clip_latents: torch.Tensor | None = None
+        self.noise_generator: torch.Generator | None = None
 
     @property
     def _execution_device(self) -> torch.device:
@@ -165,6 +200,7 @@ class MemoPipeline(DiffusionPipeline):
         latents: torch.Tensor | Sequence[torch.Tensor] | None,
         output_type: str | None,
         deep_cache_interval: int,
+        resume_from: ResumeState | None = None,
     ) -> None:
         """Raise ``ValueError`` naming the argument for any input :meth:`__call__` cannot take."""
         if reference_image.dim() != 4 or reference_image.shape[:2] != (1, 3):
@@ -183,6 +219,15 @@ class MemoPipeline(DiffusionPipeline):
             )
         if num_frames is not None and not 0 < num_frames <= total:
             raise ValueError(f"num_frames must be in 1..{total}, got {num_frames}.")
+        if resume_from is not None and not (
+            -1 <= resume_from.memory_clip <= resume_from.clip < total // frames_per_clip
+            and all(c in resume_from.latents for c in resume_from.needed_latents())
+            and (resume_from.memory is None) == (resume_from.memory_clip == -1)
+        ):
+            raise ValueError(
+                f"resume_from (clip {resume_from.clip}, memory through clip {resume_from.memory_clip}, latents of "
+                f"clips {sorted(resume_from.latents)}) is no resumable point of {total // frames_per_clip} clips."
+            )
         if latents is not None and len(latents) != total // frames_per_clip:
             raise ValueError(f"latents must hold the noise of {total // frames_per_clip} clips, got {len(latents)}.")
         if output_type not in ("pt", "np", None):
@@ -228,6 +273,7 @@ class MemoPipeline(DiffusionPipeline):
         callback_on_clip_end: ClipCallback | None = None,
         callback_on_step_end: StepCallback | None = None,
         deep_cache_interval: int = 1,
+        resume_from: ResumeState | None = None,
         **deprecated,
     ) -> MemoPipelineOutput:
         """Generate the video.
@@ -256,12 +302,17 @@ class MemoPipeline(DiffusionPipeline):
                 :meth:`use_vae_tiles`); 0 never; None keeps the VAE's tiling as it is.
             output_type: "pt" (tensor), "np" (array), or None to keep no frames (use callback_on_clip_end).
             callback_on_clip_end: called as ``f(pipeline, clip_index, frames)`` with the clip's frames
-                (3, n, H, W) in [0, 1], cut to ``num_frames``.
+                (3, n, H, W) in [0, 1], cut to ``num_frames``. The state a resume needs is on the pipeline then:
+                ``clip_latents`` (the clip's denoised latents, on the CPU), ``noise_generator`` (its state is
+                the next clip's noise), ``temporal_memory`` and ``memory_clip`` (the last clip whose past
+                frames it holds; None while an update is under way, when the memory is not a usable snapshot).
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
             deep_cache_interval: the whole diffusion net every this many steps, only its outer layers on the
                 cached deep features in between (``sampling/deep_cache.py``); 1 turns the cache off.
+            resume_from: take the video up at ``resume_from.clip`` (:class:`ResumeState`); the frames handed
+                out and returned are those of the clips from there on, equal to an uninterrupted call's.
 
         Older call forms still work and warn: ``solver=`` (set ``pipe.scheduler`` instead),
         ``guidance_window=(start, stop)`` and ``parallel=`` (pass a ``guider``).
@@ -282,6 +333,7 @@ class MemoPipeline(DiffusionPipeline):
             latents=latents,
             output_type=output_type,
             deep_cache_interval=deep_cache_interval,
+            resume_from=resume_from,
         )
         if vae_tile_size is not None:
             self.use_vae_tiles(vae_tile_size)
@@ -299,14 +351,43 @@ class MemoPipeline(DiffusionPipeline):
         reference_image = reference_image.to(device, self.vae.dtype)
         memory = memory if memory is not None else self.memory_factory()
         memory.reset()
+        self.temporal_memory, self.memory_clip, self.noise_generator = memory, -1, generator
         height, width = reference_image.shape[-2:]
         latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
         latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
         kept: list[torch.Tensor] = []
         history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
-        progress = tqdm(total=num_clips * num_inference_steps, unit="step", **getattr(self, "_progress_bar_config", {}))
+        first, holds = 0, -1  # the first clip to render; the last clip whose past frames the memory holds
+        if resume_from is not None:
+            first, holds = resume_from.clip, resume_from.memory_clip
+            history = self._take_up(
+                resume_from,
+                memory,
+                history,
+                reference_image=reference_image,
+                image_tokens=image_tokens,
+                audio_features=audio_features,
+                emotion_labels=emotion_labels,
+                frames_per_clip=frames_per_clip,
+                past_frames=past_frames,
+                guider=guider,
+                plan=plan,
+                scheduler=scheduler,
+                num_inference_steps=num_inference_steps,
+                latent_shape=latent_shape,
+                vae_batch_size=vae_batch_size,
+                device=device,
+            )
+            if generator is not None and resume_from.noise_state is not None:
+                generator.set_state(resume_from.noise_state)
+        progress = tqdm(
+            total=num_clips * num_inference_steps,
+            initial=first * num_inference_steps,
+            unit="step",
+            **getattr(self, "_progress_bar_config", {}),
+        )
         try:
-            for clip in range(num_clips):
+            for clip in range(first, num_clips):
                 progress.set_description(f"clip {clip + 1}/{num_clips}")
                 window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
 
@@ -334,9 +415,14 @@ class MemoPipeline(DiffusionPipeline):
                 for step, t in enumerate(scheduler.timesteps):
                     self._current_step = step
                     todo = plan[step]
+                    update = step == 0 and holds < clip
+                    if update:
+                        self.memory_clip = None  # half updated until the step returns
                     noise_pred = guider.predict(
-                        self.diffusion_net, clip_latents, t, conditions.with_update(step == 0), todo
+                        self.diffusion_net, clip_latents, t, conditions.with_update(update), todo
                     )
+                    if update:
+                        self.memory_clip = holds = clip
                     velocity = guider.combine(noise_pred, todo)
                     clip_latents = scheduler.step(velocity, t, clip_latents, return_dict=False)[0]
                     if callback_on_step_end is not None:
@@ -350,6 +436,7 @@ class MemoPipeline(DiffusionPipeline):
                 # 6. Decode, hand the clip out, and keep its last frames as the next clip's past.
                 frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
                 history = frames * 2 - 1
+                self.clip_latents = clip_latents.cpu()
                 visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
                 clip_video = visible.transpose(0, 1).cpu()
                 if callback_on_clip_end is not None:
@@ -366,6 +453,64 @@ class MemoPipeline(DiffusionPipeline):
             return MemoPipelineOutput(frames=None)
         video = torch.cat(kept, dim=1)
         return MemoPipelineOutput(frames=video.numpy() if output_type == "np" else video)
+
+    def _take_up(
+        self,
+        state: ResumeState,
+        memory: TemporalMemory,
+        history: torch.Tensor,
+        *,
+        reference_image: torch.Tensor,
+        image_tokens: torch.Tensor,
+        audio_features: torch.Tensor | AudioFeatures,
+        emotion_labels: torch.Tensor,
+        frames_per_clip: int,
+        past_frames: int,
+        guider: ClassifierFreeGuidance,
+        plan: list,
+        scheduler,
+        num_inference_steps: int,
+        latent_shape: tuple[int, ...],
+        vae_batch_size: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Put ``memory`` where it stood before clip ``state.clip`` (its snapshot, then each later done clip's
+        update replayed: the clip's reference pass and first step, whose memory update depends on its past
+        frames only, not on the noise); returns the past frames of clip ``state.clip``."""
+        if state.memory is not None:
+            memory.restore(state.memory, device)
+        self.memory_clip = state.memory_clip
+
+        def past_of(clip: int) -> torch.Tensor:
+            if clip == 0:
+                return history
+            latents = state.latents[clip - 1][0].transpose(0, 1)
+            return self.decode_latents(latents, vae_batch_size) * 2 - 1
+
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_begin_index(0)
+        replays = range(state.memory_clip + 1, state.clip)
+        for clip in tqdm(replays, desc="replaying memory", unit="clip", disable=len(replays) < 2):
+            window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
+            conditions = encode_clip_conditions(
+                self,
+                reference_image=reference_image,
+                past=past_of(clip)[-past_frames:],
+                image_tokens=image_tokens,
+                audio=audio_features[window],
+                emotion_labels=emotion_labels[window],
+                memory=memory,
+                vae_batch_size=vae_batch_size,
+                device=device,
+            )
+            self._current_step = 0
+            noise = torch.zeros(latent_shape, device=device, dtype=self.diffusion_net.dtype)
+            self.memory_clip = None
+            guider.predict(self.diffusion_net, noise, scheduler.timesteps[0], conditions.with_update(True), plan[0])
+            self.memory_clip = clip
+            del conditions
+            self._reset_stateful_hooks()
+        return past_of(state.clip)
 
     def _reset_stateful_hooks(self) -> None:
         """Let the diffusion net's stateful hooks (the deep-feature cache) drop what they hold for the clip."""

@@ -255,6 +255,26 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return info
 
 
+def to_pixels(frames: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
+    """Frames as a uint8 (n, H, W, 3) array: from a float (3, n, H, W) tensor or array in [0, 1] (rounded), or a
+    uint8 (n, H, W, 3) array as it is. Raises ``ValueError`` for any other layout or size."""
+    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8:
+        layout, expected, pixels = "(n, H, W, 3)", (height, width, 3), frames
+        shape = frames.shape[1:] if frames.ndim == 4 else None
+    else:
+        video = torch.as_tensor(frames)
+        layout, expected = "(3, n, H, W)", (3, height, width)
+        shape = (video.shape[0], *video.shape[2:]) if video.ndim == 4 else None
+        if shape == expected:
+            video = video.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+            pixels = video.permute(1, 2, 3, 0).cpu().numpy()
+    if shape != expected:
+        raise ValueError(
+            f"Frames must be laid out {layout} with H, W = {height}, {width}; got shape {tuple(frames.shape)}."
+        )
+    return pixels
+
+
 class VideoWriter:
     """Write frames to an H.264 mp4 as they come, with the audio alongside, and publish the file atomically.
 
@@ -328,21 +348,7 @@ class VideoWriter:
         """Encode frames now: a float (3, n, H, W) tensor or array in [0, 1], or a uint8 (n, H, W, 3) array."""
         if self._closed:
             raise RuntimeError(f"VideoWriter for {str(self.path)!r} is closed.")
-        if isinstance(frames, np.ndarray) and frames.dtype == np.uint8:
-            layout, expected, pixels = "(n, H, W, 3)", (self.height, self.width, 3), frames
-            shape = frames.shape[1:] if frames.ndim == 4 else None
-        else:
-            video = torch.as_tensor(frames)
-            layout, expected = "(3, n, H, W)", (3, self.height, self.width)
-            shape = (video.shape[0], *video.shape[2:]) if video.ndim == 4 else None
-            if shape == expected:
-                video = video.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-                pixels = video.permute(1, 2, 3, 0).cpu().numpy()
-        if shape != expected:
-            raise ValueError(
-                f"Frames must be laid out {layout} with H, W = {self.height}, {self.width}; "
-                f"got shape {tuple(frames.shape)}."
-            )
+        pixels = to_pixels(frames, self.height, self.width)
         for image in pixels:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = self.num_frames, 1 / self.rate

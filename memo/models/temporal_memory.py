@@ -31,6 +31,10 @@ class TemporalMemory:
         """Forget every past frame."""
         self.states.clear()
 
+    def restore(self, states: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        """Hold ``states`` (a snapshot of :attr:`states`, on any device) again, placed on ``device``."""
+        self.states = {name: (kv.to(device), z.to(device)) for name, (kv, z) in states.items()}
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -92,6 +92,15 @@ class HostTemporalMemory(TemporalMemory):
         self.order.clear()
         self.ahead.clear()
 
+    def restore(self, states: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        """Hold ``states`` again in host memory (pinned where it streams), in their order (the layers' order)."""
+        self.reset()
+        self.states = {
+            name: tuple(t.to("cpu").pin_memory() if self.pinned else t.to("cpu") for t in state)
+            for name, state in states.items()
+        }
+        self.order = list(states)
+
     def view(self, states: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> HostTemporalMemory:
         view = HostTemporalMemory.__new__(HostTemporalMemory)
         view.__dict__.update(self.__dict__)
