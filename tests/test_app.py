@@ -189,20 +189,33 @@ def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path
     def record(fraction, desc=""):
         progress.append((fraction, desc))
 
-    video = app.generate(str(EXAMPLE_IMAGE), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", progress=record)
+    updates = app.generate(
+        str(EXAMPLE_IMAGE), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", progress=record
+    )
+    # The live player gets the video so far with its sound before the final video comes (here one segment: 1.5 s
+    # is under the 2 s a segment gathers); the segments are removed once the render is over.
+    segment, nothing = next(updates)
+    live = probe_video(segment)
+    assert nothing is None and live.num_frames == math.ceil(CLIP_SECONDS * 30) and live.has_audio
+    ((skip, video),) = list(updates)
+    assert skip == gr.skip() and not Path(segment).exists()
     info = probe_video(video)
     assert Path(video).parent == tmp_path / "web"
     assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
-    assert any("left" in desc for _, desc in progress), progress
+    assert any("00:01.5 video" in desc and "s/frame" in desc and "left" in desc for _, desc in progress), progress
     assert app.preview(str(EXAMPLE_IMAGE), "128x64", "crop").size == (128, 64)
     faceless = tmp_path / "flat_grey.png"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
     with pytest.raises(gr.Error, match="No face was found in .*flat_grey.png"):
-        app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record)
+        list(app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record))
     # The paste back checkbox: the video at the photo's size (a wide one, to tell it from the square crop).
     wide = tmp_path / "wide.png"
     Image.open(EXAMPLE_IMAGE).convert("RGB").resize((384, 256)).save(wide)
-    pasted = app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record)
+    *_, (_, pasted) = app.generate(
+        str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record
+    )
     assert (probe_video(pasted).width, probe_video(pasted).height) == (384, 256)
     with pytest.raises(gr.Error, match="paste_back=true needs framing=crop"):
-        app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)
+        list(
+            app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)
+        )

@@ -313,7 +313,7 @@ def _run(args: argparse.Namespace, start: float) -> int:
             raise
         return report_error(error)
     if several:
-        generator.pipeline.set_progress_bar_config(disable=True)
+        generator.progress_bar = False  # several processes would draw over each other's bars
     results = run_jobs(generator, mine, state.process_index)
     results = gather_object(results) if several else results
     summary = summarize(results, args.manifest, args.output_dir, state.num_processes)

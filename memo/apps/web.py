@@ -12,8 +12,12 @@ import argparse
 import contextlib
 import logging
 import math
+import queue
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +27,7 @@ import gradio as gr
 from PIL import Image
 
 from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
+from memo.apps.live import generate_watched
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
     Interrupted,
@@ -32,7 +37,7 @@ from memo.errors import (
     failure_message,
     stop_on_signals,
 )
-from memo.generator import MemoGenerator
+from memo.generator import MemoGenerator, Progress
 from memo.io.partial import remove_abandoned
 from memo.io.video import check_output_folder
 from memo.sampling.speed import SPEEDS
@@ -41,6 +46,8 @@ from memo.settings.inference import FRAMINGS, load_config, setting_help
 logger = logging.getLogger("memo")
 
 SQUARE_SIZES = (256, 384, 512, 640, 768)
+LIVE_FOLDER = ".live"
+"""Under the output folder: the live segments of the renders under way, each in a folder of its own."""
 CACHE_CLEANUP = (3600, 86400)
 """Every hour, Gradio deletes uploads and results of its own cache older than a day."""
 
@@ -86,22 +93,20 @@ def whole_number(value: float, name: str) -> int:
     return int(value)
 
 
-class EtaProgress:
-    """Feeds the generator's progress callback to ``gr.Progress``, with the time left from the rate so far."""
+class RenderStopped(Exception):
+    """The page that asked for the render went away (the user left or pressed stop)."""
 
-    def __init__(self, progress: gr.Progress):
-        self.progress = progress
-        self.first: tuple[float, float] | None = None
 
-    def __call__(self, fraction: float, what: str) -> None:
-        now = time.perf_counter()
-        if self.first is None or fraction <= self.first[1]:
-            self.first = (now, fraction)
-            left = "estimating time left"
-        else:
-            seconds = (now - self.first[0]) / (fraction - self.first[1]) * (1 - fraction)
-            left = f"about {max(1, round(seconds))} s left" if seconds < 120 else f"about {seconds / 60:.1f} min left"
-        self.progress(fraction, desc=f"{what}, {left}")
+def page_progress(progress: gr.Progress, stopped: threading.Event) -> Progress:
+    """The generator's progress callback feeding ``gr.Progress`` the progress text (video time done / total, s per
+    frame, time left: :mod:`memo.progress`); it stops the render once ``stopped`` is set."""
+
+    def update(fraction: float, text: str) -> None:
+        if stopped.is_set():
+            raise RenderStopped
+        progress(fraction, desc=text)
+
+    return update
 
 
 class WebApp:
@@ -110,6 +115,7 @@ class WebApp:
     def __init__(self, generator: MemoGenerator, output_dir: Path):
         self.generator = generator
         self.output_dir = output_dir
+        self.live_dir = output_dir / LIVE_FOLDER
 
     def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
         """The face crop the model will see; a warning (not an error) when the image cannot be used."""
@@ -136,9 +142,10 @@ class WebApp:
         speed: str,
         paste_back: bool = False,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
-    ) -> str:
-        """Render the video and return its path. The inputs carry the settings' names (the page's API too);
-        ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
+    ) -> Iterator[tuple]:
+        """Render the video, yielding (live segment, None) for each finished segment of the video (>= 2 s, an mp4
+        the live player streams) and at last (skip, the video's path). The inputs carry the settings' names
+        (the page's API too); ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
         if not image:
             raise gr.Error("Upload a portrait image first, or click 'Use the example'.", print_exception=False)
         if not audio:
@@ -152,10 +159,44 @@ class WebApp:
             settings |= {"emotion": emotion, **parse_size(size)}
             settings |= {} if seed is None else {"seed": whole_number(seed, "seed")}
             generator = self.generator.with_settings(**settings)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
-            progress(0, desc="Reading the image and the audio")
-            return str(generator.generate(image, audio, output, progress=EtaProgress(progress)))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
+        progress(0, desc="Reading the image and the audio")
+        segments: queue.Queue[Path | None] = queue.Queue()
+        stopped = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def render(folder: Path) -> None:
+            try:
+                outcome["video"] = generate_watched(
+                    generator,
+                    image,
+                    audio,
+                    output,
+                    lambda path, *_: segments.put(path),
+                    folder,
+                    progress=page_progress(progress, stopped),
+                )
+            except BaseException as error:  # handed to the page's thread, which reports it
+                outcome["error"] = error
+            finally:
+                segments.put(None)
+
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.live_dir) as folder:
+            worker = threading.Thread(target=render, args=(Path(folder),), name="render", daemon=True)
+            worker.start()
+            try:
+                while (segment := segments.get()) is not None:
+                    yield str(segment), None
+            finally:
+                stopped.set()  # the page went away: the render stops at its next step
+                worker.join()
+        error = outcome.get("error")
+        if error is not None:
+            with shown_in_page("Generation"):
+                raise error
+        yield gr.skip(), str(outcome["video"])
 
     def build(self) -> gr.Blocks:
         """The page: inputs and the face-crop preview on the left, settings and the video on the right."""
@@ -199,6 +240,13 @@ class WebApp:
                         elem_id="paste-back",
                     )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    live = gr.Video(
+                        label="Watch it grow (the video so far, while it renders)",
+                        streaming=True,
+                        autoplay=True,
+                        interactive=False,
+                        elem_id="live",
+                    )
                     video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
             example.click(
                 lambda: (str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)), outputs=[image, audio], api_visibility="private"
@@ -214,7 +262,7 @@ class WebApp:
             run.click(
                 self.generate,
                 inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed, paste_back],
-                outputs=video,
+                outputs=[live, video],
                 api_name="generate",
                 concurrency_limit=1,
                 concurrency_id="render",
@@ -249,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned(args.output_dir)  # videos a killed app was writing
+    shutil.rmtree(args.output_dir / LIVE_FOLDER, ignore_errors=True)  # and their live segments
     demo = WebApp(generator, args.output_dir).build()
     try:
         with stop_on_signals() as stopped:
