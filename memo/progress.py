@@ -97,6 +97,7 @@ class VideoProgress:
                 total=total_frames,
                 initial=start_frame,
                 unit="frame",
+                leave=None,  # kept on its own, cleared when inside another bar (a batch's jobs)
                 bar_format=f"{{percentage:3.0f}}%|{{bar:{BAR_WIDTH}}}| {{desc}}",
                 dynamic_ncols=True,
             )
@@ -196,9 +197,10 @@ def work_bar(
     disable: bool = False,
     leave: bool = True,
 ) -> tqdm:
-    """A tqdm bar over ``items`` (or ``total`` of them, advanced with ``update``): ``desc: 3/10 videos, 42.1 s/video,
-    04:55 left``, the speed averaged over this run (``initial`` items were done before it and do not count in
-    it). Use it inside :func:`log_above_bars` so that log lines do not break it."""
+    """A tqdm bar over ``items`` (or ``total`` of them, advanced with ``update``): ``desc: 3/10 videos,
+    42.1 s/video, 04:55 left`` (and any ``set_postfix`` after it), the speed averaged over this run (``initial``
+    items were done before it and do not count in it). Use it inside :func:`log_above_bars` so that log lines
+    do not break it."""
     return tqdm(
         items,
         total=total,
@@ -210,7 +212,7 @@ def work_bar(
         leave=leave,
         dynamic_ncols=True,
         bar_format=f"{{desc}}: {{percentage:3.0f}}%|{{bar:{BAR_WIDTH}}}| {{n_fmt}}/{{total_fmt}} {{unit}}s, "
-        "{rate_inv_fmt}, {remaining} left",
+        "{rate_inv_fmt}, {remaining} left{postfix}",
     )
 
 

@@ -119,7 +119,7 @@ def test_renders_uploads_with_progress_and_queues_the_next_request(app_url, spee
         time.sleep(0.05)
     good_when_bad_ended = good.done() or progress[-1][0]
 
-    video = good.result()
+    _, video = good.result()  # the live stream's combined copy, and the video itself
     info = probe_video(video["video"] if isinstance(video, dict) else video)
     assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
     assert any("left" in desc for _, desc in progress), progress  # step progress with the time left
@@ -159,6 +159,43 @@ def test_the_page_in_a_browser_renders_the_example(app_url):
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             print(f"screenshot: {SCREENSHOT}")
+        finally:
+            browser.close()
+
+
+@pytest.mark.e2e
+def test_the_page_shows_the_video_growing_before_the_render_ends(app_url):
+    """Chromium plays the live stream: the player has frames to show while the render still goes on (the final
+    video not yet in the page), then the final video comes. The example speech (11 s) makes 6 segments."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MEMO_TEST_CHROMIUM)")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no browser download needed)"
+    )
+    with playwright.sync_playwright() as driver, tempfile.TemporaryDirectory() as profile:
+        browser = driver.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}
+        )
+        try:
+            page = browser.new_page()
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.locator("#use-example").click()
+            page.locator("#preview img").wait_for(timeout=60_000)
+            page.locator("#generate").click()
+            # A decoded frame in the live player (HAVE_CURRENT_DATA), and at that moment no final video yet.
+            seen = page.wait_for_function(
+                """() => {
+                    const live = document.querySelector('#live video');
+                    if (!live || live.readyState < 2 || live.videoWidth === 0) return null;
+                    return {final: document.querySelector('#video video') !== null, width: live.videoWidth};
+                }""",
+                timeout=300_000,
+                polling=100,
+            ).json_value()
+            assert seen == {"final": False, "width": 64}, seen
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT.with_name("app-live.png")), full_page=True)
+            page.locator("#video video").wait_for(timeout=300_000)
         finally:
             browser.close()
 
