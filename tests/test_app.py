@@ -210,16 +210,22 @@ def test_bad_settings_stop_the_app_with_a_message(pack):
     assert "Traceback" not in result.stderr
 
 
-def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path):
+@pytest.fixture(scope="module")
+def loaded(pack):
+    """One generator on the tiny pack for the in-process tests of the page."""
+    from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
+
+    return MemoGenerator(load_config(pack / "inference.yaml", ["cfg_scale=1"]))
+
+
+def test_the_page_renders_previews_and_refuses_in_process(loaded, speech, tmp_path):
     """The handlers the page calls, on one loaded generator: a video with progress, the face crop, our message."""
     import gradio as gr
 
     from memo.apps.web import WebApp
-    from memo.generator import MemoGenerator
-    from memo.settings.inference import load_config
 
-    generator = MemoGenerator(load_config(pack / "inference.yaml", ["cfg_scale=1"]))
-    app = WebApp(generator, tmp_path / "web")
+    app = WebApp(loaded, tmp_path / "web")
     app.build()
     progress: list[tuple[float, str]] = []
 
@@ -256,3 +262,23 @@ def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path
         list(
             app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)
         )
+
+
+def test_a_render_cut_short_by_a_restart_is_offered_and_continues(loaded, speech, tmp_path):
+    """A server killed mid-render leaves the render's record (its inputs' copies and settings); the next server's
+    page offers it, and Continue renders it into the same output, then forgets it."""
+    from memo.apps.web import WebApp
+
+    killed = WebApp(loaded, tmp_path / "web")
+    output = tmp_path / "web" / "portrait_speech_short_cut.mp4"
+    killed.jobs.start(EXAMPLE_IMAGE, speech, {"width": 64, "height": 64, "inference_steps": 1, "seed": 7}, output)
+
+    app = WebApp(loaded, tmp_path / "web")  # the restarted server
+    [job] = app.jobs.interrupted()
+    assert job.output == output and job.image.read_bytes() == EXAMPLE_IMAGE.read_bytes()
+    demo = app.build()
+    offered = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "interrupted")
+    assert offered.value == output.name
+    *_, (_, video) = app.continue_render(output.name, progress=lambda *args, **kwargs: None)
+    assert Path(video) == output and probe_video(video).num_frames == math.ceil(CLIP_SECONDS * 30)
+    assert app.jobs.interrupted() == [] and not job.folder.exists()

@@ -94,11 +94,15 @@ def generate_watched(
     on_segment: SegmentCallback,
     segments: Path,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> Path:
     """:meth:`MemoGenerator.generate` into ``output`` (returned), handing each finished segment to ``on_segment``;
-    the interim segments are written under ``segments`` (a folder the caller owns and removes)."""
-    if "on_segment" in inspect.signature(generator.generate).parameters:
-        return generator.generate(image, audio, output, progress=progress, on_segment=on_segment)
+    the interim segments are written under ``segments`` (a folder the caller owns and removes). ``resume`` goes
+    on from the saved progress of the same job where ``generate`` can (issue 27's resume), else starts over."""
+    accepts = inspect.signature(generator.generate).parameters
+    more = {"resume": resume} if "resume" in accepts else {}
+    if "on_segment" in accepts:
+        return generator.generate(image, audio, output, progress=progress, on_segment=on_segment, **more)
     watched = generator.with_settings()
 
     def render_tapped(
@@ -132,4 +136,4 @@ def generate_watched(
         return output_path
 
     watched.render = render_tapped
-    return watched.generate(image, audio, output, progress=progress)
+    return watched.generate(image, audio, output, progress=progress, **more)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
 from memo.apps.live import generate_watched
+from memo.apps.render_jobs import RenderJob, RenderJobs
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
     Interrupted,
@@ -46,6 +47,8 @@ from memo.settings.inference import FRAMINGS, load_config, setting_help
 logger = logging.getLogger("memo")
 
 SQUARE_SIZES = (256, 384, 512, 640, 768)
+JOBS_FOLDER = ".renders"
+"""Under the output folder: the record of each render under way (:mod:`memo.apps.render_jobs`)."""
 LIVE_FOLDER = ".live"
 """Under the output folder: the live segments of the renders under way, each in a folder of its own."""
 CACHE_CLEANUP = (3600, 86400)
@@ -116,6 +119,7 @@ class WebApp:
         self.generator = generator
         self.output_dir = output_dir
         self.live_dir = output_dir / LIVE_FOLDER
+        self.jobs = RenderJobs(output_dir / JOBS_FOLDER)
 
     def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
         """The face crop the model will see; a warning (not an error) when the image cannot be used."""
@@ -161,21 +165,51 @@ class WebApp:
             generator = self.generator.with_settings(**settings)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
+        job = self.jobs.start(Path(image), Path(audio), settings, output)
+        yield from self.render(generator, job, Path(image), Path(audio), progress)  # messages name the uploads
+
+    def continue_render(
+        self,
+        name: str | None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
+    ) -> Iterator[tuple]:
+        """Render again a video whose render a restart of the server cut short (:meth:`RenderJobs.interrupted`),
+        from its own copies of the inputs and its settings, into the same output; yields as :meth:`generate`."""
+        job = next((job for job in self.jobs.interrupted() if job.output.name == name), None)
+        if job is None:
+            raise gr.Error(f"No interrupted render is called {name!r}; it may have finished.", print_exception=False)
+        with shown_in_page("Generation"):
+            generator = self.generator.with_settings(**job.settings)
+        yield from self.render(generator, job, job.image, job.audio, progress, resume=True)
+
+    def render(
+        self,
+        generator: MemoGenerator,
+        job: RenderJob,
+        image: Path,
+        audio: Path,
+        progress: gr.Progress,
+        resume: bool = False,
+    ) -> Iterator[tuple]:
+        """Render ``job`` from ``image`` and ``audio``, yielding each live segment and then the video (see
+        :meth:`generate`); the job's record is removed when the render ends here, whatever the end (only a killed
+        server leaves it)."""
         progress(0, desc="Reading the image and the audio")
         segments: queue.Queue[Path | None] = queue.Queue()
         stopped = threading.Event()
         outcome: dict[str, object] = {}
 
-        def render(folder: Path) -> None:
+        def work(folder: Path) -> None:
             try:
                 outcome["video"] = generate_watched(
                     generator,
                     image,
                     audio,
-                    output,
+                    job.output,
                     lambda path, *_: segments.put(path),
                     folder,
                     progress=page_progress(progress, stopped),
+                    resume=resume,
                 )
             except BaseException as error:  # handed to the page's thread, which reports it
                 outcome["error"] = error
@@ -183,15 +217,18 @@ class WebApp:
                 segments.put(None)
 
         self.live_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=self.live_dir) as folder:
-            worker = threading.Thread(target=render, args=(Path(folder),), name="render", daemon=True)
-            worker.start()
-            try:
-                while (segment := segments.get()) is not None:
-                    yield str(segment), None
-            finally:
-                stopped.set()  # the page went away: the render stops at its next step
-                worker.join()
+        try:
+            with tempfile.TemporaryDirectory(dir=self.live_dir) as folder:
+                worker = threading.Thread(target=work, args=(Path(folder),), name="render", daemon=True)
+                worker.start()
+                try:
+                    while (segment := segments.get()) is not None:
+                        yield str(segment), None
+                finally:
+                    stopped.set()  # the page went away: the render stops at its next step
+                    worker.join()
+        finally:
+            self.jobs.end(job)
         error = outcome.get("error")
         if error is not None:
             with shown_in_page("Generation"):
@@ -240,6 +277,15 @@ class WebApp:
                         elem_id="paste-back",
                     )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    interrupted = [job.output.name for job in self.jobs.interrupted()]
+                    with gr.Row(visible=bool(interrupted)):
+                        pending = gr.Dropdown(
+                            interrupted,
+                            value=interrupted[0] if interrupted else None,
+                            label="Renders cut short by a restart of the server",
+                            elem_id="interrupted",
+                        )
+                        go_on = gr.Button("Continue", elem_id="continue")
                     live = gr.Video(
                         label="Watch it grow (the video so far, while it renders)",
                         streaming=True,
@@ -264,6 +310,14 @@ class WebApp:
                 inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed, paste_back],
                 outputs=[live, video],
                 api_name="generate",
+                concurrency_limit=1,
+                concurrency_id="render",
+            )
+            go_on.click(
+                self.continue_render,
+                inputs=pending,
+                outputs=[live, video],
+                api_name="continue",
                 concurrency_limit=1,
                 concurrency_id="render",
             )
