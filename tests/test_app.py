@@ -169,6 +169,10 @@ def test_the_page_shows_the_video_growing_before_the_render_ends(app_url):
     video not yet in the page), then the final video comes. The example speech (11 s) makes 6 segments."""
     if not CHROMIUM.is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MEMO_TEST_CHROMIUM)")
+    from memo.apps.web import live_view_available
+
+    if not live_view_available():
+        pytest.skip("no ffmpeg and ffprobe on PATH, through which Gradio streams video (apt-get install ffmpeg)")
     playwright = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (no browser download needed)"
     )
@@ -225,7 +229,7 @@ def test_the_page_renders_previews_and_refuses_in_process(loaded, speech, tmp_pa
 
     from memo.apps.web import WebApp
 
-    app = WebApp(loaded, tmp_path / "web")
+    app = WebApp(loaded, tmp_path / "web", streaming=True)  # the page's streaming needs ffmpeg; the handler not
     app.build()
     progress: list[tuple[float, str]] = []
 

@@ -96,6 +96,12 @@ def whole_number(value: float, name: str) -> int:
     return int(value)
 
 
+def live_view_available() -> bool:
+    """Whether the page can show the video as it is made: Gradio streams video through the ``ffmpeg`` and
+    ``ffprobe`` programs, which memo itself does not need."""
+    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+
+
 class RenderStopped(Exception):
     """The page that asked for the render went away (the user left or pressed stop)."""
 
@@ -115,9 +121,11 @@ def page_progress(progress: gr.Progress, stopped: threading.Event) -> Progress:
 class WebApp:
     """The page's event handlers over one loaded generator."""
 
-    def __init__(self, generator: MemoGenerator, output_dir: Path):
+    def __init__(self, generator: MemoGenerator, output_dir: Path, streaming: bool | None = None):
+        """``streaming``: show the video as it is made (:func:`live_view_available` unless given)."""
         self.generator = generator
         self.output_dir = output_dir
+        self.streaming = live_view_available() if streaming is None else streaming
         self.live_dir = output_dir / LIVE_FOLDER
         self.jobs = RenderJobs(output_dir / JOBS_FOLDER)
 
@@ -223,7 +231,8 @@ class WebApp:
                 worker.start()
                 try:
                     while (segment := segments.get()) is not None:
-                        yield str(segment), None
+                        if self.streaming:
+                            yield str(segment), None
                 finally:
                     stopped.set()  # the page went away: the render stops at its next step
                     worker.join()
@@ -291,6 +300,7 @@ class WebApp:
                         streaming=True,
                         autoplay=True,
                         interactive=False,
+                        visible=self.streaming,
                         elem_id="live",
                     )
                     video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
@@ -352,7 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned(args.output_dir)  # videos a killed app was writing
     shutil.rmtree(args.output_dir / LIVE_FOLDER, ignore_errors=True)  # and their live segments
-    demo = WebApp(generator, args.output_dir).build()
+    app = WebApp(generator, args.output_dir)
+    if not app.streaming:
+        logger.warning(
+            "web app: videos show when they are done; to watch them grow in the page, install FFmpeg so that "
+            "ffmpeg and ffprobe are on PATH (Gradio streams video through them), e.g. apt-get install ffmpeg"
+        )
+    demo = app.build()
     try:
         with stop_on_signals() as stopped:
             demo.queue().launch(
