@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import logging
 import math
 import queue
@@ -227,7 +228,9 @@ class WebApp:
         self.live_dir.mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(dir=self.live_dir) as folder:
-                worker = threading.Thread(target=work, args=(Path(folder),), name="render", daemon=True)
+                # In this request's context: gr.Progress finds its event through context variables.
+                context = contextvars.copy_context()
+                worker = threading.Thread(target=context.run, args=(work, Path(folder)), name="render", daemon=True)
                 worker.start()
                 try:
                     while (segment := segments.get()) is not None:
