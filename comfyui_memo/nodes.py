@@ -32,13 +32,13 @@ from memo.settings.inference import DEVICES, FRAMINGS, WEIGHT_DTYPES, InferenceC
 from .runtime import (
     MemoModel,
     MemoNodeError,
+    NodeProgress,
     audio_to_decoded,
     frames_to_image,
     image_to_pil,
     load_memo,
     on_device,
     pil_to_image,
-    progress_bar,
     shown_in_comfyui,
 )
 
@@ -351,9 +351,13 @@ class MemoGenerate:
                 * generator.config.speed_settings.steps
             )
             with on_device(memo, "all", width, height) as loaded:  # a fresh copy, to log the render device
-                loaded.with_settings(**settings).render_clips(
-                    reference, prepared, seed, clips.append, progress_bar(total)
-                )
+                bar = NodeProgress(total)
+
+                def on_clip(frames: torch.Tensor) -> None:
+                    clips.append(frames)
+                    bar.show_clip(frames)
+
+                loaded.with_settings(**settings).render_clips(reference, prepared, seed, on_clip, bar)
         return frames_to_image(clips), audio, float(generator.config.fps)
 
 

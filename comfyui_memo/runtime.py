@@ -9,7 +9,9 @@ The contract was read from ComfyUI's sources (files and commits in the README's 
   free; models outside ComfyUI's model patcher are moved to the device for the work and back to
   ``unet_offload_device()`` afterwards, as ComfyUI's upscale-model node does.
 - ``comfy.model_management.throw_exception_if_processing_interrupted()`` raises when the user presses stop.
-- ``comfy.utils.ProgressBar(total).update_absolute(value)`` drives the bar under the running node.
+- ``comfy.utils.ProgressBar(total).update_absolute(value, total, preview)`` drives the bar under the running node;
+  ``preview``, ``("JPEG", PIL image, comfy.cli_args.args.preview_size)``, is the image shown under it, as the
+  samplers' ``latent_preview.prepare_callback`` sends it.
 - ``folder_paths.models_dir``, ``add_model_folder_path`` and ``get_folder_paths`` list model folders
   (``models/memo`` and any ``memo:`` entry of ``extra_model_paths.yaml``).
 """
@@ -23,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import comfy.cli_args
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -31,7 +34,7 @@ import torch
 from PIL import Image
 
 from memo.errors import UserError
-from memo.generator import MemoGenerator, Progress
+from memo.generator import MemoGenerator
 from memo.io.audio import DecodedAudio, audio_from_samples
 from memo.loading import pick_device
 from memo.settings.inference import load_config
@@ -157,7 +160,7 @@ def load_memo(model: str, weight_dtype: str, device: str, settings: str, speed: 
     with shown_in_comfyui():
         config = load_config(None, overrides + lines, source=SETTINGS_SOURCE)
     generator = MemoGenerator(config)
-    generator.pipeline.set_progress_bar_config(disable=True)
+    generator.progress_bar = False  # ComfyUI's own bar shows the progress
     return MemoModel(generator, run_device, offload_device)
 
 
@@ -180,16 +183,26 @@ def on_device(model: MemoModel, part: str, width: int = 0, height: int = 0) -> I
         comfy.model_management.soft_empty_cache()
 
 
-def progress_bar(total: int) -> Progress:
-    """A MemoGenerator progress callback driving ComfyUI's bar over ``total`` steps, and stopping the render
-    when the user interrupts."""
-    bar = comfy.utils.ProgressBar(total)
+class NodeProgress:
+    """ComfyUI's bar under the running node over ``total`` steps, moved by the generator's progress callback (which
+    also stops the render when the user interrupts), with the last frame of each finished clip as its preview
+    image (:meth:`show_clip`): what ComfyUI's samplers send, ``("JPEG", PIL image, args.preview_size)``."""
 
-    def update(fraction: float, _what: str) -> None:
-        bar.update_absolute(round(fraction * total), total)
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.value = 0
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, fraction: float, _text: str) -> None:
+        self.value = round(fraction * self.total)
+        self.bar.update_absolute(self.value, self.total)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    return update
+    def show_clip(self, frames: torch.Tensor) -> None:
+        """Show the last frame of a finished clip, (3, frames, height, width) in [0, 1], under the node."""
+        last = frames[:, -1].detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+        picture = Image.fromarray(np.ascontiguousarray(last.cpu().numpy()), mode="RGB")
+        self.bar.update_absolute(self.value, self.total, ("JPEG", picture, comfy.cli_args.args.preview_size))
 
 
 def image_to_pil(image: torch.Tensor) -> Image.Image:

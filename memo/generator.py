@@ -32,6 +32,7 @@ from memo.io.image import load_image
 from memo.io.video import CheckedOutput, VideoWriter, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
 from memo.pipeline import MemoPipeline
+from memo.progress import VideoProgress
 from memo.runtime.compilation import (
     compile_enabled,
     compile_networks,
@@ -69,7 +70,8 @@ LOAD_SETTINGS = frozenset(
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
 Progress = Callable[[float, str], None]
-"""Called with the fraction done (0..1) and what is being done."""
+"""Called after every step with the share of the video done (0..1) and the progress text
+(:meth:`memo.progress.VideoProgress.text`: video time done / total, seconds per frame, time left)."""
 
 
 class GpuMemoryError(UserError, RuntimeError):
@@ -122,8 +124,11 @@ class MemoGenerator:
         self.files = files
         self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype)
         self.euler = self.pipeline.scheduler  # the published scheduler; the solver setting swaps it per video
-        if self.parallel is not None and not self.parallel.is_main:
-            self.pipeline.set_progress_bar_config(disable=True)  # one progress bar, on rank 0
+        # The render's bar is this generator's (memo.progress.VideoProgress, video time and time left), driven
+        # from the pipeline's callbacks: the pipeline's own per-step bar would be a second one.
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.progress_bar = self.parallel is None or self.parallel.is_main
+        """Show the render's progress bar on stderr (one process of several turns it off)."""
         self.offload = effective_offload(config.offload, self.device)
         # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
         self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
@@ -333,13 +338,22 @@ class MemoGenerator:
             seed,
             self.device,
         )
-        done = 0
+        meter = VideoProgress(
+            audio.features.num_frames,
+            config.fps,
+            config.num_generated_frames_per_clip,
+            speed.steps,
+            bar=self.progress_bar,
+        )
 
         def on_step(pipe, clip, step, t, tensors):
-            nonlocal done
-            done += 1
+            meter.step(step)
             if progress is not None:
-                progress(done / (clips * speed.steps), f"clip {clip + 1}/{clips}, step {step + 1}")
+                progress(meter.fraction, meter.text())
+
+        def on_clip_end(pipe, clip, frames):
+            on_clip(frames)
+            meter.clip_done(frames.shape[1])
 
         compile_before, graphs_before = compile_seconds(), compiled_graphs()
         self.pipeline.scheduler = speed.scheduler(self.euler)
@@ -347,7 +361,7 @@ class MemoGenerator:
         if self.parallel is not None:
             call["guider"] = self.parallel.guider(call["guider"])
         try:
-            with self.conditions_out_of_the_way():
+            with meter, self.conditions_out_of_the_way():
                 self.pipeline(
                     image.reference,
                     image.face_embedding,
@@ -361,7 +375,7 @@ class MemoGenerator:
                     vae_batch_size=config.vae_batch_size,
                     vae_tile_size=config.vae_tile_size,
                     output_type=None,
-                    callback_on_clip_end=lambda pipe, clip, frames: on_clip(frames),
+                    callback_on_clip_end=on_clip_end,
                     callback_on_step_end=on_step,
                     **call,
                 )

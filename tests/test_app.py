@@ -119,7 +119,7 @@ def test_renders_uploads_with_progress_and_queues_the_next_request(app_url, spee
         time.sleep(0.05)
     good_when_bad_ended = good.done() or progress[-1][0]
 
-    video = good.result()
+    _, video = good.result()  # the live stream's combined copy, and the video itself
     info = probe_video(video["video"] if isinstance(video, dict) else video)
     assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
     assert any("left" in desc for _, desc in progress), progress  # step progress with the time left
@@ -163,6 +163,47 @@ def test_the_page_in_a_browser_renders_the_example(app_url):
             browser.close()
 
 
+@pytest.mark.e2e
+def test_the_page_shows_the_video_growing_before_the_render_ends(app_url):
+    """Chromium plays the live stream: the player has frames to show while the render still goes on (the final
+    video not yet in the page), then the final video comes. The example speech (11 s) makes 6 segments."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MEMO_TEST_CHROMIUM)")
+    from memo.apps.web import live_view_available
+
+    if not live_view_available():
+        pytest.skip("no ffmpeg and ffprobe on PATH, through which Gradio streams video (apt-get install ffmpeg)")
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="pip install playwright (no browser download needed)"
+    )
+    with playwright.sync_playwright() as driver, tempfile.TemporaryDirectory() as profile:
+        browser = driver.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 1000}
+        )
+        try:
+            page = browser.new_page()
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.locator("#use-example").click()
+            page.locator("#preview img").wait_for(timeout=60_000)
+            page.locator("#generate").click()
+            # A decoded frame in the live player (HAVE_CURRENT_DATA), and at that moment no final video yet.
+            seen = page.wait_for_function(
+                """() => {
+                    const live = document.querySelector('#live video');
+                    if (!live || live.readyState < 2 || live.videoWidth === 0) return null;
+                    return {final: document.querySelector('#video video') !== null, width: live.videoWidth};
+                }""",
+                timeout=300_000,
+                polling=100,
+            ).json_value()
+            assert seen == {"final": False, "width": 64}, seen
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT.with_name("app-live.png")), full_page=True)
+            page.locator("#video video").wait_for(timeout=300_000)
+        finally:
+            browser.close()
+
+
 def test_bad_settings_stop_the_app_with_a_message(pack):
     """In this process; ``app.py`` started as a program stops on bad settings in test_settings.py."""
     from memo.apps import web
@@ -173,36 +214,75 @@ def test_bad_settings_stop_the_app_with_a_message(pack):
     assert "Traceback" not in result.stderr
 
 
-def test_the_page_renders_previews_and_refuses_in_process(pack, speech, tmp_path):
+@pytest.fixture(scope="module")
+def loaded(pack):
+    """One generator on the tiny pack for the in-process tests of the page."""
+    from memo.generator import MemoGenerator
+    from memo.settings.inference import load_config
+
+    return MemoGenerator(load_config(pack / "inference.yaml", ["cfg_scale=1"]))
+
+
+def test_the_page_renders_previews_and_refuses_in_process(loaded, speech, tmp_path):
     """The handlers the page calls, on one loaded generator: a video with progress, the face crop, our message."""
     import gradio as gr
 
     from memo.apps.web import WebApp
-    from memo.generator import MemoGenerator
-    from memo.settings.inference import load_config
 
-    generator = MemoGenerator(load_config(pack / "inference.yaml", ["cfg_scale=1"]))
-    app = WebApp(generator, tmp_path / "web")
+    app = WebApp(loaded, tmp_path / "web", streaming=True)  # the page's streaming needs ffmpeg; the handler not
     app.build()
     progress: list[tuple[float, str]] = []
 
     def record(fraction, desc=""):
         progress.append((fraction, desc))
 
-    video = app.generate(str(EXAMPLE_IMAGE), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", progress=record)
+    updates = app.generate(
+        str(EXAMPLE_IMAGE), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", progress=record
+    )
+    # The live player gets the video so far with its sound before the final video comes (here one segment: 1.5 s
+    # is under the 2 s a segment gathers); the segments are removed once the render is over.
+    segment, nothing = next(updates)
+    live = probe_video(segment)
+    assert nothing is None and live.num_frames == math.ceil(CLIP_SECONDS * 30) and live.has_audio
+    ((skip, video),) = list(updates)
+    assert skip == gr.skip() and not Path(segment).exists()
     info = probe_video(video)
     assert Path(video).parent == tmp_path / "web"
     assert info.num_frames == math.ceil(CLIP_SECONDS * 30) and info.has_audio
-    assert any("left" in desc for _, desc in progress), progress
+    assert any("00:01.5 video" in desc and "s/frame" in desc and "left" in desc for _, desc in progress), progress
     assert app.preview(str(EXAMPLE_IMAGE), "128x64", "crop").size == (128, 64)
     faceless = tmp_path / "flat_grey.png"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(faceless)
     with pytest.raises(gr.Error, match="No face was found in .*flat_grey.png"):
-        app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record)
+        list(app.generate(str(faceless), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "fast", progress=record))
     # The paste back checkbox: the video at the photo's size (a wide one, to tell it from the square crop).
     wide = tmp_path / "wide.png"
     Image.open(EXAMPLE_IMAGE).convert("RGB").resize((384, 256)).save(wide)
-    pasted = app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record)
+    *_, (_, pasted) = app.generate(
+        str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "crop", "exact", True, progress=record
+    )
     assert (probe_video(pasted).width, probe_video(pasted).height) == (384, 256)
     with pytest.raises(gr.Error, match="paste_back=true needs framing=crop"):
-        app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)
+        list(
+            app.generate(str(wide), str(speech), "auto", "64x64", 1, 1.0, 7, "stretch", "exact", True, progress=record)
+        )
+
+
+def test_a_render_cut_short_by_a_restart_is_offered_and_continues(loaded, speech, tmp_path):
+    """A server killed mid-render leaves the render's record (its inputs' copies and settings); the next server's
+    page offers it, and Continue renders it into the same output, then forgets it."""
+    from memo.apps.web import WebApp
+
+    killed = WebApp(loaded, tmp_path / "web")
+    output = tmp_path / "web" / "portrait_speech_short_cut.mp4"
+    killed.jobs.start(EXAMPLE_IMAGE, speech, {"width": 64, "height": 64, "inference_steps": 1, "seed": 7}, output)
+
+    app = WebApp(loaded, tmp_path / "web")  # the restarted server
+    [job] = app.jobs.interrupted()
+    assert job.output == output and job.image.read_bytes() == EXAMPLE_IMAGE.read_bytes()
+    demo = app.build()
+    offered = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "interrupted")
+    assert offered.value == output.name
+    *_, (_, video) = app.continue_render(output.name, progress=lambda *args, **kwargs: None)
+    assert Path(video) == output and probe_video(video).num_frames == math.ceil(CLIP_SECONDS * 30)
+    assert app.jobs.interrupted() == [] and not job.folder.exists()

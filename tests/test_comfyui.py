@@ -53,12 +53,15 @@ class ProgressBar:
     def __init__(self, total):
         self.total = total
         self.values: list[float] = []
+        self.previews: list[tuple] = []
         ProgressBar.made.append(self)
 
     def update_absolute(self, value, total=None, preview=None):
         if total is not None:
             self.total = total
         self.values.append(min(value, self.total))
+        if preview is not None:
+            self.previews.append(preview)
 
 
 def comfy_modules(models_dir: Path) -> dict[str, types.ModuleType]:
@@ -82,7 +85,9 @@ def comfy_modules(models_dir: Path) -> dict[str, types.ModuleType]:
     management.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
-    comfy.model_management, comfy.utils = management, utils
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(preview_size=512)  # ComfyUI's --preview-size default
+    comfy.model_management, comfy.utils, comfy.cli_args = management, utils, cli_args
 
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(models_dir)
@@ -95,7 +100,13 @@ def comfy_modules(models_dir: Path) -> dict[str, types.ModuleType]:
 
     folder_paths.add_model_folder_path = add_model_folder_path
     folder_paths.get_folder_paths = lambda folder_name: folder_paths.folder_names_and_paths[folder_name][0][:]
-    return {"comfy": comfy, "comfy.model_management": management, "comfy.utils": utils, "folder_paths": folder_paths}
+    return {
+        "comfy": comfy,
+        "comfy.model_management": management,
+        "comfy.utils": utils,
+        "comfy.cli_args": cli_args,
+        "folder_paths": folder_paths,
+    }
 
 
 def load_custom_node(module_path: Path) -> types.ModuleType:
@@ -270,6 +281,11 @@ def test_generate_gives_one_frame_per_video_frame_of_the_audio(comfy, memo, spee
     assert audio_out is audio and fps == 30.0
     bar = ProgressBar.made[-1]
     assert bar.total == 3 * 2 and bar.values[-1] == bar.total  # 3 clips of 16 frames, 2 steps each
+    # The preview under the node: each finished clip's last frame, as ComfyUI's samplers send a preview.
+    assert [(kind, size) for kind, _, size in bar.previews] == [("JPEG", 512)] * 3
+    for (_, picture, _), last in zip(bar.previews, (15, 31, FRAMES - 1), strict=True):
+        expected = (frames[last] * 255).round().to(torch.uint8).numpy()
+        assert picture.size == (64, 64) and (np.asarray(picture) == expected).all()
 
     # What Create Video + Save Video make of the outputs: an mp4 of that many frames, as long as the audio.
     output = tmp_path / "out.mp4"

@@ -8,6 +8,7 @@ The command line runs in this process (``memo.apps.cli.main``, as ``inference.py
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_renders_a_video_with_the_input_audio(pack, speech, tmp_path, runner):
     assert len(frames) == SPEECH_FRAMES and frames[0].shape == (64, 64, 3)
     assert np.std(np.stack(frames).astype(np.float32)) > 1.0  # generated pixels, not a blank video
     assert "memo: output:" in result.stderr
+    # One progress bar, the render's (video time, speed, time left), not the pipeline's per-step bar as well.
+    assert re.search(r"\d+ clips: 00:0\d\.\d / 00:0\d\.\d video, \d+\.\d\d s/frame, done", result.stderr), result.stderr
+    assert "step/s" not in result.stderr and "s/step" not in result.stderr
 
 
 def test_without_inputs_renders_the_bundled_example(pack, tmp_path):

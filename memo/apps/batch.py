@@ -42,6 +42,7 @@ from memo.generator import LOAD_SETTINGS, MemoGenerator
 from memo.io.inputs import URL, input_problem
 from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
+from memo.progress import log_above_bars, work_bar
 from memo.settings.inference import ConfigError, InferenceConfig, load_config
 from memo.settings.schema import closest
 
@@ -204,29 +205,38 @@ def load_jobs(
     return base, jobs
 
 
-def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int) -> list[dict[str, Any]]:
-    """Render each job, skipping finished outputs; a failure is recorded with its reason and the next job goes on."""
+def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int, bar: bool = True) -> list[dict[str, Any]]:
+    """Render each job, skipping finished outputs; a failure is recorded with its reason and the next job goes on.
+    With ``bar``, a bar over the jobs (those finished before this run count as done, not in the speed) above each
+    video's own (:mod:`memo.progress`)."""
     results = []
-    for number, job in enumerate(jobs, 1):
-        record = {"line": job.line, "image": str(job.image), "audio": str(job.audio), "output": str(job.output)}
-        record["process"] = process
-        if job.output.exists():
-            logger.info("job %d/%d (line %d): %s exists, skipped", number, len(jobs), job.line, job.output)
-            results.append({**record, "status": "skipped"})
-            continue
-        logger.info("job %d/%d (line %d): %s", number, len(jobs), job.line, job.output)
-        start = time.perf_counter()
-        try:
-            generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
-        except Exception as error:
-            if as_user_error(error) is None:
-                logger.exception("job (line %d) failed", job.line)
-            reason = failure_message(error)
-        else:
-            results.append({**record, "status": "done", "seconds": round(time.perf_counter() - start, 1)})
-            continue
-        logger.error("job %d/%d (line %d) failed: %s", number, len(jobs), job.line, reason)
-        results.append({**record, "status": "failed", "reason": reason})
+    finished = sum(job.output.exists() for job in jobs)
+    with (
+        log_above_bars(),
+        work_bar(total=len(jobs), initial=finished, unit="job", desc="batch", disable=not bar) as done,
+    ):
+        for number, job in enumerate(jobs, 1):
+            record = {"line": job.line, "image": str(job.image), "audio": str(job.audio), "output": str(job.output)}
+            record["process"] = process
+            if job.output.exists():
+                logger.info("job %d/%d (line %d): %s exists, skipped", number, len(jobs), job.line, job.output)
+                results.append({**record, "status": "skipped"})
+                continue
+            logger.info("job %d/%d (line %d): %s", number, len(jobs), job.line, job.output)
+            start = time.perf_counter()
+            try:
+                generator.with_settings(**job.settings).generate(job.image, job.audio, job.output)
+            except Exception as error:
+                if as_user_error(error) is None:
+                    logger.exception("job (line %d) failed", job.line)
+                reason = failure_message(error)
+            else:
+                results.append({**record, "status": "done", "seconds": round(time.perf_counter() - start, 1)})
+                done.update()
+                continue
+            logger.error("job %d/%d (line %d) failed: %s", number, len(jobs), job.line, reason)
+            results.append({**record, "status": "failed", "reason": reason})
+            done.update()
     return results
 
 
@@ -313,8 +323,8 @@ def _run(args: argparse.Namespace, start: float) -> int:
             raise
         return report_error(error)
     if several:
-        generator.pipeline.set_progress_bar_config(disable=True)
-    results = run_jobs(generator, mine, state.process_index)
+        generator.progress_bar = False  # several processes would draw over each other's bars
+    results = run_jobs(generator, mine, state.process_index, bar=not several)
     results = gather_object(results) if several else results
     summary = summarize(results, args.manifest, args.output_dir, state.num_processes)
     if state.is_main_process:

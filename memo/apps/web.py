@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import logging
 import math
+import queue
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +28,8 @@ import gradio as gr
 from PIL import Image
 
 from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
+from memo.apps.live import generate_watched
+from memo.apps.render_jobs import RenderJob, RenderJobs
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
     Interrupted,
@@ -32,7 +39,7 @@ from memo.errors import (
     failure_message,
     stop_on_signals,
 )
-from memo.generator import MemoGenerator
+from memo.generator import MemoGenerator, Progress
 from memo.io.partial import remove_abandoned
 from memo.io.video import check_output_folder
 from memo.sampling.speed import SPEEDS
@@ -41,6 +48,10 @@ from memo.settings.inference import FRAMINGS, load_config, setting_help
 logger = logging.getLogger("memo")
 
 SQUARE_SIZES = (256, 384, 512, 640, 768)
+JOBS_FOLDER = ".renders"
+"""Under the output folder: the record of each render under way (:mod:`memo.apps.render_jobs`)."""
+LIVE_FOLDER = ".live"
+"""Under the output folder: the live segments of the renders under way, each in a folder of its own."""
 CACHE_CLEANUP = (3600, 86400)
 """Every hour, Gradio deletes uploads and results of its own cache older than a day."""
 
@@ -86,30 +97,38 @@ def whole_number(value: float, name: str) -> int:
     return int(value)
 
 
-class EtaProgress:
-    """Feeds the generator's progress callback to ``gr.Progress``, with the time left from the rate so far."""
+def live_view_available() -> bool:
+    """Whether the page can show the video as it is made: Gradio streams video through the ``ffmpeg`` and
+    ``ffprobe`` programs, which memo itself does not need."""
+    return shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
-    def __init__(self, progress: gr.Progress):
-        self.progress = progress
-        self.first: tuple[float, float] | None = None
 
-    def __call__(self, fraction: float, what: str) -> None:
-        now = time.perf_counter()
-        if self.first is None or fraction <= self.first[1]:
-            self.first = (now, fraction)
-            left = "estimating time left"
-        else:
-            seconds = (now - self.first[0]) / (fraction - self.first[1]) * (1 - fraction)
-            left = f"about {max(1, round(seconds))} s left" if seconds < 120 else f"about {seconds / 60:.1f} min left"
-        self.progress(fraction, desc=f"{what}, {left}")
+class RenderStopped(Exception):
+    """The page that asked for the render went away (the user left or pressed stop)."""
+
+
+def page_progress(progress: gr.Progress, stopped: threading.Event) -> Progress:
+    """The generator's progress callback feeding ``gr.Progress`` the progress text (video time done / total, s per
+    frame, time left: :mod:`memo.progress`); it stops the render once ``stopped`` is set."""
+
+    def update(fraction: float, text: str) -> None:
+        if stopped.is_set():
+            raise RenderStopped
+        progress(fraction, desc=text)
+
+    return update
 
 
 class WebApp:
     """The page's event handlers over one loaded generator."""
 
-    def __init__(self, generator: MemoGenerator, output_dir: Path):
+    def __init__(self, generator: MemoGenerator, output_dir: Path, streaming: bool | None = None):
+        """``streaming``: show the video as it is made (:func:`live_view_available` unless given)."""
         self.generator = generator
         self.output_dir = output_dir
+        self.streaming = live_view_available() if streaming is None else streaming
+        self.live_dir = output_dir / LIVE_FOLDER
+        self.jobs = RenderJobs(output_dir / JOBS_FOLDER)
 
     def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
         """The face crop the model will see; a warning (not an error) when the image cannot be used."""
@@ -136,9 +155,10 @@ class WebApp:
         speed: str,
         paste_back: bool = False,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
-    ) -> str:
-        """Render the video and return its path. The inputs carry the settings' names (the page's API too);
-        ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
+    ) -> Iterator[tuple]:
+        """Render the video, yielding (live segment, None) for each finished segment of the video (>= 2 s, an mp4
+        the live player streams) and at last (skip, the video's path). The inputs carry the settings' names
+        (the page's API too); ``size`` is ``WxH``, the ``width`` and ``height`` settings."""
         if not image:
             raise gr.Error("Upload a portrait image first, or click 'Use the example'.", print_exception=False)
         if not audio:
@@ -152,10 +172,80 @@ class WebApp:
             settings |= {"emotion": emotion, **parse_size(size)}
             settings |= {} if seed is None else {"seed": whole_number(seed, "seed")}
             generator = self.generator.with_settings(**settings)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
-            progress(0, desc="Reading the image and the audio")
-            return str(generator.generate(image, audio, output, progress=EtaProgress(progress)))
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
+        job = self.jobs.start(Path(image), Path(audio), settings, output)
+        yield from self.render(generator, job, Path(image), Path(audio), progress)  # messages name the uploads
+
+    def continue_render(
+        self,
+        name: str | None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (how Gradio passes its progress bar)
+    ) -> Iterator[tuple]:
+        """Render again a video whose render a restart of the server cut short (:meth:`RenderJobs.interrupted`),
+        from its own copies of the inputs and its settings, into the same output; yields as :meth:`generate`."""
+        job = next((job for job in self.jobs.interrupted() if job.output.name == name), None)
+        if job is None:
+            raise gr.Error(f"No interrupted render is called {name!r}; it may have finished.", print_exception=False)
+        with shown_in_page("Generation"):
+            generator = self.generator.with_settings(**job.settings)
+        yield from self.render(generator, job, job.image, job.audio, progress, resume=True)
+
+    def render(
+        self,
+        generator: MemoGenerator,
+        job: RenderJob,
+        image: Path,
+        audio: Path,
+        progress: gr.Progress,
+        resume: bool = False,
+    ) -> Iterator[tuple]:
+        """Render ``job`` from ``image`` and ``audio``, yielding each live segment and then the video (see
+        :meth:`generate`); the job's record is removed when the render ends here, whatever the end (only a killed
+        server leaves it)."""
+        progress(0, desc="Reading the image and the audio")
+        segments: queue.Queue[Path | None] = queue.Queue()
+        stopped = threading.Event()
+        outcome: dict[str, object] = {}
+
+        def work(folder: Path) -> None:
+            try:
+                outcome["video"] = generate_watched(
+                    generator,
+                    image,
+                    audio,
+                    job.output,
+                    lambda path, *_: segments.put(path),
+                    folder,
+                    progress=page_progress(progress, stopped),
+                    resume=resume,
+                )
+            except BaseException as error:  # handed to the page's thread, which reports it
+                outcome["error"] = error
+            finally:
+                segments.put(None)
+
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(dir=self.live_dir) as folder:
+                # In this request's context: gr.Progress finds its event through context variables.
+                context = contextvars.copy_context()
+                worker = threading.Thread(target=context.run, args=(work, Path(folder)), name="render", daemon=True)
+                worker.start()
+                try:
+                    while (segment := segments.get()) is not None:
+                        if self.streaming:
+                            yield str(segment), None
+                finally:
+                    stopped.set()  # the page went away: the render stops at its next step
+                    worker.join()
+        finally:
+            self.jobs.end(job)
+        error = outcome.get("error")
+        if error is not None:
+            with shown_in_page("Generation"):
+                raise error
+        yield gr.skip(), str(outcome["video"])
 
     def build(self) -> gr.Blocks:
         """The page: inputs and the face-crop preview on the left, settings and the video on the right."""
@@ -199,6 +289,23 @@ class WebApp:
                         elem_id="paste-back",
                     )
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    interrupted = [job.output.name for job in self.jobs.interrupted()]
+                    with gr.Row(visible=bool(interrupted)):
+                        pending = gr.Dropdown(
+                            interrupted,
+                            value=interrupted[0] if interrupted else None,
+                            label="Renders cut short by a restart of the server",
+                            elem_id="interrupted",
+                        )
+                        go_on = gr.Button("Continue", elem_id="continue")
+                    live = gr.Video(
+                        label="Watch it grow (the video so far, while it renders)",
+                        streaming=True,
+                        autoplay=True,
+                        interactive=False,
+                        visible=self.streaming,
+                        elem_id="live",
+                    )
                     video = gr.Video(label="Video", interactive=False, buttons=["download"], elem_id="video")
             example.click(
                 lambda: (str(EXAMPLE_IMAGE), str(EXAMPLE_AUDIO)), outputs=[image, audio], api_visibility="private"
@@ -214,8 +321,16 @@ class WebApp:
             run.click(
                 self.generate,
                 inputs=[image, audio, emotion, size, inference_steps, cfg_scale, seed, framing, speed, paste_back],
-                outputs=video,
+                outputs=[live, video],
                 api_name="generate",
+                concurrency_limit=1,
+                concurrency_id="render",
+            )
+            go_on.click(
+                self.continue_render,
+                inputs=pending,
+                outputs=[live, video],
+                api_name="continue",
                 concurrency_limit=1,
                 concurrency_id="render",
             )
@@ -249,7 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(error)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     remove_abandoned(args.output_dir)  # videos a killed app was writing
-    demo = WebApp(generator, args.output_dir).build()
+    shutil.rmtree(args.output_dir / LIVE_FOLDER, ignore_errors=True)  # and their live segments
+    app = WebApp(generator, args.output_dir)
+    if not app.streaming:
+        logger.warning(
+            "web app: videos show when they are done; to watch them grow in the page, install FFmpeg so that "
+            "ffmpeg and ffprobe are on PATH (Gradio streams video through them), e.g. apt-get install ffmpeg"
+        )
+    demo = app.build()
     try:
         with stop_on_signals() as stopped:
             demo.queue().launch(

@@ -33,6 +33,7 @@ from memo.errors import UserError, as_path, check_runtimes
 from memo.io.audio import load_audio
 from memo.io.video import VideoInfo, check_output_folder, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
+from memo.progress import log_above_bars, work_bar
 from memo.settings.inference import InferenceConfig
 
 logger = logging.getLogger("memo")
@@ -187,9 +188,6 @@ def prepare_videos(
     missing optional runtime, before any model loads. A video that cannot be used is logged and listed in
     ``failures.jsonl``; the run goes on.
     """
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     input_dir = as_path(input_dir, "--input_dir")
     if not input_dir.is_dir():
         raise UserError(f"The input folder {input_dir} does not exist.")
@@ -212,7 +210,7 @@ def prepare_videos(
     done = failed = 0
     if todo:
         preparer = VideoPreparer(config)
-        with logging_redirect_tqdm(), tqdm(todo, desc="preparing", unit="video", dynamic_ncols=True) as bar:
+        with log_above_bars(), work_bar(todo, total=len(todo) + skipped, initial=skipped, desc="preparing") as bar:
             for video in bar:
                 video_id = ids[video]
                 result = attempt(preparer, video)

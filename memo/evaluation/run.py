@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from memo.errors import UserError
 from memo.evaluation import metrics as m
@@ -30,6 +29,7 @@ from memo.io.audio import AudioError, decode_audio
 from memo.io.partial import Partial, write_atomically
 from memo.io.video import probe_video
 from memo.models.syncnet import FPS
+from memo.progress import work_bar
 
 logger = logging.getLogger("memo")
 
@@ -205,7 +205,7 @@ def evaluate(
         fingerprints["face"] = models.fingerprint("face")
     result = Evaluation()
     pooled: dict[str, list[np.ndarray]] = {"gen_fid": [], "ref_fid": [], "gen_fvd": [], "ref_fvd": []}
-    for pair in tqdm(pairs, desc="evaluate", unit="video", disable=not progress):
+    for pair in work_bar(pairs, total=len(pairs), desc="evaluate", disable=not progress):
         scores, failed = _score_pair(pair, metrics, models, cache, fingerprints, pooled, result.problems)
         result.videos[pair.name] = scores
         result.unscored += failed
