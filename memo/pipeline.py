@@ -89,9 +89,9 @@ class MemoPipeline(DiffusionPipeline):
     ``memo.sampling.solvers.flow_scheduler``).
 
     What changes *where* or *how often* the computation runs attaches from outside, as diffusers does it:
-    hooks on the networks (``memo/runtime/memory.py``: the networks taking turns on the device, the
+    hooks on the networks (the memory modes' hooks: the networks taking turns on the device, the
     reference features and the temporal memory waiting on the host; ``memo/sampling/deep_cache.py``:
-    DeepCache-style reuse), the guider (``guider=``; ``memo/runtime/parallel.py`` runs its halves on two
+    DeepCache-style reuse), the guider (``guider=``; guidance-parallel's guider runs its halves on two
     processes), ``memory_factory`` (where a new temporal memory lives) and ``execution_device`` (where the
     networks compute when their weights wait elsewhere). See docs/architecture.md.
     """
@@ -551,7 +551,7 @@ class MemoPipeline(DiffusionPipeline):
         parallel = deprecated.get("parallel")
         if parallel is not None:
             warnings.warn(
-                "MemoPipeline(parallel=...) is deprecated: pass guider=parallel.guider(...) (memo.runtime.parallel).",
+                "MemoPipeline(parallel=...) is deprecated: pass guider=parallel.guider(...) (GuidanceParallel.guider).",
                 FutureWarning,
                 stacklevel=3,
             )

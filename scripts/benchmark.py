@@ -62,7 +62,7 @@ def synchronize(device: torch.device) -> None:
 
 PHASES = ("preprocessing (wav2vec2)", "reference net", "denoising steps", "VAE encode", "VAE decode")
 PHASE_METHODS = (
-    ("encode_frames", "VAE encode"),
+    ("vae.encode", "VAE encode"),
     ("decode_latents", "VAE decode"),
     ("reference_net.forward", "reference net"),
     ("diffusion_net.forward", "denoising steps"),
@@ -182,21 +182,27 @@ def generate(
     waveform = clip_waveform(args.clips * args.frames_per_clip, args.fps)
     with around("preprocessing (wav2vec2)"):
         features = audio(waveform, args.fps, args.frames_per_clip)
-    with around_phases(pipe, around):
-        pipe(
-            torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1,
-            torch.randn(1, 512),
-            features,
-            torch.zeros(len(features), dtype=torch.long),
-            num_frames=features.num_frames,
-            frames_per_clip=args.frames_per_clip,
-            guidance_scale=3.5,
-            seed=0,
-            vae_batch_size=vae_batch,
-            output_type=None,
-            parallel=parallel,
-            **speed.pipeline_kwargs(),
-        )
+    kwargs = speed.pipeline_kwargs(3.5)
+    if parallel is not None:
+        kwargs["guider"] = parallel.guider(kwargs["guider"])
+    euler = pipe.scheduler
+    pipe.scheduler = speed.scheduler(euler)
+    try:
+        with around_phases(pipe, around):
+            pipe(
+                torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1,
+                torch.randn(1, 512),
+                features,
+                torch.zeros(len(features), dtype=torch.long),
+                num_frames=features.num_frames,
+                frames_per_clip=args.frames_per_clip,
+                seed=0,
+                vae_batch_size=vae_batch,
+                output_type=None,
+                **kwargs,
+            )
+    finally:
+        pipe.scheduler = euler
 
 
 def run_timed(

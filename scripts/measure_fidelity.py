@@ -49,7 +49,8 @@ from memo.evaluation.run import score_frames
 from memo.io.audio import audio_from_samples
 from memo.io.video import VideoWriter
 from memo.pipeline import MemoPipeline
-from memo.sampling.speed import SpeedSettings, plan_steps, variants
+from memo.sampling.guidance import plan_steps
+from memo.sampling.speed import SpeedSettings, variants
 from memo.tiny.pack import write_tiny_pack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +242,8 @@ def evaluate(work: Path, pack: Path, checkpoint: Path, clips: int, steps: int, m
     def generate(model: Path, speed: SpeedSettings) -> np.ndarray:
         pipe = MemoPipeline.from_checkpoint(model, vae=pack / "vae")
         pipe.set_progress_bar_config(disable=True)
-        return pipe(**common, **speed.pipeline_kwargs()).frames.permute(1, 2, 3, 0).numpy()
+        pipe.scheduler = speed.scheduler(pipe.scheduler)
+        return pipe(**common, **speed.pipeline_kwargs(GUIDANCE)).frames.permute(1, 2, 3, 0).numpy()
 
     untrained = scores(generate(pack, speeds["exact"]), truth)
     results = {"untrained_vs_truth": untrained, "settings": {}}

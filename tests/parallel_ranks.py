@@ -14,6 +14,8 @@ from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import MemoPipeline
 from memo.runtime.parallel import GuidanceParallel
 from memo.runtime.placement import apply_offload
+from memo.sampling.guidance import ClassifierFreeGuidance
+from memo.sampling.solvers import flow_scheduler
 
 
 def compare(checkpoint: str, offload: str, steps: int, guidance_end: float, deep_cache_interval: int, solver: str):
@@ -27,18 +29,17 @@ def compare(checkpoint: str, offload: str, steps: int, guidance_end: float, deep
         frames_per_clip=FPC,
         past_frames=FPC,
         num_inference_steps=steps,
-        guidance_scale=3.5,
         seed=3,
-        guidance_window=(0.0, guidance_end),
         deep_cache_interval=deep_cache_interval,
-        solver=solver,
     )
+    pipe.scheduler = flow_scheduler(solver, pipe.scheduler)
+    guider = ClassifierFreeGuidance(3.5, 0.0, guidance_end)
     memory = TemporalMemory()
-    split = pipe(**args, memory=memory, parallel=parallel).frames
+    split = pipe(**args, memory=memory, guider=parallel.guider(guider)).frames
     if not parallel.is_main:
         return parallel, None
     alone_memory = TemporalMemory()
-    alone = pipe(**args, memory=alone_memory).frames
+    alone = pipe(**args, memory=alone_memory, guider=guider).frames
     half = {n: kv.shape[0] for n, (kv, _) in memory.states.items()}
     whole = {n: kv.shape[0] for n, (kv, _) in alone_memory.states.items()}
     return parallel, dict(

@@ -25,9 +25,9 @@ from memo.pipeline import MemoPipeline
 from memo.runtime.compilation import compile_enabled, compile_networks, compiled_graphs, use_inductor_cache
 
 
-def generate(pipe):
+def generate(pipe, **overrides):
     args = dict(make_inputs(clips=2), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=2, seed=11)
-    return pipe(**args, guidance_scale=3.5).frames
+    return pipe(**{**args, **overrides}, guidance_scale=3.5).frames
 
 
 @pytest.mark.slow
@@ -45,6 +45,34 @@ def test_networks_compile_whole_and_match_eager(tiny_checkpoint):
     assert compiled_graphs() == 4
     assert torch.equal(generate(pipe), compiled)
     assert compiled_graphs() == 4
+
+
+@pytest.mark.slow
+def test_the_deep_cache_passes_are_compiled_too(tiny_checkpoint):
+    """speed=fast's deep cache (a hook on the diffusion net) runs the net's two partial passes, not its
+    ``forward``: they are compiled as well, and give the eager frames."""
+    pipe = MemoPipeline.from_checkpoint(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    cached = dict(num_inference_steps=4, deep_cache_interval=2)
+    eager = generate(pipe, **cached)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_networks(pipe, backend="eager")
+    net = pipe.diffusion_net
+    calls = {name: 0 for name in ("forward_keeping_deep_features", "forward_outer_layers")}
+    for name in calls:
+        compiled_method = getattr(net, name)
+        assert hasattr(compiled_method, "_torchdynamo_orig_callable"), name  # torch.compile's wrapper
+
+        def counted(*args, _method=compiled_method, _name=name, **kwargs):
+            calls[_name] += 1
+            return _method(*args, **kwargs)
+
+        setattr(net, name, counted)
+    compiled = generate(pipe, **cached)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert all(count > 0 for count in calls.values()), calls
+    assert compiled_graphs() > 1
 
 
 @pytest.mark.parametrize(

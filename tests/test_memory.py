@@ -10,7 +10,7 @@ from test_pipeline import FPC, make_inputs
 
 from memo.bench.memory import MemoryCounter, fake_device, run_counted
 from memo.pipeline import MemoPipeline
-from memo.runtime.memory import HostTemporalMemory, new_memory
+from memo.runtime.memory import HostTemporalMemory, ReferenceFramesOnlyHook, ReferenceOnHostHook
 from memo.runtime.placement import apply_offload
 
 CPU = torch.device("cpu")
@@ -86,7 +86,7 @@ def test_memory_modes_give_the_video_of_none(tiny_checkpoint, none_video_float64
     products, which pick other kernels), and the random-weight tiny pack amplifies a float32 rounding step
     to several /255 (scripts/tiny_pack_sensitivity.py); float64's rounding stays far below float32 frames'."""
     pipe = load(tiny_checkpoint, offload, dtype=torch.float64)
-    memory = new_memory(pipe)
+    memory = pipe.memory_factory()
     assert isinstance(memory, HostTemporalMemory)
     video = pipe(**float64_inputs(2), frames_per_clip=FPC, memory=memory, **call()).frames
     assert len(memory) > 0 and all(kv.device == CPU and kv.dtype == torch.float64 for kv, _ in memory.states.values())
@@ -174,21 +174,24 @@ def test_networks_take_turns_on_an_accelerator_and_leave_after_each_video(tiny_c
     assert many.frames == 6 * FPC and many.peak_bytes <= 1.02 * one.peak_bytes
 
 
-def test_reference_frames_only_after_the_memory_step_give_the_same_frames(tiny_checkpoint, none_video, monkeypatch):
+def test_reference_frames_only_after_the_memory_step_give_the_same_frames(tiny_checkpoint, none_video):
     """offload=none on an accelerator keeps the reference features on the host until a clip's first step and
-    then only the reference frame's rows: on the CPU the same cut (forced on) gives bit-identical frames."""
-    import memo.runtime.memory as memory_module
+    then only the reference frame's rows (hooks on the reference and diffusion nets): on the CPU the same
+    hooks (installed by hand) give bit-identical frames."""
+    from diffusers.hooks import HookRegistry
 
-    monkeypatch.setattr(memory_module, "_features_wait_on_host", lambda pipe: True)
     pipe = load(tiny_checkpoint)
     cuts = []
-    cut = memory_module.reference_frames_only
 
-    def counted_cut(*args):
-        cuts.append(cut(*args))
-        return cuts[-1]
+    class CountedCut(ReferenceFramesOnlyHook):
+        def new_forward(self, module, sample, timestep, conditions):
+            output = super().new_forward(module, sample, timestep, conditions)
+            if conditions.update_memory:
+                cuts.append(conditions.reference)
+            return output
 
-    monkeypatch.setattr("memo.pipeline.reference_frames_only", counted_cut)
+    HookRegistry.check_if_exists_or_initialize(pipe.reference_net).register_hook(ReferenceOnHostHook(), "on_host")
+    HookRegistry.check_if_exists_or_initialize(pipe.diffusion_net).register_hook(CountedCut(CPU), "frames_only")
     video = pipe(**inputs(2), frames_per_clip=FPC, **call()).frames
     assert len(cuts) == 2 and all(f.shape[0] in (0, 2) for block in cuts[0].down for f in block)
     assert torch.equal(video, none_video)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memo.models.conditions import DiffusionConditions
 from memo.models.temporal_memory import MemoryLinearAttention, TemporalMemory
 
 FPC = 4  # small clips keep these runs fast; the networks take any clip length up to the positional table
@@ -128,7 +129,11 @@ def test_one_timestep_per_batch_item_equals_separate_calls(tiny_pipeline):
     latents = torch.randn(1 + FPC, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)
     with torch.no_grad():
         reference = reference_net(latents, 0.0, tokens.repeat_interleave(1 + FPC, 0))
-        both = net(sample, torch.tensor([1000.0, 500.5]), reference, tokens, audio, emotion, TemporalMemory(), True)
+        both = net(
+            sample,
+            torch.tensor([1000.0, 500.5]),
+            DiffusionConditions(reference, tokens, audio, emotion, TemporalMemory(), update_memory=True),
+        )
         for i, t in enumerate((1000.0, 500.5)):
             alone_reference = reference_net(
                 latents[i * (1 + FPC) : (i + 1) * (1 + FPC)], 0.0, tokens[i : i + 1].repeat(1 + FPC, 1, 1)
@@ -136,11 +141,13 @@ def test_one_timestep_per_batch_item_equals_separate_calls(tiny_pipeline):
             alone = net(
                 sample[i : i + 1],
                 t,
-                alone_reference,
-                tokens[i : i + 1],
-                audio[i : i + 1],
-                emotion[i : i + 1],
-                TemporalMemory(),
-                True,
+                DiffusionConditions(
+                    alone_reference,
+                    tokens[i : i + 1],
+                    audio[i : i + 1],
+                    emotion[i : i + 1],
+                    TemporalMemory(),
+                    update_memory=True,
+                ),
             )
             torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-4, atol=1e-5)

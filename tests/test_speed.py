@@ -20,11 +20,13 @@ from test_pipeline import FPC, make_inputs
 from memo.apps import cli
 from memo.apps.batch import ManifestError, load_jobs
 from memo.io.video import probe_video
+from memo.models.conditions import DiffusionConditions
 from memo.models.diffusion_net import DeepFeatures
 from memo.models.temporal_memory import TemporalMemory
 from memo.sampling.deep_cache import DeepFeatureCache
+from memo.sampling.guidance import ClassifierFreeGuidance, plan_steps
 from memo.sampling.solvers import flow_scheduler
-from memo.sampling.speed import SpeedSettings, plan_steps, preset
+from memo.sampling.speed import SpeedSettings, preset
 from memo.settings.inference import ConfigError, load_config
 
 STEPS = 4
@@ -64,9 +66,20 @@ def check_frames(frames):
     assert torch.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
 
 
+def run_speed(pipe, speed: SpeedSettings, **overrides):
+    """A call with ``speed`` as the generator makes it: the solver's scheduler swapped in, its guider and deep
+    cache interval passed."""
+    euler = pipe.scheduler
+    pipe.scheduler = speed.scheduler(euler)
+    try:
+        return run(pipe, **{**speed.pipeline_kwargs(3.5), **overrides})
+    finally:
+        pipe.scheduler = euler
+
+
 def test_exact_is_the_default_computation_bit_for_bit(tiny_pipeline):
     default = run(tiny_pipeline).frames
-    exact = run(tiny_pipeline, **preset("exact", STEPS).pipeline_kwargs()).frames
+    exact = run_speed(tiny_pipeline, preset("exact", STEPS)).frames
     assert torch.equal(default, exact)
     assert load_config(REPO / "configs" / "inference.yaml").speed_settings == preset("exact", 20)
 
@@ -75,14 +88,14 @@ def test_guidance_window_runs_the_conditional_pass_alone_outside_it(tiny_pipelin
     exact = run(tiny_pipeline).frames
     rows = FPC  # frames per clip: a batch of b items is b * FPC frame rows in the net
     with CallLog(tiny_pipeline) as log:
-        early = run(tiny_pipeline, guidance_window=(0.0, 0.5)).frames
+        early = run(tiny_pipeline, guider=ClassifierFreeGuidance(3.5, 0.0, 0.5)).frames
     assert log.calls["conv_in"] == [2 * rows, 2 * rows, rows, rows] * 2
     with CallLog(tiny_pipeline) as log:
-        late = run(tiny_pipeline, guidance_window=(0.5, 1.0)).frames
+        late = run(tiny_pipeline, guider=ClassifierFreeGuidance(3.5, 0.5, 1.0)).frames
     # Step 0 runs both halves even outside the window: it writes the memory both halves read later.
     assert log.calls["conv_in"] == [2 * rows, rows, 2 * rows, 2 * rows] * 2
     with CallLog(tiny_pipeline) as log:
-        never = run(tiny_pipeline, guidance_window=(0.0, 0.0)).frames
+        never = run(tiny_pipeline, guider=ClassifierFreeGuidance(3.5, 0.0, 0.0)).frames
     assert log.calls["conv_in"] == [rows] * STEPS * 2 and log.calls["reference_net"] == [1 + FPC] * 2
     unguided = run(tiny_pipeline, guidance_scale=1.0).frames
     for frames in (early, late, never):
@@ -110,24 +123,25 @@ def test_shallow_step_on_its_own_features_equals_the_whole_step(tiny_pipeline):
     tokens = pipe.image_proj(torch.randn(2, 512, generator=g))
     reference = ref(torch.randn(2 * (1 + FPC), 4, 8, 8, generator=g), 0.0, tokens.repeat(1 + FPC, 1, 1))
     audio = pipe.audio_proj(torch.randn(2, FPC, 5, 2, 16, generator=g))
-    args = (torch.randn(2, 4, FPC, 8, 8, generator=g), 700.0, reference, tokens, audio, torch.tensor([9, 3]))
-    drop = torch.tensor([True, False])
+    sample = torch.randn(2, 4, FPC, 8, 8, generator=g)
+    drop = (True, False)
     with torch.no_grad():
         memory = TemporalMemory()
-        plain = net(*args, memory, update_memory=True, drop_reference=drop)
+        conditions = DiffusionConditions(reference, tokens, audio, torch.tensor([9, 3]), memory, drop_reference=drop)
+        plain = net(sample, 700.0, conditions.with_update(True))
         cache = DeepFeatureCache()
-        whole, deep = net(*args, memory, update_memory=False, drop_reference=drop, keep_deep_features=2)
+        whole, deep = net.forward_keeping_deep_features(sample, 700.0, conditions, 2)
         cache.store(deep, 2)
-        again = net(*args, memory, update_memory=False, drop_reference=drop)
-        shallow = net(*args, memory, update_memory=False, drop_reference=drop, deep_features=cache.load(2))
+        again = net(sample, 700.0, conditions)
+        shallow = net.forward_outer_layers(sample, 700.0, conditions, cache.load(2))
     assert torch.equal(whole, again)  # keeping the features does not change the whole step
     torch.testing.assert_close(shallow, whole, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, whole)  # the memory, written by the first call, is only read after it
     with pytest.raises(RuntimeError, match="holds a batch of 1"):
         cache.store(DeepFeatures(deep.hidden[:FPC], deep.audio[:FPC], 2), 1)
         cache.load(2)
-    with pytest.raises(ValueError, match="neither updates the memory"):
-        net(*args, memory, update_memory=True, drop_reference=drop, deep_features=deep)
+    with pytest.raises(ValueError, match="cannot update the memory"):
+        net.forward_outer_layers(sample, 700.0, conditions.with_update(True), deep)
 
 
 def test_plan_steps():
@@ -184,7 +198,7 @@ def test_fast_preset_computes_fewer_steps_and_stays_finite(tiny_pipeline):
     fast = preset("fast", 10)
     assert fast == SpeedSettings("unipc", 4, (0.0, 0.25), 2)
     with CallLog(tiny_pipeline) as log:
-        frames = run(tiny_pipeline, **fast.pipeline_kwargs()).frames
+        frames = run_speed(tiny_pipeline, fast).frames
     check_frames(frames)
     rows = FPC
     assert log.calls["conv_in"] == [2 * rows, rows, rows, rows] * 2
@@ -218,19 +232,23 @@ def test_counted_flops_match_a_whole_pipeline_call(tiny_pipeline):
     # Exact, and a plan with each kind of step: guided and alone, whole and shallow (deep cache every 2).
     for speed in (preset("exact", 2), SpeedSettings("unipc", 4, (0.0, 0.5), 2)):
         with FlopCounterMode(display=False) as counter:
-            run(tiny_pipeline, audio_features=make_inputs()["audio_features"][:FPC], **speed.pipeline_kwargs())
+            run_speed(tiny_pipeline, speed, audio_features=make_inputs()["audio_features"][:FPC])
         counted = clip_flops(tiny_pipeline, speed, 64, 64, frames_per_clip=FPC, past_frames=FPC)
         assert abs(counted.total - counter.get_total_flops()) / counted.total < 0.01
 
 
 def test_pipeline_rejects_bad_speed_arguments(tiny_pipeline):
-    for kwargs, message in (
-        (dict(solver="heun"), "solver must be one of euler, unipc"),
-        (dict(guidance_window=(0.6, 0.2)), "guidance_window must be"),
-        (dict(deep_cache_interval=0), "deep_cache_interval must be"),
+    with pytest.raises(ValueError, match="Unknown solver 'heun'"):
+        flow_scheduler("heun", tiny_pipeline.scheduler)
+    with pytest.raises(ValueError, match="guidance window must satisfy"):
+        ClassifierFreeGuidance(3.5, 0.6, 0.2)
+    with pytest.raises(ValueError, match="deep_cache_interval must be"):
+        run(tiny_pipeline, deep_cache_interval=0)
+    with (
+        pytest.warns(FutureWarning, match="solver=...\\) is deprecated"),
+        pytest.raises(ValueError, match="solver must be"),
     ):
-        with pytest.raises(ValueError, match=message):
-            run(tiny_pipeline, **kwargs)
+        run(tiny_pipeline, solver="heun")  # the older call form still checks and warns
 
 
 def test_settings_validate_with_clear_errors():

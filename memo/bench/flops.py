@@ -17,11 +17,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.models.conditions import DiffusionConditions
 from memo.models.temporal_memory import TemporalMemory
-from memo.pipeline import ClipState, MemoPipeline
-from memo.sampling.deep_cache import DeepFeatureCache
-from memo.sampling.guidance import ClipConditions
-from memo.sampling.speed import SpeedSettings, StepPlan, plan_steps
+from memo.pipeline import MemoPipeline
+from memo.sampling.conditioning import encode_frames
+from memo.sampling.deep_cache import apply_deep_cache
+from memo.sampling.guidance import ClassifierFreeGuidance, StepPlan, plan_steps
+from memo.sampling.speed import SpeedSettings
 
 
 def _count(fn) -> tuple[int, object]:
@@ -84,7 +86,9 @@ def clip_flops(
     def make(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype)
 
-    encode, _ = _count(lambda: pipe.encode_frames(make(1 + past_frames, 3, height, width, dtype=pipe.vae.dtype), 64))
+    encode, _ = _count(
+        lambda: encode_frames(pipe.vae, make(1 + past_frames, 3, height, width, dtype=pipe.vae.dtype), 64, device)
+    )
     decode, _ = _count(lambda: pipe.decode_latents(make(frames_per_clip, 4, h, w, dtype=pipe.vae.dtype), 64))
     audio_window = make(1, frames_per_clip, audio_proj.seq_len, audio_proj.blocks, audio_proj.channels)
     projections, audio_tokens = _count(lambda: pipe.audio_proj(audio_window))
@@ -96,32 +100,28 @@ def clip_flops(
     audio = audio_tokens.repeat(batch, 1, 1, 1).to(dtype)
     emotion = torch.zeros(batch, dtype=torch.long, device=device)
     drop = (True, False) if batch == 2 else None
-    state = ClipState(
-        index=1,
-        latents=make(1, 4, frames_per_clip, h, w),
-        conditions=ClipConditions(reference, image_tokens, audio, emotion, TemporalMemory(), drop),
-        deep_cache=DeepFeatureCache() if speed.deep_cache_interval > 1 else None,
-    )
+    conditions = DiffusionConditions(reference, image_tokens, audio, emotion, TemporalMemory(), drop)
+    guider = ClassifierFreeGuidance(guidance_scale, *speed.guidance_window)
+    latents = make(1, 4, frames_per_clip, h, w)
+    net = pipe.diffusion_net
     kinds: dict[tuple[bool, bool, bool], int] = {}
 
     def step(todo: StepPlan, update: bool) -> int:
-        """The FLOPs of one step of this kind, counted at its first occurrence (with the pipeline's own call)."""
+        """The FLOPs of one step of this kind, counted at its first occurrence (with the guider's own call and
+        the deep-cache hook choosing the pass, as in the pipeline)."""
         key = (todo.batched, todo.whole, update)
         if key not in kinds:
-            conditions = state.conditions_for(todo.batched)
-            kinds[key], _ = _count(
-                lambda: pipe.predict_noise(
-                    state.latents,
-                    500.0,
-                    conditions,
-                    update_memory=update,
-                    whole=todo.whole,
-                    deep_cache=state.deep_cache,
-                )
-            )
+            kinds[key], _ = _count(lambda: guider.predict(net, latents, 500.0, conditions.with_update(update), todo))
         return kinds[key]
 
-    denoising = sum(step(todo, update=index == 0) for index, todo in enumerate(plan))
+    hook = apply_deep_cache(net)
+    hook.configure([todo.whole for todo in plan], lambda: current)
+    try:
+        denoising = 0
+        for current, todo in enumerate(plan):
+            denoising += step(todo, update=current == 0)
+    finally:
+        hook.configure(None)
     return ClipFlops(encode, decode, projections, reference_flops, denoising, frames_per_clip)
 
 

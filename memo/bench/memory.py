@@ -229,7 +229,7 @@ def labelled(
 ) -> Iterator[None]:
     """Label the pipeline's allocations while it runs: VAE calls, the reference net's output, the temporal
     memory's states; record the device peak of each diffusion-net call (reset before each)."""
-    encode, decode = pipe.encode_frames, pipe.decode_latents
+    encode, decode = pipe.vae.encode, pipe.decode_latents
     absorb = TemporalMemory.absorb
     reference_forward = pipe.reference_net.forward
     net_forward = pipe.diffusion_net.forward
@@ -261,7 +261,7 @@ def labelled(
             step_moved.append(counter.to_device + counter.to_host - moved)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(pipe, "encode_frames", in_vae(encode)))
+        stack.enter_context(mock.patch.object(pipe.vae, "encode", in_vae(encode)))
         stack.enter_context(mock.patch.object(pipe, "decode_latents", in_vae(decode)))
         stack.enter_context(mock.patch.object(TemporalMemory, "absorb", counted_absorb))
         stack.enter_context(mock.patch.object(pipe.reference_net, "forward", counted_reference))

@@ -23,6 +23,8 @@ import torch
 logger = logging.getLogger("memo")
 
 COMPILED_NETWORKS = ("reference_net", "diffusion_net")
+COMPILED_METHODS = {"diffusion_net": ("forward", "forward_keeping_deep_features", "forward_outer_layers")}
+"""The methods compiled per network where not only ``forward``: the diffusion net's deep-cache passes too."""
 DEFAULT_CACHE_DIR = Path("~/.cache/memo/torchinductor").expanduser()
 _COMPILE_METRIC = "_compile.compile_inner"  # torch._dynamo's timer around tracing + inductor codegen of one graph
 
@@ -53,9 +55,11 @@ def use_inductor_cache(directory: str | os.PathLike | None = None) -> Path:
 
 
 def compile_networks(pipe: torch.nn.Module | object, mode: str | None = None, backend: str = "inductor") -> None:
-    """Compile the ``forward`` of ``pipe.reference_net`` and ``pipe.diffusion_net`` in place, whole-graph.
+    """Compile the ``forward`` of ``pipe.reference_net`` and ``pipe.diffusion_net`` in place, whole-graph, and the
+    diffusion net's two deep-cache passes (``forward_keeping_deep_features``, ``forward_outer_layers``, which the
+    deep-cache hook calls on the steps of ``speed=fast``).
 
-    Only ``forward`` is replaced, so the modules keep their type, weights and state-dict keys, and offload
+    Only these methods are replaced, so the modules keep their type, weights and state-dict keys, and offload
     hooks added afterwards (``offload=model``) wrap the compiled forward. ``mode`` is passed to
     :func:`torch.compile` (None: inductor's default; ``"max-autotune-no-cudagraphs"`` tunes matmul and
     convolution kernels at a much longer compile); ``backend`` too (the tests use ``"eager"``: the same
@@ -63,7 +67,10 @@ def compile_networks(pipe: torch.nn.Module | object, mode: str | None = None, ba
     """
     for name in COMPILED_NETWORKS:
         network = getattr(pipe, name)
-        network.forward = torch.compile(network.forward, fullgraph=True, mode=mode, backend=backend)
+        for method in COMPILED_METHODS.get(name, ("forward",)):
+            setattr(
+                network, method, torch.compile(getattr(network, method), fullgraph=True, mode=mode, backend=backend)
+            )
 
 
 def compile_seconds() -> float:

@@ -26,6 +26,7 @@ peer after :data:`COLLECTIVE_TIMEOUT`) as a :class:`ParallelError`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -126,6 +127,9 @@ class GuidanceParallel:
                 dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
             except (RuntimeError, ValueError) as error:
                 raise ParallelError(f"parallel=guidance could not connect the two processes: {error}") from error
+        # Left at interpreter teardown (a process stopping on an error), gloo's process group can abort the
+        # process ("terminate called without an active exception", exit -6) instead of exiting with its status.
+        atexit.register(self.close)
 
     @property
     def is_main(self) -> bool:
