@@ -145,3 +145,21 @@ def test_vae_tiles_only_above_the_tile_size(tiny_checkpoint):
     assert (tiled - whole).abs().mean() < 0.1  # blended tiles of the same decoder, not another picture
     pipe.use_vae_tiles(0)
     assert torch.equal(pipe.decode_latents(latents, 2), whole)
+
+
+@pytest.mark.slow
+def test_model_offload_keeps_the_deep_cache_from_one_call_to_the_next(tiny_checkpoint):
+    """diffusers' pipelines take accelerate's offload hooks off and put them back after every call; the deep
+    cache's hook, installed by the first call, must still run in the second (same frames as offload=none)."""
+    args = dict(make_inputs(clips=1), frames_per_clip=FPC, past_frames=FPC, num_inference_steps=2, seed=7)
+    args = {k: v.to(torch.float64) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
+
+    def twice(offload: str) -> list[torch.Tensor]:
+        pipe = load(tiny_checkpoint)
+        apply_offload(pipe, offload, CPU)
+        return [pipe(**args, guidance_scale=3.5, deep_cache_interval=2).frames for _ in range(2)]
+
+    plain, offloaded = twice("none"), twice("model")
+    assert torch.equal(plain[0], plain[1])
+    for frames in offloaded:
+        torch.testing.assert_close(frames, plain[0], rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -114,10 +115,19 @@ class DeepCacheHook(ModelHook):
 
 
 def apply_deep_cache(network: nn.Module, outer_layers: int = 2) -> DeepCacheHook:
-    """The deep-cache hook of the diffusion net ``network``, installed (inactive) if it has none yet."""
+    """The deep-cache hook of the diffusion net ``network``, installed (inactive) if it has none yet.
+
+    Installed under accelerate's model-offload hook when the net has one (``offload=model``): that hook is
+    taken off and put back around this one, as diffusers' pipelines remove and re-add it after every call
+    (``maybe_free_model_hooks``), which would otherwise drop a hook registered outside it."""
     registry = HookRegistry.check_if_exists_or_initialize(network)
     hook = registry.get_hook(HOOK_NAME)
     if hook is None:
         hook = DeepCacheHook(outer_layers)
+        offload = getattr(network, "_hf_hook", None)
+        if offload is not None:
+            remove_hook_from_module(network)
         registry.register_hook(hook, HOOK_NAME)
+        if offload is not None:
+            add_hook_to_module(network, offload)
     return hook
