@@ -158,8 +158,7 @@ def main() -> None:
     print(
         f"  kill -9 worst case (replay share as measured here): replay {worst_replay:.0f} s + snapshot read "
         f"{write_seconds:.0f} s = {(worst_replay + write_seconds) / interval:.1%} of one interval rendered, less after;"
-        " 
-        "a handled signal: the snapshot read only"
+        " a handled signal: the snapshot read only"
     )
 
 
