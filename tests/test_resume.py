@@ -1,5 +1,5 @@
-"""Exact resume (issue 27): the pipeline taken up at a clip from its saved state gives the frames an
-uninterrupted call gives, bit for bit; the job fingerprint, the state's round trip and the playlist's text."""
+"""Exact resume (issue 27) in process: the pipeline taken up at a clip from its saved state gives the frames an
+uninterrupted call gives, bit for bit, from a snapshot of the memory or by replaying every clip's update."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from test_pipeline import FPC, make_inputs
 from memo.pipeline import ResumeState
 
 CLIPS = 4
+
+pytestmark = pytest.mark.slow  # five 4-clip renders (tests/test_job_state.py holds the fast checks)
 
 
 def render(pipe, **overrides):
