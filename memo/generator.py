@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+import memo
 from memo.conditions.audio_features import AudioFeatures
 from memo.conditions.emotion import audio_emotion_labels, forced_emotion_labels, frame_emotion_labels
 from memo.conditions.face import Face, face_embedding
@@ -29,9 +32,11 @@ from memo.constants import DTYPES, EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
 from memo.io.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.io.image import load_image
-from memo.io.video import CheckedOutput, VideoWriter, probe_video
+from memo.io.job_state import ClipRecord, JobState
+from memo.io.segments import SegmentWriter, assemble, encode_sound, write_playlist
+from memo.io.video import CheckedOutput, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
-from memo.pipeline import MemoPipeline
+from memo.pipeline import MemoPipeline, ResumeState
 from memo.progress import VideoProgress
 from memo.runtime.compilation import (
     compile_enabled,
@@ -50,7 +55,7 @@ from memo.runtime.placement import (
     module_bytes,
 )
 from memo.sampling.deep_cache import apply_deep_cache
-from memo.settings.inference import ConfigError, InferenceConfig, check_names, validate
+from memo.settings.inference import JOB_NEUTRAL_SETTINGS, ConfigError, InferenceConfig, check_names, validate
 
 logger = logging.getLogger("memo")
 
@@ -106,6 +111,41 @@ class PreparedAudio:
     @property
     def seconds(self) -> float:
         return self.waveform.shape[0] / SAMPLE_RATE
+
+
+@dataclass
+class SavedProgress:
+    """The progress a stopped render of a job left (``MemoGenerator.saved_progress``): clips done of all,
+    seconds of video they hold, seconds of rendering they took, and the folder they are in."""
+
+    clips_done: int
+    video_seconds: float
+    render_seconds: float
+    folder: Path
+
+
+def clock(seconds: float) -> str:
+    """A video time as ``mm:ss.s`` (``h:mm:ss.s`` from an hour)."""
+    minutes, rest = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" if hours else f"{minutes:02d}:{rest:04.1f}"
+
+
+def duration(seconds: float) -> str:
+    """A length of time in words: ``2 h 10 min``, ``3 min 5 s``, ``12 s``."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def content_hash(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 class MemoGenerator:
@@ -271,6 +311,47 @@ class MemoGenerator:
             source=source, waveform=waveform, features=features, emotion_labels=labels, emotion=summary
         )
 
+    def job_fingerprint(self, photo: Image.Image, source: DecodedAudio, seed: int, emotion: str | None) -> dict:
+        """What makes a render the same job: the portrait's pixels, the audio's decoded samples, the seed, the
+        emotion asked for and every setting but :data:`memo.settings.inference.JOB_NEUTRAL_SETTINGS`."""
+        settings = {
+            key: str(value)
+            for key, value in dataclasses.asdict(self.config).items()
+            if key not in JOB_NEUTRAL_SETTINGS and key != "seed"
+        }
+        samples = source.samples
+        return {
+            "version": memo.__version__,
+            "image": content_hash(photo.mode.encode(), repr(photo.size).encode(), photo.tobytes()),
+            "audio": content_hash(str(source.rate).encode(), str(samples.shape).encode(), samples.tobytes()),
+            "seed": str(seed),
+            "emotion": str((emotion or self.config.emotion).lower()),
+            **settings,
+        }
+
+    def saved_progress(
+        self,
+        image_path: str | os.PathLike,
+        audio_path: str | os.PathLike,
+        output_path: str | os.PathLike,
+        *,
+        seed: int | None = None,
+        emotion: str | None = None,
+    ) -> SavedProgress | None:
+        """The progress a stopped render of this job into ``output_path`` left, or None when there is none for
+        this job (none at all, or another job's, which the next :meth:`generate` discards). Reads the inputs,
+        runs no model."""
+        seed = self.config.seed if seed is None else seed
+        fingerprint = self.job_fingerprint(load_image(image_path), decode_audio(audio_path), seed, emotion)
+        state = JobState(output_path, fingerprint)
+        if not state.matches():
+            return None
+        done = state.done_clips()
+        if not done:
+            return None
+        frames = done * self.config.num_generated_frames_per_clip
+        return SavedProgress(done, frames / self.config.fps, state.seconds_kept(done), state.folder)
+
     def render(
         self,
         image: PreparedImage,
@@ -279,19 +360,116 @@ class MemoGenerator:
         seed: int,
         overwrite: bool,
         progress: Progress | None = None,
+        *,
+        resume: bool = True,
+        emotion: str | None = None,
     ) -> Path:
-        """Generate the frames clip by clip and stream them into the mp4, with ``audio.source`` as its sound; with
-        ``paste_back`` each frame is pasted into the photo on its way to the writer (:meth:`paste_plan`)."""
-        width, height = self.config.size
+        """Generate the frames clip by clip, each clip encoded into a segment of the job's progress folder
+        (:mod:`memo.io.job_state`) with ``audio.source`` as its sound, then the mp4 assembled from them; with
+        ``paste_back`` each frame is pasted into the photo on its way to the encoder (:meth:`paste_plan`).
+
+        With ``resume``, progress saved by a stopped render of the same job is taken up (the video is the one
+        an uninterrupted render gives); else, or when the job differs, it is discarded, with one line saying so.
+        """
+        config = self.config
+        width, height = config.size
         paste = self.paste_plan(image)
         if paste is not None:
             width, height = paste.size
-        with VideoWriter(
-            output_path, self.config.fps, width, height, audio=audio.source, overwrite=overwrite, crf=self.config.crf
-        ) as writer:
-            on_clip = writer.write if paste is None else paste.streaming(writer.write)
-            self.render_clips(image, audio, seed, on_clip, progress)
+        fpc = config.num_generated_frames_per_clip
+        clips = len(audio.features) // fpc
+        rate = Fraction(config.fps).limit_denominator(1001)
+        photo = image.photo if image.photo is not None else image.framed
+        fingerprint = self.job_fingerprint(photo, audio.source, seed, emotion)
+        with JobState(output_path, fingerprint).open(resume) as state:
+            if state.discarded:
+                logger.info("resume: saved progress of %s discarded: %s; starting over", output_path, state.discarded)
+            done = state.done_clips()
+            resume_from = self._resume_state(state, done, clips)
+            if done:
+                logger.info(
+                    "resuming at %s, clip %d of %d; %s of rendering kept",
+                    clock(done * fpc / config.fps),
+                    done + 1 if done < clips else clips,
+                    clips,
+                    duration(state.seconds_kept(done)),
+                )
+            if not state.sound.is_file():
+                encode_sound(audio.source, Fraction(audio.features.num_frames) / rate, state.sound)
+            durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.fps for clip in range(clips)]
+            write_playlist(state.folder, durations[:done])
+            logger.info("preview: %s grows clip by clip (VLC, mpv, ffplay and Safari play it)", state.playlist)
+            if done < clips:
+                self._render_segments(
+                    state, image, audio, seed, paste, (width, height), rate, durations, resume_from, progress
+                )
+            write_playlist(state.folder, durations, ended=True)
+            assemble([state.segment(clip) for clip in range(clips)], state.sound, output_path, overwrite)
+            state.remove()
         return output_path
+
+    def _resume_state(self, state: JobState, done: int, clips: int) -> ResumeState | None:
+        """What the pipeline needs to take up the job at clip ``done`` from ``state``; None at clip 0."""
+        if done == 0 or done >= clips:
+            return None
+        memory_clip, memory = state.load_memory()
+        if memory_clip > done:
+            memory_clip, memory = -1, None
+        take_up = ResumeState(clip=done, latents={}, memory=memory, memory_clip=memory_clip)
+        take_up.latents = {clip: state.load_clip(clip).latents for clip in take_up.needed_latents()}
+        take_up.noise_state = state.load_clip(done - 1).noise_state
+        if any(latents is None for latents in take_up.latents.values()):
+            raise RuntimeError(f"The saved progress in {state.folder} lacks a clip's latents; rerun with --restart.")
+        return take_up
+
+    def _render_segments(self, state, image, audio, seed, paste, size, rate, durations, resume_from, progress) -> None:
+        """The clip loop of :meth:`render`: each clip's frames into its segment, then its record, the playlist,
+        and every ``resume_snapshot_minutes`` the temporal memory; a handled signal saves the memory on the
+        way out when it is whole."""
+        config = self.config
+        fpc = config.num_generated_frames_per_clip
+        writer: SegmentWriter | None = None
+        snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
+        last_snapshot = clip_start = time.perf_counter()
+        snapshots = self.parallel is None  # each rank of parallel=guidance holds half the memory: replayed instead
+
+        def write(frames) -> None:
+            nonlocal writer
+            if writer is None:
+                clip = state.done_clips()
+                writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.crf, state.sound)
+            writer.write(frames)
+
+        def save_memory(pipe, clip: int) -> None:
+            nonlocal snapshot_clip, last_snapshot
+            started = time.perf_counter()
+            state.save_memory(clip, pipe.temporal_memory.states)
+            snapshot_clip, last_snapshot = clip, time.perf_counter()
+            logger.debug("resume: memory through clip %d saved in %.1f s", clip + 1, last_snapshot - started)
+
+        def clip_end(pipe, clip: int) -> None:
+            nonlocal writer, clip_start
+            writer.publish()
+            writer = None
+            noise = pipe.noise_generator.get_state() if pipe.noise_generator is not None else None
+            now = time.perf_counter()
+            state.save_clip(clip, ClipRecord(pipe.clip_latents, noise, now - clip_start))
+            clip_start = now
+            write_playlist(state.folder, durations[: clip + 1])
+            if snapshots and now - last_snapshot >= 60 * config.resume_snapshot_minutes:
+                save_memory(pipe, clip)
+
+        on_clip = write if paste is None else paste.streaming(write)
+        try:
+            self.render_clips(image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end)
+        except KeyboardInterrupt:
+            held = self.pipeline.memory_clip
+            if snapshots and held is not None and held > snapshot_clip:
+                save_memory(self.pipeline, held)
+            raise
+        finally:
+            if writer is not None:
+                writer.discard()
 
     def paste_plan(self, image: PreparedImage) -> PasteBack | None:
         """With ``paste_back``, the plan that puts each generated frame back into ``image``'s photo
@@ -318,10 +496,15 @@ class MemoGenerator:
         seed: int,
         on_clip: Callable[[torch.Tensor], None],
         progress: Progress | None = None,
+        *,
+        resume_from: ResumeState | None = None,
+        on_clip_end: Callable[[MemoPipeline, int], None] | None = None,
     ) -> None:
         """Generate the frames clip by clip, handing each clip's frames (3, n, H, W) in [0, 1], on the CPU, to
         ``on_clip``; the clips together last exactly as long as the audio. An exception raised by ``progress``
-        (called after every step) stops generation."""
+        (called after every step) stops generation. ``resume_from`` takes the video up at a later clip
+        (:class:`memo.pipeline.ResumeState`); ``on_clip_end(pipeline, clip)`` is called after ``on_clip``, with
+        the clip's resume state on the pipeline."""
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
@@ -343,8 +526,15 @@ class MemoGenerator:
             config.fps,
             config.num_generated_frames_per_clip,
             speed.steps,
+            start_frame=0 if resume_from is None else resume_from.clip * config.num_generated_frames_per_clip,
             bar=self.progress_bar,
         )
+
+        def clip_end(pipe, clip, frames):
+            on_clip(frames)
+            meter.clip_done(frames.shape[1])
+            if on_clip_end is not None:
+                on_clip_end(pipe, clip)
 
         def on_step(pipe, clip, step, t, tensors):
             meter.step(step)
@@ -375,8 +565,9 @@ class MemoGenerator:
                     vae_batch_size=config.vae_batch_size,
                     vae_tile_size=config.vae_tile_size,
                     output_type=None,
-                    callback_on_clip_end=on_clip_end,
+                    callback_on_clip_end=clip_end,
                     callback_on_step_end=on_step,
+                    resume_from=resume_from,
                     **call,
                 )
         except torch.OutOfMemoryError as error:
@@ -393,15 +584,35 @@ class MemoGenerator:
                 compiled_graphs() - graphs_before,
             )
 
+    def _render_parallel(self, image, audio, output_path, seed, overwrite, progress, resume, emotion) -> None:
+        """Rank 0 of ``parallel=guidance``: :meth:`render`, with the prepared conditions and the resume state
+        handed to rank 1 once the progress folder is open."""
+        shared = (image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed)
+        resume_state = self._resume_state
+
+        def share_then_take_up(state, done, clips):
+            take_up = resume_state(state, done, clips)
+            if take_up is not None:  # the memory snapshot is not used here: each rank replays its own half
+                take_up = ResumeState(done, {c: state.load_clip(c).latents for c in range(done)}, None, -1)
+                take_up.noise_state = state.load_clip(done - 1).noise_state
+            self.parallel.share((*shared, take_up))
+            return take_up
+
+        self._resume_state = share_then_take_up
+        try:
+            self.render(image, audio, output_path, seed, overwrite, progress, resume=resume, emotion=emotion)
+        finally:
+            del self._resume_state
+
     def _generate_other_half(self, output_path: Path, progress: Progress | None) -> Path:
         """Rank 1 of ``parallel=guidance``: rank 0's prepared conditions in, this half computed, nothing written."""
         job = self.parallel.share(None)
         if isinstance(job, ParallelError):
             raise job
-        reference, embedding, features, labels, seed = job
+        reference, embedding, features, labels, seed, resume_from = job
         image = PreparedImage(reference=reference, face_embedding=embedding, face=None, framed=None)
         audio = PreparedAudio(source=None, waveform=None, features=features, emotion_labels=labels, emotion="")
-        self.render_clips(image, audio, seed, lambda frames: None, progress)
+        self.render_clips(image, audio, seed, lambda frames: None, progress, resume_from=resume_from)
         return output_path
 
     def out_of_memory_advice(self, width: int, height: int) -> str:
@@ -450,13 +661,16 @@ class MemoGenerator:
         progress: Progress | None = None,
         portrait: Image.Image | None = None,
         sound: DecodedAudio | None = None,
+        resume: bool = True,
     ) -> Path:
         """Render ``image_path`` speaking ``audio_path`` into ``output_path`` (an mp4); returns the path.
 
         Nothing is written when an input is bad, and an existing output is kept unless ``overwrite``. A caller
         that has checked its inputs already passes what it found, which is then trusted: ``output_path`` as a
         :class:`~memo.io.video.CheckedOutput`, ``portrait`` (``load_image(image_path)``) and ``sound``
-        (``decode_audio(audio_path)``).
+        (``decode_audio(audio_path)``). A render that stops keeps its progress beside the output
+        (:mod:`memo.io.job_state`); with ``resume`` the next call for the same job takes it up
+        (:meth:`saved_progress` tells whether there is some), without it starts over.
 
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
@@ -482,8 +696,9 @@ class MemoGenerator:
             raise
         seed = self.config.seed if seed is None else seed
         if self.parallel is not None:
-            self.parallel.share((image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed))
-        self.render(image, audio, output_path, seed, overwrite, progress)
+            self._render_parallel(image, audio, output_path, seed, overwrite, progress, resume, emotion)
+        else:
+            self.render(image, audio, output_path, seed, overwrite, progress, resume=resume, emotion=emotion)
         info = probe_video(output_path)
         logger.info(
             "output: %s, %d frames, %.2f s at %g fps, %dx%d, in %.1f s",

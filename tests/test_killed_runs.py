@@ -22,6 +22,7 @@ import pytest
 import soundfile
 from conftest import REPO
 
+from memo.io.job_state import state_folder
 from memo.io.partial import PARTIAL_PATTERN, Partial, remove_abandoned, write_atomically
 from memo.io.video import VideoWriter, probe_video
 
@@ -147,14 +148,16 @@ def start(pack: Path, audio: Path, output_dir: Path) -> subprocess.Popen:
 
 
 def wait_for_partial(process: subprocess.Popen, folder: Path, name: str) -> Path:
+    """Wait until the render of ``name`` into ``folder`` has finished its first clip; returns its progress folder
+    (memo.io.job_state: the video is made there, segment by segment, and remuxed onto ``name`` at the end)."""
+    progress = state_folder(folder / name)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        found = [path for path in folder.glob(f".{name}.*.partial.mp4")] if folder.is_dir() else []
-        if found:
-            return found[0]
+        if (progress / "clip-00000.pt").exists():
+            return progress
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.1)
-    raise AssertionError(f"no partial of {name} appeared in {folder}")
+    raise AssertionError(f"no finished clip of {name} appeared in {progress}")
 
 
 def speech(folder: Path, name: str, seconds: float) -> Path:
@@ -165,46 +168,50 @@ def speech(folder: Path, name: str, seconds: float) -> Path:
 
 @pytest.mark.e2e
 def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
-    """A (SIGTERM) and C (SIGHUP) remove their partials and say so; B (kill -9) leaves one, which C, the next
-    run into the folder, removes; D, run while C writes, leaves C's partial alone."""
+    """A (SIGTERM) and C (SIGHUP) say in one line where their progress is kept; B (kill -9) keeps its progress
+    too (memo.io.job_state; tests/test_resume_e2e.py resumes them); D, run while C renders, leaves C's alone,
+    and a second run into C's output is refused while C holds it."""
     out = tmp_path / "out"
     names = {key: f"portrait_{key}.mp4" for key in "abcd"}
     audio = {key: speech(tmp_path, f"{key}.wav", {"c": 8.0, "d": 0.4}.get(key, 3.0)) for key in "abcd"}
     a, b = start(pack, audio["a"], out), start(pack, audio["b"], out)
     wait_for_partial(a, out, names["a"])
     a.send_signal(signal.SIGTERM)
-    left = wait_for_partial(b, out, names["b"])
+    kept = wait_for_partial(b, out, names["b"])
     b.kill()
     _, a_log = a.communicate(timeout=120)
     b.wait(timeout=120)
     assert a.returncode == 143, a_log
-    assert "stopped by SIGTERM; no output was written.\n" in a_log, a_log
+    assert (
+        f"stopped by SIGTERM; no output was written; the progress is kept in {state_folder(out / names['a'])}" in a_log
+    )
     assert "Traceback" not in a_log and not (out / names["a"]).exists()
-    assert b.returncode == -signal.SIGKILL and left.exists()
-    assert partials(out) == [left.name]
+    assert b.returncode == -signal.SIGKILL and kept.is_dir() and not (out / names["b"]).exists()
+    assert partials(out) == []  # the mp4 is only written (remuxed) once every clip is done
 
-    c = start(pack, audio["c"], out)  # the next run into the folder: removes B's partial as it starts writing
+    c = start(pack, audio["c"], out)
     running = wait_for_partial(c, out, names["c"])
-    assert not left.exists()
-    c.send_signal(signal.SIGSTOP)  # C stays a live job mid-write however fast D is (C could finish first)
-    d = start(pack, audio["d"], out)  # one more while C writes: C's partial is a running job's
+    c.send_signal(signal.SIGSTOP)  # C stays a live job mid-render however fast D is (C could finish first)
+    d = start(pack, audio["d"], out)  # one more while C renders
     _, d_log = d.communicate(timeout=900)
     assert d.returncode == 0, d_log
-    assert running.exists() and c.poll() is None and "removed" not in d_log, d_log  # C's partial untouched
+    assert running.is_dir() and c.poll() is None and "removed" not in d_log, d_log  # C's progress untouched
     assert probe_video(out / names["d"]).num_frames == 12
+    twin = start(pack, audio["c"], out)  # the same output as C, which holds its progress folder
+    _, twin_log = twin.communicate(timeout=900)
+    assert twin.returncode == 2 and f"Another run is rendering {out / names['c']}" in twin_log, twin_log
     c.send_signal(signal.SIGHUP)
     c.send_signal(signal.SIGCONT)
     _, c_log = c.communicate(timeout=120)
     assert c.returncode == 129, c_log
-    assert f"removed 1 partial file(s) left in {out} by runs that were killed: {left.name}" in c_log
-    assert "stopped by SIGHUP; no output was written.\n" in c_log, c_log  # after a tqdm bar, on its line
-    assert sorted(os.listdir(out)) == [names["d"]]
+    assert "stopped by SIGHUP; no output was written; the progress is kept in" in c_log, c_log
+    assert sorted(os.listdir(out)) == sorted([names["d"], *(state_folder(out / names[k]).name for k in "abc")])
 
 
 @pytest.mark.e2e
-def test_batch_terminated_mid_job_keeps_nothing_of_it(pack, tmp_path):
+def test_batch_terminated_mid_job_resumes_it(pack, tmp_path):
     """The batch runner had no handler at all (a traceback on Ctrl-C); now SIGTERM is one line, exit 143, and
-    the job being rendered leaves nothing, so a rerun renders it afresh."""
+    the job being rendered keeps its progress, which a rerun takes up (memo.io.job_state)."""
     speech(tmp_path, "talk.wav", 3.0)
     manifest = tmp_path / "jobs.csv"
     manifest.write_text(f"image,audio\n{EXAMPLE_IMAGE},talk.wav\n")
@@ -212,9 +219,13 @@ def test_batch_terminated_mid_job_keeps_nothing_of_it(pack, tmp_path):
     command = [sys.executable, str(REPO / "scripts" / "batch_inference.py"), "--manifest", str(manifest)]
     command += ["--output_dir", str(out), "--config", str(pack / "inference.yaml"), *FAST]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    wait_for_partial(process, out, "portrait_talk.mp4")
+    progress = wait_for_partial(process, out, "portrait_talk.mp4")
     process.send_signal(signal.SIGTERM)
     _, log = process.communicate(timeout=120)
     assert process.returncode == 143, log
     assert "stopped by SIGTERM; finished videos are kept" in log, log
-    assert "Traceback" not in log and not out.exists()  # the folder made for the video went with it
+    assert "Traceback" not in log and os.listdir(out) == [progress.name]
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert "resuming at 00:0" in again.stderr, again.stderr
+    assert probe_video(out / "portrait_talk.mp4").num_frames == 90 and not progress.exists()

@@ -1,5 +1,5 @@
-"""Exact resume (issue 27): the pipeline taken up at a clip from its saved state gives the frames an
-uninterrupted call gives, bit for bit; the job fingerprint, the state's round trip and the playlist's text."""
+"""Exact resume (issue 27) in process: the pipeline taken up at a clip from its saved state gives the frames an
+uninterrupted call gives, bit for bit, from a snapshot of the memory or by replaying every clip's update."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from test_pipeline import FPC, make_inputs
 from memo.pipeline import ResumeState
 
 CLIPS = 4
+
+pytestmark = pytest.mark.slow  # five 4-clip renders (tests/test_job_state.py holds the fast checks)
 
 
 def render(pipe, **overrides):
@@ -72,3 +74,28 @@ def test_a_memory_that_already_holds_the_clip_skips_its_update(tiny_pipeline):
 def test_a_state_that_lacks_latents_is_refused(tiny_pipeline):
     with pytest.raises(ValueError, match="resumable point"):
         render(tiny_pipeline, resume_from=ResumeState(clip=2, latents={}, memory=None, memory_clip=-1))
+
+
+def test_host_memory_and_deep_cache_resume_exactly(tiny_pipeline):
+    """offload=model/group's memory (on the host, :class:`HostTemporalMemory`) restored from a snapshot, with
+    speed=fast's feature cache and UniPC's multistep solver: the resumed clips equal the uninterrupted ones."""
+    from memo.runtime.memory import HostTemporalMemory
+    from memo.sampling.solvers import flow_scheduler
+
+    def setup(pipe):
+        pipe.memory_factory = lambda: HostTemporalMemory(torch.device("cpu"))
+        pipe.scheduler = flow_scheduler("unipc", pipe.scheduler)
+        return pipe
+
+    fast = dict(deep_cache_interval=2, num_inference_steps=3)
+    second = copy.deepcopy(tiny_pipeline)
+    whole = render(setup(tiny_pipeline), **fast)
+    state = ResumeState(
+        clip=3,
+        latents={c: whole[c]["latents"] for c in range(1, 3)},
+        memory=whole[1]["memory"],
+        memory_clip=1,
+        noise_state=whole[2]["noise"],
+    )
+    resumed = render(setup(second), resume_from=state, **fast)
+    assert torch.equal(resumed[0]["frames"], whole[3]["frames"])

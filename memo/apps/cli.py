@@ -103,6 +103,18 @@ def report_stop(stop: KeyboardInterrupt, after: str) -> int:
     return status
 
 
+def stop_note(output: Path | None) -> str:
+    """What a stopped render leaves: its progress, when it saved some, else nothing."""
+    from memo.io.job_state import state_folder
+
+    if output is not None and state_folder(output).is_dir():
+        return (
+            f"no output was written; the progress is kept in {state_folder(output)}: run the same command again "
+            "to continue (--restart starts over)."
+        )
+    return "no output was written."
+
+
 def output_name(image: Path, audio: Path) -> str:
     """``<image stem>_<audio stem>.mp4``, as the original release names its outputs."""
     return f"{image.stem}_{audio.stem}.mp4"
@@ -134,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed, the same as seed=N (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument(
+        "--restart", action="store_true", help="discard the progress a stopped render of this output saved"
+    )
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -204,7 +219,9 @@ def _run(args: argparse.Namespace) -> int:
 
         quiet_checks = False
         generator = MemoGenerator(config)
-        generator.generate(image, audio, output, overwrite=args.overwrite, portrait=portrait, sound=sound)
+        generator.generate(
+            image, audio, output, overwrite=args.overwrite, portrait=portrait, sound=sound, resume=not args.restart
+        )
         if args.tiny:
             logger.warning("--tiny: %s was made with RANDOM weights: it shows noise, not a person speaking.", output)
         return 0
@@ -218,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return report_error(error)
     except KeyboardInterrupt as stop:
-        return report_stop(stop, "no output was written.")
+        return report_stop(stop, stop_note(locals().get("output")))
 
 
 if __name__ == "__main__":

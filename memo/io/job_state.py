@@ -19,6 +19,7 @@ removed once the video is published.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,6 +34,18 @@ from memo.io.segments import PLAYLIST_NAME, SOUND_NAME, segment_name
 
 JOB_NAME = "job.json"
 MEMORY_NAME = "memory.pt"
+
+
+def _save(data: object, path: Path) -> None:
+    """``torch.save(data, path)``, a failed write raised as the ``OSError`` it is (torch raises a RuntimeError;
+    ENOSPC when the disk is full), so that it reads as the other writes' errors do."""
+    try:
+        torch.save(data, path)
+    except RuntimeError as error:
+        full = shutil.disk_usage(path.parent).free < 16 * 1024**2
+        raise OSError(
+            errno.ENOSPC if full else errno.EIO, os.strerror(errno.ENOSPC if full else errno.EIO), str(path)
+        ) from error
 
 
 class JobBusyError(UserError, RuntimeError):
@@ -169,7 +182,7 @@ class JobState:
     def save_clip(self, clip: int, record: ClipRecord) -> None:
         """Write clip ``clip``'s record (after its segment: a clip is done once both are there)."""
         with Partial(self.record_path(clip), suffix=".pt") as partial:
-            torch.save(
+            _save(
                 {"latents": record.latents, "noise_state": record.noise_state, "seconds": record.seconds}, partial.path
             )
             partial.publish()
@@ -189,7 +202,7 @@ class JobState:
         latents of the clips before it, which no replay needs any more."""
         with Partial(self.folder / MEMORY_NAME, suffix=".pt") as partial:
             host = {name: tuple(t.detach().to("cpu") for t in state) for name, state in states.items()}
-            torch.save({"clip": clip, "states": host}, partial.path)
+            _save({"clip": clip, "states": host}, partial.path)
             partial.publish()
         for earlier in range(clip - 1):  # the latents of the snapshot's clip and the one before may be needed
             path = self.record_path(earlier)

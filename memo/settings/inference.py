@@ -127,6 +127,10 @@ class InferenceConfig:
         choices=PARALLEL_CHOICES,
     )
 
+    resume_snapshot_minutes: float = setting(
+        10.0, "long renders: save the temporal memory for resuming every this many minutes (0: every clip)", minimum=0.0
+    )
+
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the video."""
@@ -140,6 +144,12 @@ class InferenceConfig:
     def _speed_values(self) -> dict:
         return {name: getattr(self, name) for name in SPEED_KEYS}
 
+
+JOB_NEUTRAL_SETTINGS = ("model_cache_dir", "resume_snapshot_minutes")
+"""The settings that change neither the frames nor the file's bytes: saved progress (``memo/io/job_state.py``)
+of a render is resumed across a change of these only. Every other setting is part of a job's fingerprint: the
+model and size settings, the speed settings, ``crf``, and also ``device``, ``weight_dtype``, ``offload``,
+``compile``, ``parallel`` and ``vae_batch_size``, which may move the rounding of a computation."""
 
 SPEED_KEYS = ("speed", "solver", "solver_steps", "guidance_start", "guidance_end", "deep_cache_interval")
 

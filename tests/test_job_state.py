@@ -1,0 +1,124 @@
+"""The pieces of exact resume that need no render (issue 27): a job's fingerprint and its first difference, the
+progress folder's records and memory snapshot read back, its lock, the playlist's text, a segment's sound."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from memo.io.audio import decode_audio
+from memo.io.job_state import ClipRecord, JobBusyError, JobState, first_difference, state_folder
+from memo.io.segments import SOUND_NAME, SegmentWriter, assemble, encode_sound, playlist_text, segment_name
+from memo.settings.inference import JOB_NEUTRAL_SETTINGS, InferenceConfig
+
+JOB = {"version": "0.1.0", "image": "ab", "audio": "cd", "seed": "42", "emotion": "auto", "resolution": "512"}
+
+
+def test_first_difference_names_the_setting_or_the_input():
+    assert first_difference(JOB, dict(JOB)) is None
+    assert first_difference(JOB, {**JOB, "seed": "7"}) == "seed differs (7, was 42)"
+    assert first_difference(JOB, {**JOB, "audio": "ef"}) == "the audio differs"
+    assert first_difference({**JOB, "crf": "18"}, JOB) == "crf differs (unset, was 18)"
+
+
+def test_only_the_neutral_settings_stay_out_of_the_fingerprint():
+    names = {field for field in InferenceConfig.__dataclass_fields__}
+    assert set(JOB_NEUTRAL_SETTINGS) <= names
+    assert {"crf", "offload", "speed", "seed", "paste_back"}.isdisjoint(JOB_NEUTRAL_SETTINGS)
+
+
+def test_records_and_memory_round_trip_and_a_snapshot_drops_older_latents(tmp_path):
+    state = JobState(tmp_path / "out.mp4", JOB).open()
+    try:
+        assert state.folder == state_folder(tmp_path / "out.mp4") == tmp_path / ".out.mp4.resume"
+        generator = torch.Generator().manual_seed(3)
+        for clip in range(4):
+            state.segment(clip).write_bytes(b"ts")
+            latents = torch.randn(1, 4, 2, 8, 8, generator=generator)
+            state.save_clip(clip, ClipRecord(latents, generator.get_state(), 1.5))
+        state.segment(5).write_bytes(b"ts")  # a segment without its record (clip 4 missing): not done
+        assert state.done_clips() == 4 and state.seconds_kept(4) == 6.0
+        back = state.load_clip(3)
+        assert back.latents.shape == (1, 4, 2, 8, 8) and torch.equal(back.noise_state, generator.get_state())
+        memory = {"down.0": (torch.ones(2, 2, 3, 3), torch.zeros(2, 2, 3))}
+        assert state.load_memory() == (-1, None)
+        state.save_memory(3, memory)
+        clip, states = state.load_memory()
+        assert clip == 3 and torch.equal(states["down.0"][0], memory["down.0"][0])
+        # replay from the snapshot of clip 3 reads clip 2's and 3's latents at most; the older ones are gone
+        assert [state.load_clip(c).latents is None for c in range(4)] == [True, True, False, False]
+    finally:
+        state.close()
+
+
+def test_another_job_or_a_restart_discards_and_a_held_folder_is_refused(tmp_path):
+    with JobState(tmp_path / "out.mp4", JOB).open() as state:
+        state.segment(0).write_bytes(b"ts")
+        holder = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                from memo.io.job_state import JobState, JobBusyError
+                try:
+                    JobState({str(tmp_path / 'out.mp4')!r}, {JOB!r}).open()
+                except JobBusyError as error:
+                    print(error)
+                """)],
+            capture_output=True, text=True, cwd=REPO, check=True,
+        )  # fmt: skip
+        assert "Another run is rendering" in holder.stdout
+    again = JobState(tmp_path / "out.mp4", {**JOB, "seed": "7"}).open()
+    assert again.discarded == "seed differs (7, was 42)" and not again.segment(0).exists()
+    again.close()
+    with JobState(tmp_path / "out.mp4", {**JOB, "seed": "7"}).open(resume=False) as restarted:
+        assert restarted.discarded == "--restart (resume=False)"
+    assert JobBusyError.__mro__[1].__name__ == "UserError"
+
+
+def test_the_playlist_is_an_hls_event_list_until_it_ends():
+    live = playlist_text([16 / 30, 16 / 30], ended=False)
+    assert live.splitlines()[:5] == [
+        "#EXTM3U",
+        "#EXT-X-VERSION:3",
+        "#EXT-X-TARGETDURATION:1",
+        "#EXT-X-MEDIA-SEQUENCE:0",
+        "#EXT-X-PLAYLIST-TYPE:EVENT",
+    ]
+    assert live.splitlines()[5:] == ["#EXTINF:0.533333,", "clip-00000.ts", "#EXTINF:0.533333,", "clip-00001.ts"]
+    ended = playlist_text([16 / 30], ended=True)
+    assert "#EXT-X-PLAYLIST-TYPE:VOD" in ended and ended.endswith("#EXT-X-ENDLIST\n")
+
+
+def test_segments_remux_into_the_frames_and_the_one_sound_track(tmp_path):
+    """Two 8-frame segments encoded on their own remux to the frames of both and the sound encoded once, and the
+    same frames give the same bytes (a resumed job's segments are an uninterrupted one's)."""
+    audio = decode_audio(REPO / "assets" / "examples" / "speech.wav")
+    rate = Fraction(30)
+    sound = encode_sound(audio, Fraction(16, 30), tmp_path / SOUND_NAME)
+    rng = np.random.default_rng(0)
+    frames = np.clip(np.cumsum(rng.integers(-4, 5, (16, 32, 32, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+    paths = []
+    for clip in range(2):
+        with SegmentWriter(tmp_path / segment_name(clip), clip * 8, rate, 32, 32, 18, sound) as writer:
+            writer.write(frames[clip * 8 : clip * 8 + 8])
+            paths.append(writer.publish())
+    with SegmentWriter(tmp_path / "again.ts", 8, rate, 32, 32, 18, sound) as writer:
+        writer.write(frames[8:])
+        assert writer.publish().read_bytes() == paths[1].read_bytes()
+    video = assemble(paths, sound, tmp_path / "out.mp4", overwrite=False)
+    with av.open(str(video)) as container:
+        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    with av.open(str(video)) as container:
+        track = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    with av.open(str(sound)) as container:
+        alone = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    assert decoded.shape == frames.shape and np.abs(decoded.astype(int) - frames).mean() < 8
+    assert np.array_equal(track, alone)
+    with pytest.raises(Exception, match="appeared"):  # an existing output is never replaced unasked
+        assemble(paths, sound, tmp_path / "out.mp4", overwrite=False)
