@@ -404,8 +404,19 @@ def test_batch_and_web_app_report_a_failing_job_with_the_same_message(pack, tmp_
         [result] = run_jobs(generator, [Job(2, image, audio, tmp_path / "batch" / "out.mp4")], process=0)
         assert result["status"] == "failed"
         with pytest.raises(gr.Error) as caught:
-            app.generate(
-                str(image), str(audio), "neutral", "64x64", 1, 1.0, 0, "crop", "exact", progress=lambda *a, **k: None
+            list(  # the handler yields the live segments, then the video
+                app.generate(
+                    str(image),
+                    str(audio),
+                    "neutral",
+                    "64x64",
+                    1,
+                    1.0,
+                    0,
+                    "crop",
+                    "exact",
+                    progress=lambda *a, **k: None,
+                )
             )
         assert caught.value.message == result["reason"]
         assert image.name in result["reason"]

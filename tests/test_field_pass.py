@@ -177,8 +177,10 @@ def test_the_web_app_refuses_non_finite_and_fractional_numbers(pack, tmp_path, c
     ]
     for steps, cfg_scale, seed, message in cases:
         with pytest.raises(gr.Error) as caught:
-            app.generate(
-                image, audio, "auto", "64x64", steps, cfg_scale, seed, "crop", "fast", progress=lambda *a, **k: None
+            list(  # the handler yields the live segments, then the video
+                app.generate(
+                    image, audio, "auto", "64x64", steps, cfg_scale, seed, "crop", "fast", progress=lambda *a, **k: None
+                )
             )
         assert message in caught.value.message
     assert "Traceback" not in caplog.text and "unexpected" not in caplog.text

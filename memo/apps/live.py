@@ -6,7 +6,8 @@ segments of at least ``min_seconds`` of video with their sound: ``on_segment(pat
 Interim, until ``MemoGenerator.generate(..., on_segment=...)`` exists (the segment store of issue 27, branch
 i27-resume): the segments are encoded here from the frames on their way to the mp4 (:class:`SegmentTap`), a
 second encode of the same frames. Once ``generate`` takes ``on_segment``, :func:`generate_watched` passes it on
-instead and the segments are the very pieces the final mp4 is assembled from.
+instead and joins the store's per-clip MPEG-TS segments into >= 2 s pieces (:class:`SegmentGroups`): the very
+pieces the final mp4 is assembled from.
 """
 
 from __future__ import annotations
@@ -86,6 +87,36 @@ class SegmentTap:
         return dataclasses.replace(self.audio, samples=self.audio.samples[:, first:last])
 
 
+class SegmentGroups:
+    """Joins consecutive MPEG-TS segments (one per clip, timestamps continuing from one to the next, as the segment
+    store writes them) into pieces of at least ``min_seconds`` for ``on_segment``, by putting their bytes one after
+    the other (a valid MPEG-TS stream: nothing is encoded again). :meth:`finish` hands out the rest."""
+
+    def __init__(self, folder: Path, on_segment: SegmentCallback, min_seconds: float = MIN_SEGMENT_SECONDS) -> None:
+        self.folder, self.on_segment, self.min_seconds = folder, on_segment, min_seconds
+        self.pending: list[tuple[Path, float, float]] = []
+        self.index = 0
+
+    def add(self, path: Path, index: int, start_s: float, duration_s: float) -> None:
+        self.pending.append((Path(path), start_s, duration_s))
+        if sum(duration for _, _, duration in self.pending) >= self.min_seconds - 1e-6:
+            self.finish()
+
+    def finish(self) -> None:
+        """Hand out the segments gathered so far as one piece (nothing when there are none)."""
+        if not self.pending:
+            return
+        joined = self.folder / f"live_{self.index:05d}.ts"
+        with joined.open("wb") as out:
+            for path, _, _ in self.pending:
+                out.write(path.read_bytes())
+        start = self.pending[0][1]
+        duration = sum(duration for _, _, duration in self.pending)
+        self.pending = []
+        self.on_segment(joined, self.index, start, duration)
+        self.index += 1
+
+
 def generate_watched(
     generator: MemoGenerator,
     image: str | os.PathLike,
@@ -102,7 +133,10 @@ def generate_watched(
     accepts = inspect.signature(generator.generate).parameters
     more = {"resume": resume} if "resume" in accepts else {}
     if "on_segment" in accepts:
-        return generator.generate(image, audio, output, progress=progress, on_segment=on_segment, **more)
+        groups = SegmentGroups(segments, on_segment)
+        result = generator.generate(image, audio, output, progress=progress, on_segment=groups.add, **more)
+        groups.finish()
+        return result
     watched = generator.with_settings()
 
     def render_tapped(

@@ -174,8 +174,14 @@ class WebApp:
             generator = self.generator.with_settings(**settings)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output = self.output_dir / f"{Path(image).stem}_{Path(audio).stem}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"
+        made = [folder for folder in (self.output_dir, *self.output_dir.parents) if not folder.exists()]
         job = self.jobs.start(Path(image), Path(audio), settings, output)
-        yield from self.render(generator, job, Path(image), Path(audio), progress)  # messages name the uploads
+        try:
+            yield from self.render(generator, job, Path(image), Path(audio), progress)  # messages name the uploads
+        finally:
+            for folder in (self.live_dir, self.jobs.folder, *made):  # a refused render leaves nothing behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def continue_render(
         self,
