@@ -110,15 +110,34 @@ def read_rows(manifest: Path) -> list[tuple[int, dict[str, Any]]]:
         raise ManifestError(f"Manifest {str(manifest)!r} {problem}.")
     suffix = manifest.suffix.lower()
     rows: list[tuple[int, dict[str, Any]]] = []
-    with io.StringIO(manifest_text(manifest), newline="") as file:
+    text = manifest_text(manifest)
+    if "\x00" in text:
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise ManifestError(
+            f"{manifest}, line {line}: holds a NUL character ('\\x00'), as UTF-16 or UTF-32 text without a "
+            "byte-order mark does; save it as UTF-8."
+        )
+    with io.StringIO(text, newline="") as file:
         if suffix == ".csv":
             delimiter = csv_delimiter(file.readline())
             file.seek(0)
-            reader = csv.DictReader(file, skipinitialspace=True, delimiter=delimiter)
-            for cells in reader:
-                if None in cells:
-                    raise ManifestError(f"{manifest}, line {reader.line_num}: more cells than the header has columns.")
-                rows.append((reader.line_num, {key.strip(): value.strip() for key, value in cells.items() if value}))
+            reader = csv.DictReader(file, skipinitialspace=True, delimiter=delimiter, strict=True)
+            try:
+                names = [name.strip() for name in reader.fieldnames or []]
+                twice = sorted({name for name in names if names.count(name) > 1})
+                if twice:
+                    raise ManifestError(f"{manifest}, line 1: column {twice[0]!r} is named twice in the header.")
+                for cells in reader:
+                    if None in cells:
+                        raise ManifestError(
+                            f"{manifest}, line {reader.line_num}: more cells than the header has columns."
+                        )
+                    rows.append(
+                        (reader.line_num, {key.strip(): value.strip() for key, value in cells.items() if value})
+                    )
+            except csv.Error as error:
+                why = "a quote is not closed" if "end of data" in str(error) else str(error)
+                raise ManifestError(f"{manifest}, line {reader.line_num + 1}: {why}.") from None
         elif suffix == ".jsonl":
             for line, text in enumerate(file, 1):
                 if not text.strip():
@@ -127,6 +146,8 @@ def read_rows(manifest: Path) -> list[tuple[int, dict[str, Any]]]:
                     cells = json.loads(text)
                 except json.JSONDecodeError as error:
                     raise ManifestError(f"{manifest}, line {line}: not valid JSON ({error}).") from None
+                except RecursionError:
+                    raise ManifestError(f"{manifest}, line {line}: JSON nested too deeply to be a job.") from None
                 if not isinstance(cells, dict):
                     raise ManifestError(f"{manifest}, line {line}: a job must be a JSON object.")
                 rows.append((line, {key: value for key, value in cells.items() if value not in (None, "")}))
@@ -163,9 +184,14 @@ def load_jobs(
                 else "is neither a file column nor a setting" + closest(key, [*FILE_COLUMNS, *sorted(settings_names)])
             )
             problems.append(f"{where}: column {key!r} {why}")
-        missing = [key for key in ("image", "audio") if not isinstance(cells.get(key), str)]
+        wrong = [key for key in FILE_COLUMNS if key in cells and not isinstance(cells[key], str)]
+        for key in wrong:
+            problems.append(f"{where}: {key} must be a path (text), got {json.dumps(cells[key])}")
+        missing = [key for key in ("image", "audio") if key not in cells]
         if missing:
             problems.append(f"{where}: no {' or '.join(missing)} path")
+        if wrong:
+            continue
         if unknown or missing:
             continue
         try:
@@ -186,6 +212,11 @@ def load_jobs(
                 problems.append(f"{where}: the {what} {shown} {problem}")
         name = Path(str(cells.get("output") or output_name(image, audio)))
         name = name if name.suffix.lower() == ".mp4" else name.with_name(name.name + ".mp4")
+        if name.is_absolute() or ".." in name.parts or name.drive:
+            problems.append(
+                f"{where}: output {str(name)!r} must be a name under the output folder (no absolute path, no '..')"
+            )
+            continue
         changed = {
             f.name: getattr(config, f.name)
             for f in dataclasses.fields(config)
