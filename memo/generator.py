@@ -541,10 +541,6 @@ class MemoGenerator:
             if progress is not None:
                 progress(meter.fraction, meter.text())
 
-        def on_clip_end(pipe, clip, frames):
-            on_clip(frames)
-            meter.clip_done(frames.shape[1])
-
         compile_before, graphs_before = compile_seconds(), compiled_graphs()
         self.pipeline.scheduler = speed.scheduler(self.euler)
         call = speed.pipeline_kwargs(config.cfg_scale)
