@@ -393,7 +393,7 @@ def fake_device() -> Iterator[None]:
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         stack.enter_context(mock.patch.object(torch.utils, "weakref", no_weakrefs))
         stack.enter_context(mock.patch.object(FakeTensor, "data", property(_tensor_data.__get__, _set_fake_data)))
-        stack.enter_context(mock.patch("memo.pipeline.clip_emotion", lambda labels: 0))
+        stack.enter_context(mock.patch("memo.sampling.conditioning.clip_emotion", lambda labels: 0))
         stack.enter_context(mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _cuda_attention))
         yield
 
