@@ -438,7 +438,7 @@ def test_the_pages_commands_are_found():
     readme = {command.text for command in shown_commands(REPO / "README.md")}
     assert any(text.startswith("uv run --extra gpu inference.py --input_image") for text in readme)
     assert any(text.startswith("uv run --extra cpu --extra dev pytest") for text in readme)
-    assert "uv run --extra cpu inference.py --tiny" in readme
+    assert any(text.startswith("uv run --extra cpu inference.py --tiny") for text in readme)
     every = [command for page in PAGES for command in shown_commands(page)]
     assert len(every) > 60
     assert {command.page for command in every} >= {"README.md", "docs/inference.md", "docs/finetuning.md"}
