@@ -75,6 +75,8 @@ LOAD_SETTINGS = frozenset(
 """Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
 Progress = Callable[[float, str], None]
+SegmentCallback = Callable[[Path, int, float, float], None]
+"""Called as ``on_segment(path, clip, start_s, duration_s)`` with a clip's finished segment."""
 """Called after every step with the share of the video done (0..1) and the progress text
 (:meth:`memo.progress.VideoProgress.text`: video time done / total, seconds per frame, time left)."""
 
@@ -363,6 +365,7 @@ class MemoGenerator:
         *,
         resume: bool = True,
         emotion: str | None = None,
+        on_segment: SegmentCallback | None = None,
     ) -> Path:
         """Generate the frames clip by clip, each clip encoded into a segment of the job's progress folder
         (:mod:`memo.io.job_state`) with ``audio.source`` as its sound, then the mp4 assembled from them; with
@@ -370,6 +373,9 @@ class MemoGenerator:
 
         With ``resume``, progress saved by a stopped render of the same job is taken up (the video is the one
         an uninterrupted render gives); else, or when the job differs, it is discarded, with one line saying so.
+        ``on_segment(path, clip, start_s, duration_s)`` is called with each clip's finished segment (MPEG-TS, H.264
+        and AAC, timestamps continuing), those kept from a stopped render first; the file is removed when the mp4
+        is published, so read it in the call.
         """
         config = self.config
         width, height = config.size
@@ -399,9 +405,22 @@ class MemoGenerator:
             durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.fps for clip in range(clips)]
             write_playlist(state.folder, durations[:done])
             logger.info("preview: %s grows clip by clip (VLC, mpv, ffplay and Safari play it)", state.playlist)
+            if on_segment is not None:
+                for clip in range(done):
+                    on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
             if done < clips:
                 self._render_segments(
-                    state, image, audio, seed, paste, (width, height), rate, durations, resume_from, progress
+                    state,
+                    image,
+                    audio,
+                    seed,
+                    paste,
+                    (width, height),
+                    rate,
+                    durations,
+                    resume_from,
+                    progress,
+                    on_segment,
                 )
             write_playlist(state.folder, durations, ended=True)
             assemble([state.segment(clip) for clip in range(clips)], state.sound, output_path, overwrite)
@@ -422,7 +441,9 @@ class MemoGenerator:
             raise RuntimeError(f"The saved progress in {state.folder} lacks a clip's latents; rerun with --restart.")
         return take_up
 
-    def _render_segments(self, state, image, audio, seed, paste, size, rate, durations, resume_from, progress) -> None:
+    def _render_segments(
+        self, state, image, audio, seed, paste, size, rate, durations, resume_from, progress, on_segment=None
+    ) -> None:
         """The clip loop of :meth:`render`: each clip's frames into its segment, then its record, the playlist,
         and every ``resume_snapshot_minutes`` the temporal memory; a handled signal saves the memory on the
         way out when it is whole."""
@@ -456,6 +477,8 @@ class MemoGenerator:
             state.save_clip(clip, ClipRecord(pipe.clip_latents, noise, now - clip_start))
             clip_start = now
             write_playlist(state.folder, durations[: clip + 1])
+            if on_segment is not None:
+                on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
             if snapshots and now - last_snapshot >= 60 * config.resume_snapshot_minutes:
                 save_memory(pipe, clip)
 
@@ -580,7 +603,9 @@ class MemoGenerator:
                 compiled_graphs() - graphs_before,
             )
 
-    def _render_parallel(self, image, audio, output_path, seed, overwrite, progress, resume, emotion) -> None:
+    def _render_parallel(
+        self, image, audio, output_path, seed, overwrite, progress, resume, emotion, on_segment=None
+    ) -> None:
         """Rank 0 of ``parallel=guidance``: :meth:`render`, with the prepared conditions and the resume state
         handed to rank 1 once the progress folder is open."""
         shared = (image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed)
@@ -596,7 +621,17 @@ class MemoGenerator:
 
         self._resume_state = share_then_take_up
         try:
-            self.render(image, audio, output_path, seed, overwrite, progress, resume=resume, emotion=emotion)
+            self.render(
+                image,
+                audio,
+                output_path,
+                seed,
+                overwrite,
+                progress,
+                resume=resume,
+                emotion=emotion,
+                on_segment=on_segment,
+            )
         finally:
             del self._resume_state
 
@@ -658,6 +693,7 @@ class MemoGenerator:
         portrait: Image.Image | None = None,
         sound: DecodedAudio | None = None,
         resume: bool = True,
+        on_segment: SegmentCallback | None = None,
     ) -> Path:
         """Render ``image_path`` speaking ``audio_path`` into ``output_path`` (an mp4); returns the path.
 
@@ -666,7 +702,8 @@ class MemoGenerator:
         :class:`~memo.io.video.CheckedOutput`, ``portrait`` (``load_image(image_path)``) and ``sound``
         (``decode_audio(audio_path)``). A render that stops keeps its progress beside the output
         (:mod:`memo.io.job_state`); with ``resume`` the next call for the same job takes it up
-        (:meth:`saved_progress` tells whether there is some), without it starts over.
+        (:meth:`saved_progress` tells whether there is some), without it starts over. ``on_segment`` gets each
+        clip's finished segment as the render goes (:meth:`render`), for a live view.
 
         With ``parallel=guidance`` every process calls this with the same arguments: rank 0 reads the inputs
         and writes the video, rank 1 receives the prepared conditions and computes its half.
@@ -692,9 +729,19 @@ class MemoGenerator:
             raise
         seed = self.config.seed if seed is None else seed
         if self.parallel is not None:
-            self._render_parallel(image, audio, output_path, seed, overwrite, progress, resume, emotion)
+            self._render_parallel(image, audio, output_path, seed, overwrite, progress, resume, emotion, on_segment)
         else:
-            self.render(image, audio, output_path, seed, overwrite, progress, resume=resume, emotion=emotion)
+            self.render(
+                image,
+                audio,
+                output_path,
+                seed,
+                overwrite,
+                progress,
+                resume=resume,
+                emotion=emotion,
+                on_segment=on_segment,
+            )
         info = probe_video(output_path)
         logger.info(
             "output: %s, %d frames, %.2f s at %g fps, %dx%d, in %.1f s",
