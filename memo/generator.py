@@ -45,7 +45,7 @@ from memo.runtime.compilation import (
     compiled_graphs,
     use_inductor_cache,
 )
-from memo.runtime.memory import apply_memory_plan, out_of_memory_advice, release_networks
+from memo.runtime.memory import apply_memory_plan, out_of_memory_advice
 from memo.runtime.parallel import GuidanceParallel, ParallelError, select_rank_device
 from memo.runtime.placement import (
     apply_offload,
@@ -594,8 +594,6 @@ class MemoGenerator:
                 f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
                 f"offload={self.offload}. {self.out_of_memory_advice(width, height)}"
             ) from error
-        finally:
-            release_networks(self.pipeline)  # the device memory comes back between videos
         if self.compiled and compile_seconds() > compile_before:
             logger.info(
                 "generate: %.1f s of it compiling the networks (%d graphs)",

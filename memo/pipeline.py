@@ -305,7 +305,8 @@ class MemoPipeline(DiffusionPipeline):
                 (3, n, H, W) in [0, 1], cut to ``num_frames``. The state a resume needs is on the pipeline then:
                 ``clip_latents`` (the clip's denoised latents, on the CPU), ``noise_generator`` (its state is
                 the next clip's noise), ``temporal_memory`` and ``memory_clip`` (the last clip whose past
-                frames it holds; None while an update is under way, when the memory is not a usable snapshot).
+                frames it holds; None while an update is under way, when the memory is not a usable snapshot),
+                all dropped when the call returns.
             callback_on_step_end: called as ``f(pipeline, clip_index, step, timestep, tensors)`` with
                 ``tensors = {"latents": ..., "noise_pred": ...}`` (noise_pred before guidance); it may return
                 ``{"latents": ...}`` to replace the latents.
@@ -346,107 +347,108 @@ class MemoPipeline(DiffusionPipeline):
         if deep_cache_interval > 1:
             apply_deep_cache(self.diffusion_net).configure([todo.whole for todo in plan], lambda: self._current_step)
 
-        # 2. Encode the conditions that hold for the whole video: identity tokens, the reference image.
-        image_tokens = encode_image_tokens(self, face_embedding, any(todo.batched for todo in plan), device)
-        reference_image = reference_image.to(device, self.vae.dtype)
-        memory = memory if memory is not None else self.memory_factory()
-        memory.reset()
-        self.temporal_memory, self.memory_clip, self.noise_generator = memory, -1, generator
-        height, width = reference_image.shape[-2:]
-        latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
-        latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        kept: list[torch.Tensor] = []
-        history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
-        first, holds = 0, -1  # the first clip to render; the last clip whose past frames the memory holds
-        if resume_from is not None:
-            first, holds = resume_from.clip, resume_from.memory_clip
-            history = self._take_up(
-                resume_from,
-                memory,
-                history,
-                reference_image=reference_image,
-                image_tokens=image_tokens,
-                audio_features=audio_features,
-                emotion_labels=emotion_labels,
-                frames_per_clip=frames_per_clip,
-                past_frames=past_frames,
-                guider=guider,
-                plan=plan,
-                scheduler=scheduler,
-                num_inference_steps=num_inference_steps,
-                latent_shape=latent_shape,
-                vae_batch_size=vae_batch_size,
-                device=device,
-            )
-            if generator is not None and resume_from.noise_state is not None:
-                generator.set_state(resume_from.noise_state)
-        progress = tqdm(
-            total=num_clips * num_inference_steps,
-            initial=first * num_inference_steps,
-            unit="step",
-            **getattr(self, "_progress_bar_config", {}),
-        )
         try:
-            for clip in range(first, num_clips):
-                progress.set_description(f"clip {clip + 1}/{num_clips}")
-                window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
-
-                # 3. Encode the clip's conditions: reference features (image + past frames), audio, emotion.
-                conditions = encode_clip_conditions(
-                    self,
+            # 2. Encode the conditions that hold for the whole video: identity tokens, the reference image.
+            image_tokens = encode_image_tokens(self, face_embedding, any(todo.batched for todo in plan), device)
+            reference_image = reference_image.to(device, self.vae.dtype)
+            memory = memory if memory is not None else self.memory_factory()
+            memory.reset()
+            self.temporal_memory, self.memory_clip, self.noise_generator = memory, -1, generator
+            height, width = reference_image.shape[-2:]
+            latent_shape = (1, self.diffusion_net.config.in_channels, frames_per_clip)
+            latent_shape += (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            kept: list[torch.Tensor] = []
+            history = reference_image.repeat(initial_past_frames or past_frames, 1, 1, 1)
+            first, holds = 0, -1  # the first clip to render; the last clip whose past frames the memory holds
+            if resume_from is not None:
+                first, holds = resume_from.clip, resume_from.memory_clip
+                history = self._take_up(
+                    resume_from,
+                    memory,
+                    history,
                     reference_image=reference_image,
-                    past=history[-past_frames:],
                     image_tokens=image_tokens,
-                    audio=audio_features[window],
-                    emotion_labels=emotion_labels[window],
-                    memory=memory,
+                    audio_features=audio_features,
+                    emotion_labels=emotion_labels,
+                    frames_per_clip=frames_per_clip,
+                    past_frames=past_frames,
+                    guider=guider,
+                    plan=plan,
+                    scheduler=scheduler,
+                    num_inference_steps=num_inference_steps,
+                    latent_shape=latent_shape,
                     vae_batch_size=vae_batch_size,
                     device=device,
                 )
+                if generator is not None and resume_from.noise_state is not None:
+                    generator.set_state(resume_from.noise_state)
+            with tqdm(
+                total=num_clips * num_inference_steps,
+                initial=first * num_inference_steps,
+                unit="step",
+                **getattr(self, "_progress_bar_config", {}),
+            ) as progress:
+                for clip in range(first, num_clips):
+                    progress.set_description(f"clip {clip + 1}/{num_clips}")
+                    window = slice(clip * frames_per_clip, (clip + 1) * frames_per_clip)
 
-                # 4. Prepare the clip's initial noise.
-                clip_latents = self.prepare_latents(
-                    shape=latent_shape, latents=None if latents is None else latents[clip], generator=generator
-                )
-
-                # 5. Denoise: the first step also folds the past frames into the temporal memory.
-                scheduler.set_timesteps(num_inference_steps, device=device)
-                scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
-                for step, t in enumerate(scheduler.timesteps):
-                    self._current_step = step
-                    todo = plan[step]
-                    update = step == 0 and holds < clip
-                    if update:
-                        self.memory_clip = None  # half updated until the step returns
-                    noise_pred = guider.predict(
-                        self.diffusion_net, clip_latents, t, conditions.with_update(update), todo
+                    # 3. Encode the clip's conditions: reference features (image + past frames), audio, emotion.
+                    conditions = encode_clip_conditions(
+                        self,
+                        reference_image=reference_image,
+                        past=history[-past_frames:],
+                        image_tokens=image_tokens,
+                        audio=audio_features[window],
+                        emotion_labels=emotion_labels[window],
+                        memory=memory,
+                        vae_batch_size=vae_batch_size,
+                        device=device,
                     )
-                    if update:
-                        self.memory_clip = holds = clip
-                    velocity = guider.combine(noise_pred, todo)
-                    clip_latents = scheduler.step(velocity, t, clip_latents, return_dict=False)[0]
-                    if callback_on_step_end is not None:
-                        tensors = {"latents": clip_latents, "noise_pred": noise_pred}
-                        replaced = callback_on_step_end(self, clip, step, t, tensors) or {}
-                        clip_latents = replaced.get("latents", clip_latents)
-                    progress.update()
-                del conditions  # the reference features, before the decoder's memory is needed
-                self._reset_stateful_hooks()
 
-                # 6. Decode, hand the clip out, and keep its last frames as the next clip's past.
-                frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
-                history = frames * 2 - 1
-                self.clip_latents = clip_latents.cpu()
-                visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
-                clip_video = visible.transpose(0, 1).cpu()
-                if callback_on_clip_end is not None:
-                    callback_on_clip_end(self, clip, clip_video)
-                if output_type is not None:
-                    kept.append(clip_video)
+                    # 4. Prepare the clip's initial noise.
+                    clip_latents = self.prepare_latents(
+                        shape=latent_shape, latents=None if latents is None else latents[clip], generator=generator
+                    )
+
+                    # 5. Denoise: the first step also folds the past frames into the temporal memory.
+                    scheduler.set_timesteps(num_inference_steps, device=device)
+                    scheduler.set_begin_index(0)  # else its first step finds its index with a host synchronisation
+                    for step, t in enumerate(scheduler.timesteps):
+                        self._current_step = step
+                        todo = plan[step]
+                        update = step == 0 and holds < clip
+                        if update:
+                            self.memory_clip = None  # half updated until the step returns
+                        noise_pred = guider.predict(
+                            self.diffusion_net, clip_latents, t, conditions.with_update(update), todo
+                        )
+                        if update:
+                            self.memory_clip = holds = clip
+                        velocity = guider.combine(noise_pred, todo)
+                        clip_latents = scheduler.step(velocity, t, clip_latents, return_dict=False)[0]
+                        if callback_on_step_end is not None:
+                            tensors = {"latents": clip_latents, "noise_pred": noise_pred}
+                            replaced = callback_on_step_end(self, clip, step, t, tensors) or {}
+                            clip_latents = replaced.get("latents", clip_latents)
+                        progress.update()
+                    del conditions  # the reference features, before the decoder's memory is needed
+                    self._reset_stateful_hooks()
+
+                    # 6. Decode, hand the clip out, and keep its last frames as the next clip's past.
+                    frames = self.decode_latents(clip_latents[0].transpose(0, 1), vae_batch_size)  # (F, 3, H, W)
+                    history = frames * 2 - 1
+                    self.clip_latents = clip_latents.cpu()
+                    visible = frames[: max(0, min(frames_per_clip, num_frames - clip * frames_per_clip))]
+                    clip_video = visible.transpose(0, 1).cpu()
+                    if callback_on_clip_end is not None:
+                        callback_on_clip_end(self, clip, clip_video)
+                    if output_type is not None:
+                        kept.append(clip_video)
         finally:
-            progress.close()
             if deep_cache_interval > 1:
                 apply_deep_cache(self.diffusion_net).configure(None)
+            # the call's state goes with the call, so the memory and the networks leave the device
+            self.temporal_memory, self.clip_latents, self.noise_generator = None, None, None
             self.maybe_free_model_hooks()
 
         if output_type is None:
@@ -511,6 +513,14 @@ class MemoPipeline(DiffusionPipeline):
             del conditions
             self._reset_stateful_hooks()
         return past_of(state.clip)
+
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' end of a call, with every network's stateful hooks reset (those a memory plan installed
+        send the networks back to the host, so each video gives its device memory back)."""
+        for component in self.components.values():
+            if isinstance(component, torch.nn.Module):
+                HookRegistry.check_if_exists_or_initialize(component).reset_stateful_hooks()
+        super().maybe_free_model_hooks()
 
     def _reset_stateful_hooks(self) -> None:
         """Let the diffusion net's stateful hooks (the deep-feature cache) drop what they hold for the clip."""

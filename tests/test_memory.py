@@ -150,7 +150,7 @@ def test_networks_take_turns_on_an_accelerator_and_leave_after_each_video(tiny_c
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from memo.bench.memory import _all_weights
-    from memo.runtime.memory import TURNS
+    from memo.runtime.memory import NETWORK_NAMES
     from memo.runtime.placement import module_bytes
 
     cuda = torch.device("cuda", 0)
@@ -167,7 +167,7 @@ def test_networks_take_turns_on_an_accelerator_and_leave_after_each_video(tiny_c
             again = run_counted(pipe, counter, inputs(1), frames_per_clip=FPC, **call())
         assert counter.device_bytes() == left
         many = run_counted(pipe, MemoryCounter(cuda), inputs(6), frames_per_clip=FPC, **call())
-    every = module_bytes(*(getattr(pipe, name) for name in dict.fromkeys(n for p in TURNS.values() for n in p)))
+    every = module_bytes(*(getattr(pipe, name) for name in NETWORK_NAMES))
     assert one.peak_split["weights"] < every
     assert one.to_device_bytes >= every  # each network came in at least once
     assert again.peak_bytes <= 1.02 * one.peak_bytes

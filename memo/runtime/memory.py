@@ -193,7 +193,10 @@ class NetworkTurns:
 
 
 class NetworkTurnHook(ModelHook):
-    """Brings its network to the device (:meth:`NetworkTurns.bring`) before the module it is on runs."""
+    """Brings its network to the device (:meth:`NetworkTurns.bring`) before the module it is on runs; its
+    reset (a stateful hook's, at the end of a pipeline call) sends every network back to the host."""
+
+    _is_stateful = True
 
     def __init__(self, turns: NetworkTurns, name: str):
         super().__init__()
@@ -202,6 +205,10 @@ class NetworkTurnHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         self.turns.bring(self.name)
         return args, kwargs
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.turns.release()
+        return module
 
 
 class ReferenceOnHostHook(ModelHook):
