@@ -47,7 +47,7 @@ from memo.evaluation import metrics
 from memo.evaluation.models import MetricModels
 from memo.evaluation.run import score_frames
 from memo.io.audio import audio_from_samples
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 from memo.pipeline import MemoPipeline
 from memo.sampling.guidance import plan_steps
 from memo.sampling.speed import SpeedSettings, variants

@@ -39,7 +39,7 @@ from memo.bench.memory import SD_VAE_CONFIG
 from memo.conditions.framing import crop_box
 from memo.conditions.paste_back import PasteBack, output_size
 from memo.constants import DTYPES
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO / "assets" / "examples" / "speech.wav"

@@ -5,7 +5,7 @@
 
 Measured, all in one process on the same device (named in the output), the smallest of ``--repeat`` runs each:
 
-- the baseline: the clips rendered straight into one mp4 (:class:`memo.io.video.VideoWriter`, no progress kept);
+- the baseline: the clips rendered straight into one mp4 (:class:`memo.io.video_writer.VideoWriter`, no progress kept);
 - a render as every render now goes (segments, a record per clip, the playlist, the mp4 remuxed; no memory
   snapshot in so short a run), and its overhead over the baseline;
 - the same with a memory snapshot after every clip (``resume_snapshot_minutes=0``): the cost of one snapshot;
@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from memo.generator import MemoGenerator
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 from memo.pipeline import MemoPipeline
 from memo.settings.inference import load_config
 from memo.tiny.pack import cached_tiny_pack

@@ -19,7 +19,7 @@ from test_field_inputs import speech_clip
 from test_finetune import make_prepared_data, needs_decord, tiny_config
 
 from memo.apps import cli
-from memo.io import audio, image, video
+from memo.io import audio, image, video, video_writer
 from memo.io.video import probe_video
 
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
@@ -106,6 +106,6 @@ def test_a_checked_output_is_written_without_a_second_check(tmp_path, monkeypatc
     checked = video.CheckedOutput.check(target, overwrite)
     counts = collections.Counter()
     count_calls(monkeypatch, counts, "checked", (video, "check_output_path"))
-    with video.VideoWriter(checked, 25.0, 16, 16) as writer:
+    with video_writer.VideoWriter(checked, 25.0, 16, 16) as writer:
         writer.write(torch.rand(3, 2, 16, 16))
     assert counts["checked"] == 0 and probe_video(target).num_frames == 2

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from memo.io.audio import audio_from_samples
-from memo.io.video import VideoWriter, probe_video
+from memo.io.video import probe_video
+from memo.io.video_writer import VideoWriter
 
 PACK_DIR = REPO / "comfyui_memo"
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"

@@ -24,7 +24,7 @@ from memo.evaluation.run import score_frames
 from memo.io import hub
 from memo.io.audio import audio_from_samples
 from memo.io.hub import METRIC_MODELS, MissingModelError, default_metric_models_dir, download_metric_models
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import BRIGHT_LEVEL, LOUD_RMS, write_tiny_metric_models
 

@@ -209,7 +209,8 @@ def test_an_output_name_that_fits_is_written_however_long(tmp_path, name):
     """A name that fits (255 bytes at most) failed with 'File name too long' for its longer hidden partial name,
     after the whole render. The writer the programs use, with a name of 255 bytes (ASCII, and 2-byte UTF-8)."""
     from memo.io.audio import audio_from_samples
-    from memo.io.video import VideoWriter, check_output_path
+    from memo.io.video import check_output_path
+    from memo.io.video_writer import VideoWriter
 
     output = check_output_path(tmp_path / name, overwrite=False)
     with VideoWriter(output, 30, 64, 64, audio=audio_from_samples(np.zeros(1600, np.float32), 16000)) as writer:

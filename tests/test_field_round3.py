@@ -198,7 +198,7 @@ def test_a_work_folder_is_removed_on_leaving(tmp_path):
 
 
 def write_clip(path: Path, size: int) -> None:
-    from memo.io.video import VideoWriter
+    from memo.io.video_writer import VideoWriter
 
     frames = np.random.default_rng(0).integers(0, 255, (4, size, size, 3), dtype=np.uint8)
     with VideoWriter(path, 5, size, size) as writer:

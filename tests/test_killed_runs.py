@@ -24,7 +24,8 @@ from conftest import REPO
 
 from memo.io.job_state import state_folder
 from memo.io.partial import PARTIAL_PATTERN, Partial, remove_abandoned, write_atomically
-from memo.io.video import VideoWriter, probe_video
+from memo.io.video import probe_video
+from memo.io.video_writer import VideoWriter
 
 EXAMPLE_IMAGE = REPO / "assets" / "examples" / "portrait.jpg"
 EXAMPLE_AUDIO = REPO / "assets" / "examples" / "speech.wav"

@@ -29,7 +29,7 @@ from memo.apps import cli
 from memo.conditions.framing import crop_box
 from memo.conditions.paste_back import BAND_SHARE, PasteBack, output_size
 from memo.io.hub import FACE_MODELS_FOLDER
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 from memo.settings.inference import ConfigError, load_config
 from memo.tiny.face_models import DETECTOR_INPUT_SIZE, TINY_FACES, TinyFace, write_tiny_face_models
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from memo.data.store import KINDS, shard_of, video_ids
 from memo.io.audio import decode_audio
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 
 SPEECH = REPO / "assets" / "examples" / "speech.wav"
 FACE_BOX = (slice(11, 41), slice(20, 44))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from memo.io.audio import DecodedAudio, decode_audio
-from memo.io.video import OutputExistsError, VideoWriter, check_output_path, probe_video
+from memo.io.video import OutputExistsError, check_output_path, probe_video
+from memo.io.video_writer import VideoWriter
 
 FPS, SIZE = 30, 64
 
@@ -195,3 +196,13 @@ def test_the_same_frames_give_the_same_video_every_time(tmp_path):
         with av.open(str(path)) as container:
             decoded.append(np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]))
     assert all(np.array_equal(decoded[0], other) for other in decoded[1:])
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_a_short_video_of_flat_frames_is_written(tmp_path, frames):
+    """A few flat frames make a segment of a few KiB, too short for FFmpeg to recognise by probing (a render's
+    last clip may show a single frame): the remux names its format instead."""
+    path = tmp_path / "short.mp4"
+    write_video(path, frames=frames, audio=write_tone(tmp_path / "tone.wav", 1.0))
+    info = probe_video(path)
+    assert info.num_frames == frames and info.has_audio

@@ -213,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         output = CheckedOutput.check(output_dir / name, args.overwrite)
         portrait = load_image(image)
         sound = decode_audio(audio)
-        # Nothing has been written yet: the output folder is made when the video is (memo.io.video.VideoWriter).
+        # Nothing has been written yet: the output folder is made when the video is (memo.io.video_writer.VideoWriter).
 
         from memo.generator import MemoGenerator
 

@@ -226,7 +226,7 @@ class PasteBack:
 
     def streaming(self, write: Callable[[np.ndarray], None]) -> Callable[[torch.Tensor], None]:
         """A clip callback for the generator: pastes each frame and hands it to ``write`` as a (1, H, W, 3)
-        uint8 array (:meth:`memo.io.video.VideoWriter.write`), so no more than one full-size frame is held. The
+        uint8 array (:meth:`memo.io.video_writer.VideoWriter.write`), so no more than one full-size frame is held. The
         array is the same buffer every time, written over by the next frame: ``write`` must use (encode, copy) it
         before it returns."""
 

@@ -23,7 +23,7 @@ from memo.errors import UserError, as_path
 from memo.evaluation.metrics import SYNC_SAMPLE_RATE, VideoReadError, read_video, resample_frames
 from memo.evaluation.run import VIDEO_SUFFIXES
 from memo.io.audio import audio_from_samples
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 
 DEFAULT_FPS = 30.0
 """MEMO's output frame rate (the published inference config's ``fps``), which the reference clips are set to."""

@@ -41,7 +41,7 @@ class DecodedAudio:
     ``samples`` is a float32 array (channels, frames) in [-1, 1] at ``rate`` Hz with FFmpeg channel layout
     ``layout``; ``lost_seconds`` is how much of the file was skipped as damaged (0 for an undamaged file).
     :meth:`mono` gives the 16 kHz copy the audio models take; the mp4 writer encodes its sound track from
-    ``samples`` (``memo.io.video.VideoWriter``), so the file is never read again. Memory: 4 bytes per sample
+    ``samples`` (``memo.io.video_writer.VideoWriter``), so the file is never read again. Memory: 4 bytes per sample
     and channel, about 21 MB a minute for 44.1 kHz stereo.
     """
 

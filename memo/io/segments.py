@@ -187,7 +187,8 @@ def assemble(
     try:
         with Partial(output, suffix=".mp4") as partial:
             with contextlib.ExitStack() as inputs:
-                opened = [inputs.enter_context(av.open(str(path))) for path in segments]
+                # named, not probed: FFmpeg's probe gives up on a short segment of flat frames (a few KiB)
+                opened = [inputs.enter_context(av.open(str(path), format="mpegts")) for path in segments]
                 source = inputs.enter_context(av.open(str(sound))) if sound is not None else None
                 container = inputs.enter_context(
                     av.open(str(partial.path), "w", format="mp4", options={"movflags": "+faststart"})

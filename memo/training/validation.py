@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from memo.data.dataset import resize_and_crop
-from memo.io.video import VideoWriter
+from memo.io.video_writer import VideoWriter
 from memo.settings.training import DataSettings, ValidationSettings
 
 if TYPE_CHECKING:
