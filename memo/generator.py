@@ -32,10 +32,11 @@ from memo.constants import DTYPES, EMOTION_NAMES, SAMPLE_RATE
 from memo.errors import UserError
 from memo.io.audio import AudioError, DecodedAudio, check_min_duration, decode_audio, is_silent
 from memo.io.image import load_image
-from memo.io.job_state import ClipRecord, JobState
+from memo.io.job_state import ClipRecord, JobState, snapshot_due
 from memo.io.segments import SegmentWriter, assemble, encode_sound, write_playlist
 from memo.io.video import CheckedOutput, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
+from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import MemoPipeline, ResumeState
 from memo.progress import VideoProgress
 from memo.runtime.compilation import (
@@ -451,7 +452,9 @@ class MemoGenerator:
         fpc = config.num_generated_frames_per_clip
         writer: SegmentWriter | None = None
         snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
-        last_snapshot = clip_start = time.perf_counter()
+        kept = state.seconds_kept(resume_from.clip) if resume_from is not None else 0.0
+        held = state.seconds_kept(snapshot_clip + 1)  # the rendering the last snapshot holds
+        run_start = clip_start = time.perf_counter()
         snapshots = self.parallel is None  # each rank of parallel=guidance holds half the memory: replayed instead
 
         def write(frames) -> None:
@@ -461,12 +464,13 @@ class MemoGenerator:
                 writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.crf, state.sound)
             writer.write(frames)
 
-        def save_memory(pipe, clip: int) -> None:
-            nonlocal snapshot_clip, last_snapshot
+        def save_memory(clip: int) -> None:
+            nonlocal snapshot_clip, held
             started = time.perf_counter()
-            state.save_memory(clip, pipe.temporal_memory.states)
-            snapshot_clip, last_snapshot = clip, time.perf_counter()
-            logger.debug("resume: memory through clip %d saved in %.1f s", clip + 1, last_snapshot - started)
+            state.save_memory(clip, memory.states)
+            snapshot_clip, held = clip, kept + started - run_start
+            spent = time.perf_counter() - started
+            logger.debug("resume: memory through clip %d saved (%.1f s of the render's time)", clip + 1, spent)
 
         def clip_end(pipe, clip: int) -> None:
             nonlocal writer, clip_start
@@ -479,16 +483,21 @@ class MemoGenerator:
             write_playlist(state.folder, durations[: clip + 1])
             if on_segment is not None:
                 on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
-            if snapshots and now - last_snapshot >= 60 * config.resume_snapshot_minutes:
-                save_memory(pipe, clip)
+            rendered = kept + now - run_start
+            if snapshots and snapshot_due(rendered - held, held, 60 * config.resume_snapshot_minutes):
+                save_memory(clip)
 
         on_clip = write if paste is None else paste.streaming(write)
+        memory = self.pipeline.memory_factory()  # read by a handled signal's snapshot, after the pipeline raised
         try:
-            self.render_clips(image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end)
+            self.render_clips(
+                image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end, memory=memory
+            )
         except KeyboardInterrupt:
-            held = self.pipeline.memory_clip
-            if snapshots and held is not None and held > snapshot_clip:
-                save_memory(self.pipeline, held)
+            whole = self.pipeline.memory_clip
+            if snapshots and whole is not None and whole > snapshot_clip:
+                save_memory(whole)
+            state.wait_for_memory()
             raise
         finally:
             if writer is not None:
@@ -522,12 +531,14 @@ class MemoGenerator:
         *,
         resume_from: ResumeState | None = None,
         on_clip_end: Callable[[MemoPipeline, int], None] | None = None,
+        memory: TemporalMemory | None = None,
     ) -> None:
         """Generate the frames clip by clip, handing each clip's frames (3, n, H, W) in [0, 1], on the CPU, to
         ``on_clip``; the clips together last exactly as long as the audio. An exception raised by ``progress``
         (called after every step) stops generation. ``resume_from`` takes the video up at a later clip
         (:class:`memo.pipeline.ResumeState`); ``on_clip_end(pipeline, clip)`` is called after ``on_clip``, with
-        the clip's resume state on the pipeline."""
+        the clip's resume state on the pipeline. ``memory``: the temporal memory to fill (the pipeline makes one
+        when None), for a caller that reads it after the pipeline has returned or raised."""
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
@@ -587,6 +598,7 @@ class MemoGenerator:
                     callback_on_clip_end=clip_end,
                     callback_on_step_end=on_step,
                     resume_from=resume_from,
+                    memory=memory,
                     **call,
                 )
         except torch.OutOfMemoryError as error:

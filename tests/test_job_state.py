@@ -15,7 +15,16 @@ import torch
 from conftest import REPO
 
 from memo.io.audio import decode_audio
-from memo.io.job_state import ClipRecord, JobBusyError, JobState, first_difference, state_folder
+import memo.io.job_state
+from memo.io.job_state import (
+    FIRST_SNAPSHOT_SECONDS,
+    ClipRecord,
+    JobBusyError,
+    JobState,
+    first_difference,
+    snapshot_due,
+    state_folder,
+)
 from memo.io.segments import SOUND_NAME, SegmentWriter, assemble, encode_sound, playlist_text, segment_name
 from memo.settings.inference import JOB_NEUTRAL_SETTINGS, InferenceConfig
 
@@ -57,6 +66,57 @@ def test_records_and_memory_round_trip_and_a_snapshot_drops_older_latents(tmp_pa
         assert [state.load_clip(c).latents is None for c in range(4)] == [True, True, False, False]
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("clip_seconds", [2.0, 6.9, 45.0])
+def test_snapshots_bound_a_replay_to_half_the_time_rendered_and_come_every_interval_later(clip_seconds):
+    """A render of 3 hours, clip by clip, with snapshots where :func:`snapshot_due` says: a kill -9 just before
+    any clip's end replays the clips since the last snapshot; after the first minute that is never more than
+    half the time rendered (then a tenth of it at most once an hour is rendered), and an hour holds 10 snapshots
+    at most with ``every`` 10 minutes. ``every`` 0 snapshots after every clip."""
+    every = 600.0
+    rendered, held, snapshots, worst_early, worst_late = 0.0, 0.0, [], 0.0, 0.0
+    while rendered < 3 * 3600:
+        rendered += clip_seconds
+        replay = rendered - held  # rendering a kill -9 at this clip's end, before its snapshot, replays
+        if rendered > FIRST_SNAPSHOT_SECONDS + clip_seconds:
+            worst_early = max(worst_early, replay / rendered)
+        if rendered > 3600:
+            worst_late = max(worst_late, replay / rendered)
+        if snapshot_due(rendered - held, held, every):
+            held = rendered
+            snapshots.append(rendered)
+    assert worst_early <= 0.5 + clip_seconds / FIRST_SNAPSHOT_SECONDS
+    assert worst_late <= (every + clip_seconds) / 3600
+    assert sum(1 for at in snapshots if at <= 3600) <= 10 and len(snapshots) <= 25
+    assert snapshot_due(clip_seconds, 100.0, 0.0)
+
+
+def test_a_snapshot_written_in_the_background_is_a_copy_and_its_failure_is_raised(tmp_path, monkeypatch):
+    """``background``: the states are copied before the call returns (the render goes on changing them), the
+    file and the dropped latents appear once written, and a failed write reaches the render's thread."""
+    with JobState(tmp_path / "out.mp4", JOB).open() as state:
+        for clip in range(3):
+            state.save_clip(clip, ClipRecord(torch.full((1, 4, 1, 2, 2), float(clip)), None, 1.0))
+        memory = {"down.0": (torch.ones(2, 3), torch.zeros(2))}
+        state.save_memory(2, memory, background=True)
+        memory["down.0"][0].fill_(7.0)  # the render's next update
+        state.wait_for_memory()
+        clip, states = state.load_memory()
+        assert clip == 2 and torch.equal(states["down.0"][0], torch.ones(2, 3))
+        assert [state.load_clip(c).latents is None for c in range(3)] == [True, False, False]
+
+        def disk_full(data, path):
+            raise OSError(28, "No space left on device", str(path))
+
+        monkeypatch.setattr(memo.io.job_state, "_save", disk_full)
+        state.save_memory(2, memory, background=True)
+        with pytest.raises(OSError, match="No space left"):
+            state.wait_for_memory()
+        with pytest.raises(OSError, match="No space left"):  # leaving the block raises the write's error
+            with JobState(tmp_path / "other.mp4", JOB).open() as other:
+                other.save_memory(0, memory, background=True)
+        assert [p.name for p in [*state.folder.iterdir(), *other.folder.iterdir()] if p.name.startswith(".")] == []
 
 
 def test_another_job_or_a_restart_discards_and_a_held_folder_is_refused(tmp_path):

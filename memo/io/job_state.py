@@ -10,8 +10,10 @@ moment leaves only whole files, and half-written ones follow the abandoned-parti
 - ``clip-NNNNN.pt``: what a finished clip leaves for the next ones: its denoised latents, the noise
   generator's state and the seconds it took. A clip counts as done when both its files are there.
 - ``memory.pt``: a snapshot of the temporal memory through some clip (see :class:`memo.pipeline.ResumeState`),
-  written every so many minutes and when a handled signal stops the run; the latents of the clips before
-  it are then removed.
+  written on the schedule of :func:`snapshot_due` and when a handled signal stops the run; the latents of the
+  clips before it are then removed. A memory on an accelerator is copied to the host and written to disk in
+  the background while the render goes on (one snapshot at a time); a memory already on the host is written
+  at once (copying it would double the host memory it takes).
 
 The folder is locked (``flock``) while a run uses it: a second run into the same output is refused. It is
 removed once the video is published.
@@ -23,6 +25,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,22 @@ from memo.io.segments import PLAYLIST_NAME, SOUND_NAME, segment_name
 
 JOB_NAME = "job.json"
 MEMORY_NAME = "memory.pt"
+FIRST_SNAPSHOT_SECONDS = 120.0
+"""The rendering time before the first memory snapshot (:func:`snapshot_due`): reading a snapshot at resume
+(6.5 GiB at 512x512 bf16, about 7 s at 1 GB/s) costs about what replaying 2 minutes of clips does (about 7 %
+of their time, docs/long-renders.md), so an earlier one would not make a resume faster."""
+
+
+def snapshot_due(since: float, held: float, every: float) -> bool:
+    """Whether to snapshot the temporal memory now: ``since`` seconds of rendering have passed since the last
+    snapshot, which held ``held`` seconds of rendering (0 with none yet), and ``every`` is the longest interval
+    (``resume_snapshot_minutes`` x 60; 0: every clip).
+
+    Snapshots come after 2, 4, 8, 16 minutes of rendering (:data:`FIRST_SNAPSHOT_SECONDS`, then doubling), then
+    every ``every``: a resume after ``kill -9`` replays the clips since the last snapshot, so it never replays more
+    than about as much rendering as the snapshot holds (half the time rendered) early in a render, where a
+    fixed interval would replay all of it, nor more than ``every`` later."""
+    return since >= min(every, max(FIRST_SNAPSHOT_SECONDS, held))
 
 
 def _save(data: object, path: Path) -> None:
@@ -93,6 +112,8 @@ class JobState:
         self.fingerprint = fingerprint
         self._fd: int | None = None
         self.discarded: str | None = None  # why saved progress was thrown away, if it was
+        self._writing: threading.Thread | None = None  # a memory snapshot being written in the background
+        self._write_error: BaseException | None = None
 
     # -- finding, checking, locking ------------------------------------------------------------------
 
@@ -147,14 +168,18 @@ class JobState:
 
     def remove(self) -> None:
         """Remove the folder (the video is published) and release the lock."""
+        self.wait_for_memory()
         shutil.rmtree(self.folder, ignore_errors=True)
         self.close()
 
     def __enter__(self) -> JobState:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.wait_for_memory(raise_error=exc_type is None)
+        finally:
+            self.close()
 
     # -- clips -----------------------------------------------------------------------------------------
 
@@ -197,11 +222,47 @@ class JobState:
 
     # -- the memory snapshot -----------------------------------------------------------------------------
 
-    def save_memory(self, clip: int, states: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write the temporal memory holding the past frames through clip ``clip`` (atomically), then drop the
-        latents of the clips before it, which no replay needs any more."""
+    def save_memory(
+        self, clip: int, states: dict[str, tuple[torch.Tensor, torch.Tensor]], background: bool | None = None
+    ) -> None:
+        """Snapshot the temporal memory holding the past frames through clip ``clip``: written atomically, then
+        the latents of the clips before it, which no replay needs any more, are dropped.
+
+        ``background`` (default: when the states are on an accelerator): copy the states to the host now and
+        write them while the caller goes on (a snapshot still being written is waited for first); a failed
+        write is raised by the next call, :meth:`wait_for_memory` or leaving the ``with`` block. Otherwise the
+        states are written before this returns, without a copy (a memory on the host is not doubled)."""
+        self.wait_for_memory()
+        if background is None:
+            background = any(tensor.device.type != "cpu" for state in states.values() for tensor in state)
+        host = {
+            name: tuple(tensor.detach().to("cpu", copy=background) for tensor in state)
+            for name, state in states.items()
+        }
+        if not background:
+            self._write_memory(clip, host)
+            return
+
+        def write() -> None:
+            try:
+                self._write_memory(clip, host)
+            except BaseException as error:  # raised in the render's thread by wait_for_memory
+                self._write_error = error
+
+        self._writing = threading.Thread(target=write, name="memo-memory-snapshot")
+        self._writing.start()
+
+    def wait_for_memory(self, raise_error: bool = True) -> None:
+        """Wait for a memory snapshot being written in the background; raise its error (when ``raise_error``)."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.join()
+        error, self._write_error = self._write_error, None
+        if error is not None and raise_error:
+            raise error
+
+    def _write_memory(self, clip: int, host: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         with Partial(self.folder / MEMORY_NAME, suffix=".pt") as partial:
-            host = {name: tuple(t.detach().to("cpu") for t in state) for name, state in states.items()}
             _save({"clip": clip, "states": host}, partial.path)
             partial.publish()
         for earlier in range(clip - 1):  # the latents of the snapshot's clip and the one before may be needed
