@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import logging
 import os
@@ -55,24 +54,18 @@ from memo.runtime.placement import (
     module_bytes,
 )
 from memo.sampling.deep_cache import apply_deep_cache
-from memo.settings.inference import JOB_NEUTRAL_SETTINGS, ConfigError, InferenceConfig, check_names, validate
+from memo.settings.inference import (
+    JOB_NEUTRAL_SETTINGS,
+    LOAD_SETTINGS,
+    ConfigError,
+    InferenceConfig,
+    check_names,
+    validate,
+)
+from memo.settings.schema import flat_values
 
 logger = logging.getLogger("memo")
 
-LOAD_SETTINGS = frozenset(
-    ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
-    + (
-        "device",
-        "weight_dtype",
-        "vocal_separation",
-        "audio_chunk_seconds",
-        "compile",
-        "offload",
-        "fp8_weights",
-        "parallel",
-    )
-)
-"""Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
 Progress = Callable[[float, str], None]
 SegmentCallback = Callable[[Path, int, float, float], None]
@@ -207,7 +200,7 @@ class MemoGenerator:
                 f"{', '.join(fixed)} cannot change per call (it chooses the models); set it in the config."
             )
         clone = copy.copy(self)
-        clone.config = validate(dataclasses.replace(self.config, **settings))
+        clone.config = validate(self.config.updated(**settings))
         return clone
 
     def to(self, device: torch.device | str) -> MemoGenerator:
@@ -318,7 +311,7 @@ class MemoGenerator:
         emotion asked for and every setting but :data:`memo.settings.inference.JOB_NEUTRAL_SETTINGS`."""
         settings = {
             key: str(value)
-            for key, value in dataclasses.asdict(self.config).items()
+            for key, value in flat_values(self.config).items()
             if key not in JOB_NEUTRAL_SETTINGS and key != "seed"
         }
         samples = source.samples
@@ -707,9 +700,9 @@ class MemoGenerator:
         and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
         if seed is not None:  # the seed setting's own check, as for seed=N
-            seed = validate(dataclasses.replace(self.config, seed=seed)).seed
+            seed = validate(self.config.updated(seed=seed)).sampling.seed
         if self.parallel is not None:
-            self.parallel.agree(dataclasses.asdict(self.config))
+            self.parallel.agree(flat_values(self.config))
             if not self.parallel.is_main:
                 return self._generate_other_half(Path(output_path), progress)
         start = time.perf_counter()
