@@ -148,14 +148,14 @@ class MemoGenerator:
 
     def __init__(self, config: InferenceConfig):
         self.config = config
-        if config.parallel == "guidance":
+        if config.runtime.parallel == "guidance":
             select_rank_device()
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.runtime.device)
         # Before the models load, so that a launch with one process fails at once.
-        self.parallel = GuidanceParallel(self.device) if config.parallel == "guidance" else None
-        self.dtype = DTYPES[config.weight_dtype]
+        self.parallel = GuidanceParallel(self.device) if config.runtime.parallel == "guidance" else None
+        self.dtype = DTYPES[config.runtime.weight_dtype]
         start = time.perf_counter()
-        files = locate_models(config, need_emotion2vec=config.emotion == "auto")
+        files = locate_models(config.models, need_emotion2vec=config.conditions.emotion == "auto")
         self.files = files
         self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype)
         self.euler = self.pipeline.scheduler  # the published scheduler; the solver setting swaps it per video
@@ -164,19 +164,19 @@ class MemoGenerator:
         self.pipeline.set_progress_bar_config(disable=True)
         self.progress_bar = self.parallel is None or self.parallel.is_main
         """Show the render's progress bar on stderr (one process of several turns it off)."""
-        self.offload = effective_offload(config.offload, self.device)
+        self.offload = effective_offload(config.runtime.offload, self.device)
         # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
-        self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
+        self.compiled = compile_enabled(config.runtime.compile, self.device) and self.offload != "group"
         if self.compiled:
             cache = use_inductor_cache()  # before the first call, where compilation happens
             compile_networks(self.pipeline)
         apply_deep_cache(self.pipeline.diffusion_net)  # inside the offload hooks, which then wrap it
-        apply_offload(self.pipeline, self.offload, self.device, fp8=config.fp8_weights)
-        self.conditions = ConditionModels.load(files, config, self.device)
+        apply_offload(self.pipeline, self.offload, self.device, fp8=config.runtime.fp8_weights)
+        self.conditions = ConditionModels.load(files, config.models, self.device)
         logger.info(
             "models: loaded on %s (%s, offload %s) in %.1f s",
             self.device,
-            config.weight_dtype,
+            config.runtime.weight_dtype,
             self.offload,
             time.perf_counter() - start,
         )
@@ -227,13 +227,13 @@ class MemoGenerator:
     def prepare_portrait(self, image: Image.Image, name: str, allow_no_face: bool | None = None) -> PreparedImage:
         """:meth:`prepare_image` for a portrait already in memory; ``name`` stands for it in messages."""
         config = self.config
-        allow = config.allow_no_face if allow_no_face is None else allow_no_face
+        allow = config.conditions.allow_no_face if allow_no_face is None else allow_no_face
         embedding, face = face_embedding(
             self.conditions.face_analyzer, image, name, allow_missing=allow, missing_option="allow_no_face=true"
         )
-        width, height = config.size
+        width, height = config.video.size
         bbox = face.bbox if face is not None else None
-        framed = frame_portrait(image, bbox, width, height, mode=config.framing)
+        framed = frame_portrait(image, bbox, width, height, mode=config.conditions.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
         logger.info(
             "image: %s, %dx%d, %s, framed to %dx%d (%s)",
@@ -242,7 +242,7 @@ class MemoGenerator:
             where,
             width,
             height,
-            config.framing,
+            config.conditions.framing,
         )
         return PreparedImage(
             reference=to_model_tensor(framed),
@@ -250,7 +250,7 @@ class MemoGenerator:
             face=face,
             framed=framed,
             photo=image,
-            box=crop_box(image.size, bbox, width, height) if config.framing == "crop" else None,
+            box=crop_box(image.size, bbox, width, height) if config.conditions.framing == "crop" else None,
         )
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
@@ -269,13 +269,15 @@ class MemoGenerator:
         config = self.config
         name = source.path.name
         waveform = source.mono()
-        check_min_duration(waveform, config.fps, source.path)
+        check_min_duration(waveform, config.video.fps, source.path)
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
         separator = self.conditions.separator
         vocals = separator(waveform) if separator is not None else waveform
-        features = self.conditions.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
-        emotion = (emotion or config.emotion).lower()
+        features = self.conditions.audio_encoder(
+            vocals, config.video.fps, config.sampling.num_generated_frames_per_clip
+        )
+        emotion = (emotion or config.conditions.emotion).lower()
         if emotion_labels is not None:
             if emotion_labels.shape != waveform.shape:
                 raise AudioError(
@@ -299,7 +301,7 @@ class MemoGenerator:
             waveform.shape[0] / SAMPLE_RATE,
             "vocals separated" if separator is not None else "no vocal separation",
             features.num_frames,
-            config.fps,
+            config.video.fps,
             summary,
         )
         return PreparedAudio(
@@ -320,7 +322,7 @@ class MemoGenerator:
             "image": content_hash(photo.mode.encode(), repr(photo.size).encode(), photo.tobytes()),
             "audio": content_hash(str(source.rate).encode(), str(samples.shape).encode(), samples.tobytes()),
             "seed": str(seed),
-            "emotion": str((emotion or self.config.emotion).lower()),
+            "emotion": str((emotion or self.config.conditions.emotion).lower()),
             **settings,
         }
 
@@ -336,7 +338,7 @@ class MemoGenerator:
         """The progress a stopped render of this job into ``output_path`` left, or None when there is none for
         this job (none at all, or another job's, which the next :meth:`generate` discards). Reads the inputs,
         runs no model."""
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.sampling.seed if seed is None else seed
         fingerprint = self.job_fingerprint(load_image(image_path), decode_audio(audio_path), seed, emotion)
         state = JobState(output_path, fingerprint)
         if not state.matches():
@@ -344,8 +346,8 @@ class MemoGenerator:
         done = state.done_clips()
         if not done:
             return None
-        frames = done * self.config.num_generated_frames_per_clip
-        return SavedProgress(done, frames / self.config.fps, state.seconds_kept(done), state.folder)
+        frames = done * self.config.sampling.num_generated_frames_per_clip
+        return SavedProgress(done, frames / self.config.video.fps, state.seconds_kept(done), state.folder)
 
     def render(
         self,
@@ -371,13 +373,13 @@ class MemoGenerator:
         is published, so read it in the call.
         """
         config = self.config
-        width, height = config.size
+        width, height = config.video.size
         paste = self.paste_plan(image)
         if paste is not None:
             width, height = paste.size
-        fpc = config.num_generated_frames_per_clip
+        fpc = config.sampling.num_generated_frames_per_clip
         clips = len(audio.features) // fpc
-        rate = Fraction(config.fps).limit_denominator(1001)
+        rate = Fraction(config.video.fps).limit_denominator(1001)
         photo = image.photo if image.photo is not None else image.framed
         fingerprint = self.job_fingerprint(photo, audio.source, seed, emotion)
         with JobState(output_path, fingerprint).open(resume) as state:
@@ -388,19 +390,19 @@ class MemoGenerator:
             if done:
                 logger.info(
                     "resuming at %s, clip %d of %d; %s of rendering kept",
-                    clock(done * fpc / config.fps),
+                    clock(done * fpc / config.video.fps),
                     done + 1 if done < clips else clips,
                     clips,
                     duration(state.seconds_kept(done)),
                 )
             if not state.sound.is_file():
                 encode_sound(audio.source, Fraction(audio.features.num_frames) / rate, state.sound)
-            durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.fps for clip in range(clips)]
+            durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.video.fps for clip in range(clips)]
             write_playlist(state.folder, durations[:done])
             logger.info("preview: %s grows clip by clip (VLC, mpv, ffplay and Safari play it)", state.playlist)
             if on_segment is not None:
                 for clip in range(done):
-                    on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
+                    on_segment(state.segment(clip), clip, clip * fpc / config.video.fps, durations[clip])
             if done < clips:
                 self._render_segments(
                     state,
@@ -441,7 +443,7 @@ class MemoGenerator:
         and every ``resume_snapshot_minutes`` the temporal memory; a handled signal saves the memory on the
         way out when it is whole."""
         config = self.config
-        fpc = config.num_generated_frames_per_clip
+        fpc = config.sampling.num_generated_frames_per_clip
         writer: SegmentWriter | None = None
         snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
         last_snapshot = clip_start = time.perf_counter()
@@ -451,7 +453,7 @@ class MemoGenerator:
             nonlocal writer
             if writer is None:
                 clip = state.done_clips()
-                writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.crf, state.sound)
+                writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.video.crf, state.sound)
             writer.write(frames)
 
         def save_memory(pipe, clip: int) -> None:
@@ -471,8 +473,8 @@ class MemoGenerator:
             clip_start = now
             write_playlist(state.folder, durations[: clip + 1])
             if on_segment is not None:
-                on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
-            if snapshots and now - last_snapshot >= 60 * config.resume_snapshot_minutes:
+                on_segment(state.segment(clip), clip, clip * fpc / config.video.fps, durations[clip])
+            if snapshots and now - last_snapshot >= 60 * config.resume.resume_snapshot_minutes:
                 save_memory(pipe, clip)
 
         on_clip = write if paste is None else paste.streaming(write)
@@ -491,15 +493,15 @@ class MemoGenerator:
         """With ``paste_back``, the plan that puts each generated frame back into ``image``'s photo
         (:mod:`memo.conditions.paste_back`), its output size logged; None without."""
         config = self.config
-        if not config.paste_back:
+        if not config.video.paste_back:
             return None
         if image.box is None or image.photo is None:
             raise ConfigError("paste_back=true needs framing=crop: there is no region of the photo to paste into.")
-        paste = PasteBack.plan(image.photo, image.box, config.size, config.max_output_side)
+        paste = PasteBack.plan(image.photo, image.box, config.video.size, config.video.max_output_side)
         scaled = "" if paste.size == image.photo.size else f", scaled from {image.photo.width}x{image.photo.height}"
         logger.info(
             "paste back: each %dx%d frame into the photo, output %dx%d%s",
-            *config.size,
+            *config.video.size,
             *paste.size,
             scaled,
         )
@@ -522,15 +524,15 @@ class MemoGenerator:
         (:class:`memo.pipeline.ResumeState`); ``on_clip_end(pipeline, clip)`` is called after ``on_clip``, with
         the clip's resume state on the pipeline."""
         config = self.config
-        width, height = config.size
-        clips = len(audio.features) // config.num_generated_frames_per_clip
-        speed = config.speed_settings
+        width, height = config.video.size
+        clips = len(audio.features) // config.sampling.num_generated_frames_per_clip
+        speed = config.sampling.speed_settings
         log = logger.info if self.parallel is None or self.parallel.is_main else logger.debug
         log(
             "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s",
             clips,
             speed.steps,
-            config.speed,
+            config.sampling.speed,
             speed.describe(),
             width,
             height,
@@ -539,10 +541,10 @@ class MemoGenerator:
         )
         meter = VideoProgress(
             audio.features.num_frames,
-            config.fps,
-            config.num_generated_frames_per_clip,
+            config.video.fps,
+            config.sampling.num_generated_frames_per_clip,
             speed.steps,
-            start_frame=0 if resume_from is None else resume_from.clip * config.num_generated_frames_per_clip,
+            start_frame=0 if resume_from is None else resume_from.clip * config.sampling.num_generated_frames_per_clip,
             bar=self.progress_bar,
         )
 
@@ -559,7 +561,7 @@ class MemoGenerator:
 
         compile_before, graphs_before = compile_seconds(), compiled_graphs()
         self.pipeline.scheduler = speed.scheduler(self.euler)
-        call = speed.pipeline_kwargs(config.cfg_scale)
+        call = speed.pipeline_kwargs(config.sampling.cfg_scale)
         if self.parallel is not None:
             call["guider"] = self.parallel.guider(call["guider"])
         try:
@@ -570,12 +572,12 @@ class MemoGenerator:
                     audio.features,
                     audio.emotion_labels,
                     num_frames=audio.features.num_frames,
-                    frames_per_clip=config.num_generated_frames_per_clip,
-                    past_frames=config.num_past_frames,
-                    initial_past_frames=config.num_init_past_frames,
+                    frames_per_clip=config.sampling.num_generated_frames_per_clip,
+                    past_frames=config.sampling.num_past_frames,
+                    initial_past_frames=config.sampling.num_init_past_frames,
                     seed=seed,
-                    vae_batch_size=config.vae_batch_size,
-                    vae_tile_size=config.vae_tile_size,
+                    vae_batch_size=config.memory.vae_batch_size,
+                    vae_tile_size=config.memory.vae_tile_size,
                     output_type=None,
                     callback_on_clip_end=clip_end,
                     callback_on_step_end=on_step,
@@ -584,7 +586,7 @@ class MemoGenerator:
                 )
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
-                f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
+                f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.runtime.weight_dtype}, "
                 f"offload={self.offload}. {self.out_of_memory_advice(width, height)}"
             ) from error
         if self.compiled and compile_seconds() > compile_before:
@@ -645,14 +647,14 @@ class MemoGenerator:
             available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         config = self.config
         return out_of_memory_advice(
-            self.offload, available, width, height, self.dtype, config.vae_batch_size, config.fp8_weights
+            self.offload, available, width, height, self.dtype, config.memory.vae_batch_size, config.runtime.fp8_weights
         )
 
     @contextlib.contextmanager
     def conditions_out_of_the_way(self) -> Iterator[None]:
         """Park the condition models on the CPU while the video is generated, unless there is room for them
         (the rule of :func:`memo.runtime.placement.condition_models_placement`), and bring them back afterwards."""
-        width, height = self.config.size
+        width, height = self.config.video.size
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         placement = condition_models_placement(
             self.device,
@@ -718,7 +720,7 @@ class MemoGenerator:
             if self.parallel is not None:
                 self.parallel.share(ParallelError(str(error), quiet=True))
             raise
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.sampling.seed if seed is None else seed
         if self.parallel is not None:
             self._render_parallel(image, audio, output_path, seed, overwrite, progress, resume, emotion, on_segment)
         else:
