@@ -66,7 +66,7 @@ interpolate between its features (and a huge rate leaves no audio samples per fr
 MAX_VAE_BATCH_SIZE = 64
 """The largest ``vae_batch_size``: twice the longest clip (32 frames); a larger batch saves no time and only
 adds memory."""
-MAX_AUDIO_CHUNK_SECONDS = 300.0
+MAX_AUDIO_CHUNK_SECONDS = 300
 """The longest ``audio_chunk_seconds``: wav2vec2 attends over a whole chunk, whose memory grows with the square
 of its length (300 s, 15000 features: about 11 GB of float32 attention scores per layer)."""
 
