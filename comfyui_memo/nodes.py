@@ -75,7 +75,7 @@ class LoadMemo:
                 ),
                 "weight_dtype": (
                     list(WEIGHT_DTYPES),
-                    {"default": DEFAULTS.weight_dtype, "tooltip": setting_help("weight_dtype")},
+                    {"default": DEFAULTS.runtime.weight_dtype, "tooltip": setting_help("weight_dtype")},
                 ),
                 "device": (list(DEVICES), {"default": "auto", "tooltip": "auto: ComfyUI's device."}),
             },
@@ -94,7 +94,7 @@ class LoadMemo:
                 "speed": (
                     list(SPEEDS),
                     {
-                        "default": DEFAULTS.speed,
+                        "default": DEFAULTS.sampling.speed,
                         "tooltip": (
                             "exact: the published computation. fast: under a quarter of its compute, slightly"
                             " different frames (README, Speed settings)."
@@ -174,10 +174,13 @@ class MemoFaceCrop:
                 "image": ("IMAGE",),
                 "width": ("INT", SIZE),
                 "height": ("INT", SIZE),
-                "framing": (list(FRAMINGS), {"default": DEFAULTS.framing, "tooltip": setting_help("framing")}),
+                "framing": (
+                    list(FRAMINGS),
+                    {"default": DEFAULTS.conditions.framing, "tooltip": setting_help("framing")},
+                ),
                 "allow_no_face": (
                     "BOOLEAN",
-                    {"default": DEFAULTS.allow_no_face, "tooltip": setting_help("allow_no_face")},
+                    {"default": DEFAULTS.conditions.allow_no_face, "tooltip": setting_help("allow_no_face")},
                 ),
             }
         }
@@ -212,7 +215,7 @@ class MemoPasteBack:
                 "max_output_side": (
                     "INT",
                     {
-                        "default": DEFAULTS.max_output_side,
+                        "default": DEFAULTS.video.max_output_side,
                         "min": 64,
                         "max": 8192,
                         "step": 2,
@@ -279,7 +282,7 @@ class MemoGenerate:
                 "inference_steps": (
                     "INT",
                     {
-                        "default": DEFAULTS.inference_steps,
+                        "default": DEFAULTS.sampling.inference_steps,
                         "min": 1,
                         "max": 200,
                         "tooltip": setting_help("inference_steps"),
@@ -288,20 +291,23 @@ class MemoGenerate:
                 "cfg_scale": (
                     "FLOAT",
                     {
-                        "default": DEFAULTS.cfg_scale,
+                        "default": DEFAULTS.sampling.cfg_scale,
                         "min": 1.0,
                         "max": 20.0,
                         "step": 0.1,
                         "tooltip": setting_help("cfg_scale"),
                     },
                 ),
-                "seed": ("INT", {"default": DEFAULTS.seed, "min": 0, "max": MAX_SEED}),
+                "seed": ("INT", {"default": DEFAULTS.sampling.seed, "min": 0, "max": MAX_SEED}),
                 "width": ("INT", SIZE),
                 "height": ("INT", SIZE),
-                "framing": (list(FRAMINGS), {"default": DEFAULTS.framing, "tooltip": setting_help("framing")}),
+                "framing": (
+                    list(FRAMINGS),
+                    {"default": DEFAULTS.conditions.framing, "tooltip": setting_help("framing")},
+                ),
                 "allow_no_face": (
                     "BOOLEAN",
-                    {"default": DEFAULTS.allow_no_face, "tooltip": setting_help("allow_no_face")},
+                    {"default": DEFAULTS.conditions.allow_no_face, "tooltip": setting_help("allow_no_face")},
                 ),
             },
             "optional": {
@@ -347,8 +353,8 @@ class MemoGenerate:
             clips: list[torch.Tensor] = []
             total = (
                 len(prepared.features)
-                // generator.config.num_generated_frames_per_clip
-                * generator.config.speed_settings.steps
+                // generator.config.sampling.num_generated_frames_per_clip
+                * generator.config.sampling.speed_settings.steps
             )
             with on_device(memo, "all", width, height) as loaded:  # a fresh copy, to log the render device
                 bar = NodeProgress(total)
@@ -358,7 +364,7 @@ class MemoGenerate:
                     bar.show_clip(frames)
 
                 loaded.with_settings(**settings).render_clips(reference, prepared, seed, on_clip, bar)
-        return frames_to_image(clips), audio, float(generator.config.fps)
+        return frames_to_image(clips), audio, float(generator.config.video.fps)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import logging
 import os
@@ -56,24 +55,18 @@ from memo.runtime.placement import (
     module_bytes,
 )
 from memo.sampling.deep_cache import apply_deep_cache
-from memo.settings.inference import JOB_NEUTRAL_SETTINGS, ConfigError, InferenceConfig, check_names, validate
+from memo.settings.inference import (
+    JOB_NEUTRAL_SETTINGS,
+    LOAD_SETTINGS,
+    ConfigError,
+    InferenceConfig,
+    check_names,
+    validate,
+)
+from memo.settings.schema import flat_values
 
 logger = logging.getLogger("memo")
 
-LOAD_SETTINGS = frozenset(
-    ("model_name_or_path", "vae", "wav2vec", "emotion2vec", "misc_model_dir", "model_cache_dir")
-    + (
-        "device",
-        "weight_dtype",
-        "vocal_separation",
-        "audio_chunk_seconds",
-        "compile",
-        "offload",
-        "fp8_weights",
-        "parallel",
-    )
-)
-"""Settings that choose or build the loaded models; every other setting may change per call (``with_settings``)."""
 
 Progress = Callable[[float, str], None]
 SegmentCallback = Callable[[Path, int, float, float], None]
@@ -156,14 +149,14 @@ class MemoGenerator:
 
     def __init__(self, config: InferenceConfig):
         self.config = config
-        if config.parallel == "guidance":
+        if config.runtime.parallel == "guidance":
             select_rank_device()
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.runtime.device)
         # Before the models load, so that a launch with one process fails at once.
-        self.parallel = GuidanceParallel(self.device) if config.parallel == "guidance" else None
-        self.dtype = DTYPES[config.weight_dtype]
+        self.parallel = GuidanceParallel(self.device) if config.runtime.parallel == "guidance" else None
+        self.dtype = DTYPES[config.runtime.weight_dtype]
         start = time.perf_counter()
-        files = locate_models(config, need_emotion2vec=config.emotion == "auto")
+        files = locate_models(config.models, need_emotion2vec=config.conditions.emotion == "auto")
         self.files = files
         self.pipeline = MemoPipeline.from_checkpoint(files.memo, vae=files.vae, torch_dtype=self.dtype)
         self.euler = self.pipeline.scheduler  # the published scheduler; the solver setting swaps it per video
@@ -172,19 +165,19 @@ class MemoGenerator:
         self.pipeline.set_progress_bar_config(disable=True)
         self.progress_bar = self.parallel is None or self.parallel.is_main
         """Show the render's progress bar on stderr (one process of several turns it off)."""
-        self.offload = effective_offload(config.offload, self.device)
+        self.offload = effective_offload(config.runtime.offload, self.device)
         # Compiled before the offload hooks are added, so that model offload's hook wraps the compiled forward.
-        self.compiled = compile_enabled(config.compile, self.device) and self.offload != "group"
+        self.compiled = compile_enabled(config.runtime.compile, self.device) and self.offload != "group"
         if self.compiled:
             cache = use_inductor_cache()  # before the first call, where compilation happens
             compile_networks(self.pipeline)
         apply_deep_cache(self.pipeline.diffusion_net)  # inside the offload hooks, which then wrap it
-        apply_offload(self.pipeline, self.offload, self.device, fp8=config.fp8_weights)
-        self.conditions = ConditionModels.load(files, config, self.device)
+        apply_offload(self.pipeline, self.offload, self.device, fp8=config.runtime.fp8_weights)
+        self.conditions = ConditionModels.load(files, config.models, self.device)
         logger.info(
             "models: loaded on %s (%s, offload %s) in %.1f s",
             self.device,
-            config.weight_dtype,
+            config.runtime.weight_dtype,
             self.offload,
             time.perf_counter() - start,
         )
@@ -208,7 +201,7 @@ class MemoGenerator:
                 f"{', '.join(fixed)} cannot change per call (it chooses the models); set it in the config."
             )
         clone = copy.copy(self)
-        clone.config = validate(dataclasses.replace(self.config, **settings))
+        clone.config = validate(self.config.updated(**settings))
         return clone
 
     def to(self, device: torch.device | str) -> MemoGenerator:
@@ -235,13 +228,13 @@ class MemoGenerator:
     def prepare_portrait(self, image: Image.Image, name: str, allow_no_face: bool | None = None) -> PreparedImage:
         """:meth:`prepare_image` for a portrait already in memory; ``name`` stands for it in messages."""
         config = self.config
-        allow = config.allow_no_face if allow_no_face is None else allow_no_face
+        allow = config.conditions.allow_no_face if allow_no_face is None else allow_no_face
         embedding, face = face_embedding(
             self.conditions.face_analyzer, image, name, allow_missing=allow, missing_option="allow_no_face=true"
         )
-        width, height = config.size
+        width, height = config.video.size
         bbox = face.bbox if face is not None else None
-        framed = frame_portrait(image, bbox, width, height, mode=config.framing)
+        framed = frame_portrait(image, bbox, width, height, mode=config.conditions.framing)
         where = f"face at {[round(v) for v in face.bbox]}" if face is not None else "no face (zero embedding)"
         logger.info(
             "image: %s, %dx%d, %s, framed to %dx%d (%s)",
@@ -250,7 +243,7 @@ class MemoGenerator:
             where,
             width,
             height,
-            config.framing,
+            config.conditions.framing,
         )
         return PreparedImage(
             reference=to_model_tensor(framed),
@@ -258,7 +251,7 @@ class MemoGenerator:
             face=face,
             framed=framed,
             photo=image,
-            box=crop_box(image.size, bbox, width, height) if config.framing == "crop" else None,
+            box=crop_box(image.size, bbox, width, height) if config.conditions.framing == "crop" else None,
         )
 
     def prepare_audio(self, audio_path: str | os.PathLike, emotion: str | None = None) -> PreparedAudio:
@@ -277,13 +270,15 @@ class MemoGenerator:
         config = self.config
         name = source.path.name
         waveform = source.mono()
-        check_min_duration(waveform, config.fps, source.path)
+        check_min_duration(waveform, config.video.fps, source.path)
         if is_silent(waveform):
             logger.warning("audio: %s is silent; the video will show no speech.", name)
         separator = self.conditions.separator
         vocals = separator(waveform) if separator is not None else waveform
-        features = self.conditions.audio_encoder(vocals, config.fps, config.num_generated_frames_per_clip)
-        emotion = (emotion or config.emotion).lower()
+        features = self.conditions.audio_encoder(
+            vocals, config.video.fps, config.sampling.num_generated_frames_per_clip
+        )
+        emotion = (emotion or config.conditions.emotion).lower()
         if emotion_labels is not None:
             if emotion_labels.shape != waveform.shape:
                 raise AudioError(
@@ -307,7 +302,7 @@ class MemoGenerator:
             waveform.shape[0] / SAMPLE_RATE,
             "vocals separated" if separator is not None else "no vocal separation",
             features.num_frames,
-            config.fps,
+            config.video.fps,
             summary,
         )
         return PreparedAudio(
@@ -319,7 +314,7 @@ class MemoGenerator:
         emotion asked for and every setting but :data:`memo.settings.inference.JOB_NEUTRAL_SETTINGS`."""
         settings = {
             key: str(value)
-            for key, value in dataclasses.asdict(self.config).items()
+            for key, value in flat_values(self.config).items()
             if key not in JOB_NEUTRAL_SETTINGS and key != "seed"
         }
         samples = source.samples
@@ -328,7 +323,7 @@ class MemoGenerator:
             "image": content_hash(photo.mode.encode(), repr(photo.size).encode(), photo.tobytes()),
             "audio": content_hash(str(source.rate).encode(), str(samples.shape).encode(), samples.tobytes()),
             "seed": str(seed),
-            "emotion": str((emotion or self.config.emotion).lower()),
+            "emotion": str((emotion or self.config.conditions.emotion).lower()),
             **settings,
         }
 
@@ -344,7 +339,7 @@ class MemoGenerator:
         """The progress a stopped render of this job into ``output_path`` left, or None when there is none for
         this job (none at all, or another job's, which the next :meth:`generate` discards). Reads the inputs,
         runs no model."""
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.sampling.seed if seed is None else seed
         fingerprint = self.job_fingerprint(load_image(image_path), decode_audio(audio_path), seed, emotion)
         state = JobState(output_path, fingerprint)
         if not state.matches():
@@ -352,8 +347,8 @@ class MemoGenerator:
         done = state.done_clips()
         if not done:
             return None
-        frames = done * self.config.num_generated_frames_per_clip
-        return SavedProgress(done, frames / self.config.fps, state.seconds_kept(done), state.folder)
+        frames = done * self.config.sampling.num_generated_frames_per_clip
+        return SavedProgress(done, frames / self.config.video.fps, state.seconds_kept(done), state.folder)
 
     def render(
         self,
@@ -379,13 +374,13 @@ class MemoGenerator:
         is published, so read it in the call.
         """
         config = self.config
-        width, height = config.size
+        width, height = config.video.size
         paste = self.paste_plan(image)
         if paste is not None:
             width, height = paste.size
-        fpc = config.num_generated_frames_per_clip
+        fpc = config.sampling.num_generated_frames_per_clip
         clips = len(audio.features) // fpc
-        rate = Fraction(config.fps).limit_denominator(1001)
+        rate = Fraction(config.video.fps).limit_denominator(1001)
         photo = image.photo if image.photo is not None else image.framed
         fingerprint = self.job_fingerprint(photo, audio.source, seed, emotion)
         with JobState(output_path, fingerprint).open(resume) as state:
@@ -396,19 +391,19 @@ class MemoGenerator:
             if done:
                 logger.info(
                     "resuming at %s, clip %d of %d; %s of rendering kept",
-                    clock(done * fpc / config.fps),
+                    clock(done * fpc / config.video.fps),
                     done + 1 if done < clips else clips,
                     clips,
                     duration(state.seconds_kept(done)),
                 )
             if not state.sound.is_file():
                 encode_sound(audio.source, Fraction(audio.features.num_frames) / rate, state.sound)
-            durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.fps for clip in range(clips)]
+            durations = [min(fpc, audio.features.num_frames - clip * fpc) / config.video.fps for clip in range(clips)]
             write_playlist(state.folder, durations[:done])
             logger.info("preview: %s grows clip by clip (VLC, mpv, ffplay and Safari play it)", state.playlist)
             if on_segment is not None:
                 for clip in range(done):
-                    on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
+                    on_segment(state.segment(clip), clip, clip * fpc / config.video.fps, durations[clip])
             if done < clips:
                 self._render_segments(
                     state,
@@ -449,7 +444,7 @@ class MemoGenerator:
         and every ``resume_snapshot_minutes`` the temporal memory; a handled signal saves the memory on the
         way out when it is whole."""
         config = self.config
-        fpc = config.num_generated_frames_per_clip
+        fpc = config.sampling.num_generated_frames_per_clip
         writer: SegmentWriter | None = None
         snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
         kept = state.seconds_kept(resume_from.clip) if resume_from is not None else 0.0
@@ -461,7 +456,7 @@ class MemoGenerator:
             nonlocal writer
             if writer is None:
                 clip = state.done_clips()
-                writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.crf, state.sound)
+                writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.video.crf, state.sound)
             writer.write(frames)
 
         def save_memory(clip: int) -> None:
@@ -482,9 +477,9 @@ class MemoGenerator:
             clip_start = now
             write_playlist(state.folder, durations[: clip + 1])
             if on_segment is not None:
-                on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
+                on_segment(state.segment(clip), clip, clip * fpc / config.video.fps, durations[clip])
             rendered = kept + now - run_start
-            if snapshots and snapshot_due(rendered - held, held, 60 * config.resume_snapshot_minutes):
+            if snapshots and snapshot_due(rendered - held, held, 60 * config.resume.resume_snapshot_minutes):
                 save_memory(clip)
 
         on_clip = write if paste is None else paste.streaming(write)
@@ -507,15 +502,15 @@ class MemoGenerator:
         """With ``paste_back``, the plan that puts each generated frame back into ``image``'s photo
         (:mod:`memo.conditions.paste_back`), its output size logged; None without."""
         config = self.config
-        if not config.paste_back:
+        if not config.video.paste_back:
             return None
         if image.box is None or image.photo is None:
             raise ConfigError("paste_back=true needs framing=crop: there is no region of the photo to paste into.")
-        paste = PasteBack.plan(image.photo, image.box, config.size, config.max_output_side)
+        paste = PasteBack.plan(image.photo, image.box, config.video.size, config.video.max_output_side)
         scaled = "" if paste.size == image.photo.size else f", scaled from {image.photo.width}x{image.photo.height}"
         logger.info(
             "paste back: each %dx%d frame into the photo, output %dx%d%s",
-            *config.size,
+            *config.video.size,
             *paste.size,
             scaled,
         )
@@ -540,15 +535,15 @@ class MemoGenerator:
         the clip's resume state on the pipeline. ``memory``: the temporal memory to fill (the pipeline makes one
         when None), for a caller that reads it after the pipeline has returned or raised."""
         config = self.config
-        width, height = config.size
-        clips = len(audio.features) // config.num_generated_frames_per_clip
-        speed = config.speed_settings
+        width, height = config.video.size
+        clips = len(audio.features) // config.sampling.num_generated_frames_per_clip
+        speed = config.sampling.speed_settings
         log = logger.info if self.parallel is None or self.parallel.is_main else logger.debug
         log(
             "generate: %d clips x %d steps, speed %s (%s), %dx%d, seed %d, on %s",
             clips,
             speed.steps,
-            config.speed,
+            config.sampling.speed,
             speed.describe(),
             width,
             height,
@@ -557,10 +552,10 @@ class MemoGenerator:
         )
         meter = VideoProgress(
             audio.features.num_frames,
-            config.fps,
-            config.num_generated_frames_per_clip,
+            config.video.fps,
+            config.sampling.num_generated_frames_per_clip,
             speed.steps,
-            start_frame=0 if resume_from is None else resume_from.clip * config.num_generated_frames_per_clip,
+            start_frame=0 if resume_from is None else resume_from.clip * config.sampling.num_generated_frames_per_clip,
             bar=self.progress_bar,
         )
 
@@ -577,7 +572,7 @@ class MemoGenerator:
 
         compile_before, graphs_before = compile_seconds(), compiled_graphs()
         self.pipeline.scheduler = speed.scheduler(self.euler)
-        call = speed.pipeline_kwargs(config.cfg_scale)
+        call = speed.pipeline_kwargs(config.sampling.cfg_scale)
         if self.parallel is not None:
             call["guider"] = self.parallel.guider(call["guider"])
         try:
@@ -588,12 +583,12 @@ class MemoGenerator:
                     audio.features,
                     audio.emotion_labels,
                     num_frames=audio.features.num_frames,
-                    frames_per_clip=config.num_generated_frames_per_clip,
-                    past_frames=config.num_past_frames,
-                    initial_past_frames=config.num_init_past_frames,
+                    frames_per_clip=config.sampling.num_generated_frames_per_clip,
+                    past_frames=config.sampling.num_past_frames,
+                    initial_past_frames=config.sampling.num_init_past_frames,
                     seed=seed,
-                    vae_batch_size=config.vae_batch_size,
-                    vae_tile_size=config.vae_tile_size,
+                    vae_batch_size=config.memory.vae_batch_size,
+                    vae_tile_size=config.memory.vae_tile_size,
                     output_type=None,
                     callback_on_clip_end=clip_end,
                     callback_on_step_end=on_step,
@@ -603,7 +598,7 @@ class MemoGenerator:
                 )
         except torch.OutOfMemoryError as error:
             raise GpuMemoryError(
-                f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.weight_dtype}, "
+                f"Out of {self.device.type.upper()} memory at {width}x{height}, {config.runtime.weight_dtype}, "
                 f"offload={self.offload}. {self.out_of_memory_advice(width, height)}"
             ) from error
         if self.compiled and compile_seconds() > compile_before:
@@ -664,14 +659,14 @@ class MemoGenerator:
             available = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         config = self.config
         return out_of_memory_advice(
-            self.offload, available, width, height, self.dtype, config.vae_batch_size, config.fp8_weights
+            self.offload, available, width, height, self.dtype, config.memory.vae_batch_size, config.runtime.fp8_weights
         )
 
     @contextlib.contextmanager
     def conditions_out_of_the_way(self) -> Iterator[None]:
         """Park the condition models on the CPU while the video is generated, unless there is room for them
         (the rule of :func:`memo.runtime.placement.condition_models_placement`), and bring them back afterwards."""
-        width, height = self.config.size
+        width, height = self.config.video.size
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         placement = condition_models_placement(
             self.device,
@@ -719,9 +714,9 @@ class MemoGenerator:
         and writes the video, rank 1 receives the prepared conditions and computes its half.
         """
         if seed is not None:  # the seed setting's own check, as for seed=N
-            seed = validate(dataclasses.replace(self.config, seed=seed)).seed
+            seed = validate(self.config.updated(seed=seed)).sampling.seed
         if self.parallel is not None:
-            self.parallel.agree(dataclasses.asdict(self.config))
+            self.parallel.agree(flat_values(self.config))
             if not self.parallel.is_main:
                 return self._generate_other_half(Path(output_path), progress)
         start = time.perf_counter()
@@ -737,7 +732,7 @@ class MemoGenerator:
             if self.parallel is not None:
                 self.parallel.share(ParallelError(str(error), quiet=True))
             raise
-        seed = self.config.seed if seed is None else seed
+        seed = self.config.sampling.seed if seed is None else seed
         if self.parallel is not None:
             self._render_parallel(image, audio, output_path, seed, overwrite, progress, resume, emotion, on_segment)
         else:

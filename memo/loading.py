@@ -38,7 +38,7 @@ from memo.io.hub import (
 from memo.io.model_files import ModelFolder, check_model_files
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
-from memo.settings.inference import ConfigError, InferenceConfig
+from memo.settings.inference import ConfigError, ModelSettings
 
 CHECKPOINT_PATTERNS = list(REGISTRY["networks"].files) + [f"{CHECKPOINT_VAE_FOLDER}/*"]
 """What is fetched of a checkpoint in the published layout: the networks, the emotion classifier, and a ``vae/``
@@ -142,7 +142,7 @@ def locate_checkpoint(
     return root, locator.find("vae", vae, list(VAE_FILES))
 
 
-def locate_models(config: InferenceConfig, need_emotion2vec: bool) -> ModelFiles:
+def locate_models(config: ModelSettings, need_emotion2vec: bool) -> ModelFiles:
     """Find or fetch every model; when some cannot be had, one :class:`MissingModelError` lists all of them
     with the command that downloads them (:func:`memo.io.hub.missing_models_message`)."""
     misc_files = MISC_FILES + (SEPARATOR_FILES if config.vocal_separation else [])
@@ -192,7 +192,7 @@ class ConditionModels:
     def load(
         cls,
         files: ModelFiles,
-        config: InferenceConfig,
+        config: ModelSettings,
         device: torch.device,
         face_det_size: tuple[int, int] = (640, 640),
     ) -> ConditionModels:

@@ -70,15 +70,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         samples, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
-        seconds = args.clips * FRAMES_PER_CLIP / generator.config.fps - 0.05
+        seconds = args.clips * FRAMES_PER_CLIP / generator.config.video.fps - 0.05
         soundfile.write(folder / "talk.wav", samples[: round(seconds * rate)], rate)
         image = generator.prepare_image(EXAMPLE_IMAGE)
         audio = generator.prepare_audio(folder / "talk.wav")
         clips = len(audio.features) // FRAMES_PER_CLIP
-        size = generator.config.size
+        size = generator.config.video.size
 
         def baseline():
-            with VideoWriter(folder / "base.mp4", generator.config.fps, *size, audio=audio.source, overwrite=True) as w:
+            with VideoWriter(
+                folder / "base.mp4", generator.config.video.fps, *size, audio=audio.source, overwrite=True
+            ) as w:
                 generator.render_clips(image, audio, 42, w.write)
 
         def segments(gen=generator):

@@ -27,6 +27,7 @@ from memo.io.job_state import (
 )
 from memo.io.segments import SOUND_NAME, SegmentWriter, assemble, encode_sound, playlist_text, segment_name
 from memo.settings.inference import JOB_NEUTRAL_SETTINGS, InferenceConfig
+from memo.settings.schema import setting_names
 
 JOB = {"version": "0.1.0", "image": "ab", "audio": "cd", "seed": "42", "emotion": "auto", "resolution": "512"}
 
@@ -39,7 +40,7 @@ def test_first_difference_names_the_setting_or_the_input():
 
 
 def test_only_the_neutral_settings_stay_out_of_the_fingerprint():
-    names = {field for field in InferenceConfig.__dataclass_fields__}
+    names = set(setting_names(InferenceConfig))
     assert set(JOB_NEUTRAL_SETTINGS) <= names
     assert {"crf", "offload", "speed", "seed", "paste_back"}.isdisjoint(JOB_NEUTRAL_SETTINGS)
 

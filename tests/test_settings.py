@@ -107,6 +107,60 @@ def test_training_settings_load_as_typed_sections_under_the_names_users_write(tm
     assert dataclasses.replace(again, output_dir=loaded.output_dir) == loaded
 
 
+def test_inference_settings_load_as_typed_sections_under_the_names_users_write(tmp_path):
+    """Flat names land in their section (frozen objects, no DictConfig); each also reads under its own name."""
+    yaml = tmp_path / "mine.yaml"
+    yaml.write_text("fps: 25\nvocal_separation: false\noffload: model\n")
+    loaded = inference.load_config(yaml, ["vae_batch_size=4", "emotion=Happy", "speed=fast", "paste_back=true"])
+    assert isinstance(loaded.models, inference.ModelSettings) and loaded.models.vocal_separation is False
+    assert isinstance(loaded.video, inference.VideoSettings) and (loaded.video.fps, loaded.fps) == (25, 25)
+    assert loaded.video.paste_back is True and loaded.video.size == loaded.size == (512, 512)
+    assert loaded.runtime.offload == "model" and loaded.memory.vae_batch_size == 4
+    assert loaded.conditions.emotion == "happy"  # checked and normalised once, at loading
+    assert loaded.sampling.speed_settings == loaded.speed_settings and loaded.speed_settings.solver == "unipc"
+    assert inference.LOAD_SETTINGS == set(schema.setting_names(inference.ModelSettings)) | set(
+        schema.setting_names(inference.RuntimeSettings)
+    )
+    for field in dataclasses.fields(loaded):
+        assert not isinstance(getattr(loaded, field.name), DictConfig), field.name
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nothing changes it after the check
+        loaded.video.fps = 1000
+    with pytest.raises(AttributeError):
+        loaded.no_such_setting  # noqa: B018
+    changed = loaded.updated(fps=24, seed=7)
+    assert (changed.video.fps, changed.sampling.seed, loaded.video.fps) == (24, 7, 25)
+    with pytest.raises(schema.ConfigError, match="did you mean 'fps'"):
+        loaded.updated(fsp=24)
+
+
+def test_help_settings_lists_the_inference_settings_under_their_sections():
+    listing = inference.settings_help().splitlines()
+    for section in dataclasses.fields(inference.InferenceConfig):
+        heading = listing.index(f"{section.name}: {section.metadata['help']}")
+        names = schema.setting_names(schema.hints(inference.InferenceConfig)[section.name])
+        following = listing[heading + 1 : heading + 1 + 2 * len(names) : 2]
+        assert [line.split()[0] for line in following] == names, section.name
+
+
+@pytest.mark.parametrize(
+    ("name", "largest"),
+    [
+        ("fps", inference.MAX_FPS),
+        ("vae_batch_size", inference.MAX_VAE_BATCH_SIZE),
+        ("audio_chunk_seconds", inference.MAX_AUDIO_CHUNK_SECONDS),
+    ],
+)
+def test_settings_without_a_natural_limit_have_a_largest_value_with_its_reason(name, largest):
+    """Issue 29: a huge fps, VAE batch or audio chunk was taken, and failed or hung later."""
+    assert inference.load_config(None, [f"{name}={largest}"]).__getattr__(name) == largest
+    for value in (largest + 1, 10**30):
+        with pytest.raises(schema.ConfigError, match=f"{name} must be at most {largest}, got "):
+            inference.load_config(None, [f"{name}={value}"])
+    with pytest.raises(schema.ConfigError, match=f"{name} must be at most"):  # with_settings' path: the same check
+        inference.validate(inference.InferenceConfig().updated(**{name: largest * 2}))
+    assert f"at most {largest}: " in inference.setting_help(name)  # the help says why
+
+
 def test_old_training_names_still_work_with_a_visible_deprecation_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="memo"):
         config = training.load_config(
@@ -297,6 +351,13 @@ def test_bad_keys_in_every_entry_point_are_one_line_before_any_model_loads(pack,
     result = _run(batch, "--manifest", str(manifest), "--output_dir", str(tmp_path / "b"), "--config", config, "fps=x")
     _assert_one_error_line(result, "Invalid setting fps=x")
     assert not any(tmp_path.glob("*/*.mp4"))
+
+
+@pytest.mark.e2e
+def test_a_huge_fps_stops_inference_with_one_line_before_any_model_loads(tmp_path):
+    result = _run(str(REPO / "inference.py"), "--tiny", "--output_dir", str(tmp_path / "out"), "fps=100000")
+    _assert_one_error_line(result, f"fps must be at most {inference.MAX_FPS}, got 100000")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.e2e

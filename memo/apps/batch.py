@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import json
 import logging
@@ -44,7 +43,7 @@ from memo.io.partial import write_atomically
 from memo.io.video import check_output_folder
 from memo.progress import log_above_bars, work_bar
 from memo.settings.inference import ConfigError, InferenceConfig, load_config
-from memo.settings.schema import closest
+from memo.settings.schema import closest, flat_values, setting_names
 
 logger = logging.getLogger("memo")
 
@@ -171,7 +170,7 @@ def load_jobs(
 ) -> tuple[InferenceConfig, list[Job]]:
     """The base settings and every job of the manifest, all checked; a ManifestError lists every problem."""
     base = load_config(config_path, overrides)
-    settings_names = {f.name for f in dataclasses.fields(InferenceConfig)} - LOAD_SETTINGS
+    settings_names = set(setting_names(InferenceConfig)) - LOAD_SETTINGS
     problems: list[str] = []
     jobs: list[Job] = []
     for line, cells in read_rows(manifest):
@@ -217,11 +216,8 @@ def load_jobs(
                 f"{where}: output {str(name)!r} must be a name under the output folder (no absolute path, no '..')"
             )
             continue
-        changed = {
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(base, f.name)
-        }
+        values, base_values = flat_values(config), flat_values(base)
+        changed = {name: value for name, value in values.items() if value != base_values[name]}
         jobs.append(Job(line, image, audio, (output_dir / name).resolve(), changed))
     writers: dict[Path, list[int]] = {}
     for job in jobs:
@@ -347,7 +343,7 @@ def _run(args: argparse.Namespace, start: float) -> int:
             handler.setFormatter(logging.Formatter(f"[process {state.process_index}] %(name)s: %(message)s"))
     mine = jobs[state.process_index :: state.num_processes]
     try:
-        config = dataclasses.replace(base, device="cpu") if state.device.type == "cpu" else base
+        config = base.updated(device="cpu") if state.device.type == "cpu" else base
         generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
     except (UserError, OSError) as caught:
         if (error := as_user_error(caught)) is None:

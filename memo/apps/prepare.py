@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
 
         config = load_config(args.config, args.overrides)
         if args.misc_model_dir:
-            config.misc_model_dir = args.misc_model_dir
+            config = config.updated(misc_model_dir=args.misc_model_dir)
         prepare_videos(config, args.input_dir, output_dir, args.shard, args.num_shards, args.limit)
         return 0
     except (UserError, OSError) as caught:

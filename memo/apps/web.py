@@ -74,7 +74,7 @@ def shown_in_page(action: str) -> Iterator[None]:
 
 def size_choices(generator: MemoGenerator) -> list[str]:
     """``WxH`` choices: the config's own size first, then common squares."""
-    width, height = generator.config.size
+    width, height = generator.config.video.size
     own = f"{width}x{height}"
     return [own] + [f"{side}x{side}" for side in SQUARE_SIZES if f"{side}x{side}" != own]
 
@@ -270,26 +270,32 @@ class WebApp:
                     )
                 with gr.Column():
                     with gr.Row():
-                        emotion = gr.Dropdown(["auto", *EMOTION_NAMES], value=config.emotion, label="Emotion")
+                        emotion = gr.Dropdown(
+                            ["auto", *EMOTION_NAMES], value=config.conditions.emotion, label="Emotion"
+                        )
                         size = gr.Dropdown(
                             size_choices(self.generator),
                             label="Size (width x height)",
                             info="or type one, in multiples of 64",
                             allow_custom_value=True,
                         )
-                        framing = gr.Radio(list(FRAMINGS), value=config.framing, label="Framing")
+                        framing = gr.Radio(list(FRAMINGS), value=config.conditions.framing, label="Framing")
                     with gr.Row():
-                        inference_steps = gr.Slider(1, 100, value=config.inference_steps, step=1, label="Steps")
-                        cfg_scale = gr.Slider(1, 10, value=config.cfg_scale, step=0.1, label="Guidance (1 = off)")
-                        seed = gr.Number(value=config.seed, precision=0, minimum=0, label="Seed")
+                        inference_steps = gr.Slider(
+                            1, 100, value=config.sampling.inference_steps, step=1, label="Steps"
+                        )
+                        cfg_scale = gr.Slider(
+                            1, 10, value=config.sampling.cfg_scale, step=0.1, label="Guidance (1 = off)"
+                        )
+                        seed = gr.Number(value=config.sampling.seed, precision=0, minimum=0, label="Seed")
                         speed = gr.Radio(
                             list(SPEEDS),
-                            value=config.speed,
+                            value=config.sampling.speed,
                             label="Speed",
                             info="fast: under a quarter of the compute, slightly different frames",
                         )
                     paste_back = gr.Checkbox(
-                        value=config.paste_back,
+                        value=config.video.paste_back,
                         label="Paste back into the photo",
                         info=setting_help("paste_back"),
                         elem_id="paste-back",
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.output_dir = as_path(args.output_dir, "--output_dir")
         config = load_config(args.config, args.overrides)
-        check_runtimes(config.vocal_separation)
+        check_runtimes(config.models.vocal_separation)
         check_output_folder(args.output_dir)
         generator = MemoGenerator(config)
     except UserError as error:

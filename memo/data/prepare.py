@@ -116,10 +116,10 @@ class VideoPreparer:
 
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.runtime.device)
         start = time.perf_counter()
-        files = locate_models(config, need_emotion2vec=True)
-        self.conditions = ConditionModels.load(files, config, self.device, face_det_size=FACE_DETECTION_SIZE)
+        files = locate_models(config.models, need_emotion2vec=True)
+        self.conditions = ConditionModels.load(files, config.models, self.device, face_det_size=FACE_DETECTION_SIZE)
         logger.info("models: loaded on %s in %.1f s", self.device, time.perf_counter() - start)
 
     def face_embedding(self, path: str | os.PathLike) -> torch.Tensor:
@@ -133,7 +133,7 @@ class VideoPreparer:
     @torch.inference_mode()
     def __call__(self, path: str | os.PathLike) -> PreparedVideo:
         """Every training feature of the video at ``path``; raises :class:`VideoRejected` and others on failure."""
-        fps = float(self.config.fps)
+        fps = float(self.config.video.fps)
         info = check_video(path, fps)
         face = self.face_embedding(path)
         waveform = fit_to_frames(load_audio(path), info.num_frames, fps)
@@ -191,7 +191,7 @@ def prepare_videos(
     input_dir = as_path(input_dir, "--input_dir")
     if not input_dir.is_dir():
         raise UserError(f"The input folder {input_dir} does not exist.")
-    check_runtimes(config.vocal_separation)
+    check_runtimes(config.models.vocal_separation)
     check_output_folder(output_dir)
     videos = store.find_videos(input_dir)
     ids = store.video_ids(videos, input_dir)

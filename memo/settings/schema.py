@@ -148,11 +148,16 @@ def describe(cls: type) -> Iterator[tuple[str, str, str, str]]:
 
 
 def help_text(cls: type, title: str) -> str:
-    """The ``--help-settings`` listing: one setting a line, its type and range, default and help."""
+    """The ``--help-settings`` listing: one setting a line, its type and range, default and help, under a heading
+    for each section."""
     rows = list(describe(cls))
     width = max(len(name) for name, *_ in rows)
-    lines = [title, ""]
-    for name, kind, default, text in rows:
+    sections = {field.name: field.metadata.get("help", "") for field in dataclasses.fields(cls)}
+    parts = [path.split(".")[0] if "." in path else "" for _, path, _, _ in leaves(cls)]
+    lines = [title]
+    for (name, kind, default, text), part, before in zip(rows, parts, ["", *parts[:-1]], strict=True):
+        if part != before or len(lines) == 1:
+            lines += ["", f"{part}: {sections[part]}" if part else "general"]
         lines.append(f"  {name:<{width}}  {text}")
         lines.append(f"  {'':<{width}}  [{kind}; default {default}]")
     return "\n".join(lines)
