@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import REPO
 
-from memo.io.audio import decode_audio
 import memo.io.job_state
+from memo.io.audio import decode_audio
 from memo.io.job_state import (
     FIRST_SNAPSHOT_SECONDS,
     ClipRecord,
