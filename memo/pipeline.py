@@ -54,6 +54,7 @@ def checkpoint_specs(
     specs["vae"] = pretrained_spec(AutoencoderKL, vae, torch_dtype=vae_dtype or torch_dtype)
     return specs
 
+
 ClipCallback = Callable[["MemoPipeline", int, torch.Tensor], None]
 StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | None]
 

@@ -30,7 +30,7 @@ LFS_POINTER = b"version https://git-lfs"
 """How a git-lfs pointer file begins (a small text file standing in for the real one)."""
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 """safetensors' own limit on its JSON header."""
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".model")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".model", ".pkl")
 
 
 class DamagedModelError(UserError, OSError):
@@ -191,6 +191,8 @@ class ModelFolder:
     files: Sequence[str]
     component: str | None = None
     """The registry row the files come from (for ``download_models.py --only``); None: found by file name."""
+    fix: str | None = None
+    """What to do about a damaged file of this folder, where it is no downloaded model (a run's checkpoint)."""
 
 
 def _component(model: ModelFolder, relative: str) -> str | None:
@@ -208,6 +210,8 @@ def _component(model: ModelFolder, relative: str) -> str | None:
 def fix_for(model: ModelFolder, relative: str) -> str:
     """What to do about a damaged or missing file ``relative`` of ``model``: download it again (the command), or
     for a local folder, a good copy (rebuild the tiny pack for its files)."""
+    if model.fix is not None:
+        return model.fix
     folder = model.folder
     parts = folder.resolve().parts
     tiny = next((Path(*parts[: i + 1]) for i, part in enumerate(parts) if part.startswith("tiny-pack-")), None)

@@ -27,8 +27,10 @@ import dataclasses
 import inspect
 import json
 import os
+import pickle
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +148,29 @@ def _read_config(path: Path) -> dict:
     return value
 
 
+def read_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """What ``torch.load`` reads from ``path`` (tensors and plain containers only, ``weights_only``), on the CPU;
+    ``mmap``: the tensors mapped, not read (a legacy, non-zip file is read whole). Raises ``ValueError`` saying
+    in a few words why a file is no PyTorch checkpoint, without torch's warnings about it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            try:
+                return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as error:
+                if not mmap or "mmap can only be used" not in str(error):
+                    raise
+                return torch.load(Path(path), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError) as error:
+            text = str(error)
+            detail = (
+                text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+                if ("WeightsUnpickler error:" in text)
+                else text
+            )
+            raise ValueError(f"no PyTorch checkpoint: {_reason(detail)}") from error
+
+
 # --------------------------------------------------------------------------------------------------
 # Config values against the class's signature
 
@@ -190,7 +215,11 @@ def config_type_problem(config: Mapping[str, Any], signature: Callable) -> str |
     except Exception:  # an annotation that cannot be resolved here: the defaults' types still tell
         hints = {}
     owner = signature.__qualname__.split(".")[0]
-    for name, parameter in inspect.signature(signature).parameters.items():
+    parameters = inspect.signature(signature).parameters
+    settings = [name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+    if settings and not any(name in config for name in settings):
+        return f"holds none of {owner}'s settings (such as {settings[0]}): it is not this network's config"
+    for name, parameter in parameters.items():
         if name not in config or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         default = parameter.default
@@ -220,9 +249,7 @@ def _weights_problem(expected: Mapping[str, torch.Size], found: Shapes, config: 
         return f"has a tensor of an unknown dtype ({unknown[0]}: {unknown[1]!r})"
     for name, shape in expected.items():
         if name in found and tuple(found[name][1]) != tuple(shape):
-            return (
-                f"does not fit {config} ({name} is {list(found[name][1])} in the file, {list(shape)} by the config)"
-            )
+            return f"does not fit {config} ({name} is {list(found[name][1])} in the file, {list(shape)} by the config)"
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
     if strict and (missing or unexpected):

@@ -15,7 +15,6 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 from memo.constants import SAMPLE_RATE
 from memo.io.hub import EMOTION2VEC_FILES, EMOTION2VEC_REPO, resolve_model_dir
 from memo.io.model_files import ModelFolder
-from memo.io.model_load import ModelSpec, Shapes, load_model
+from memo.io.model_load import ModelSpec, Shapes, load_model, read_torch_file
 
 DEFAULT_REPO = EMOTION2VEC_REPO
 CHECKPOINT_PREFIX = "d2v_model."
@@ -411,15 +410,10 @@ class Emotion2VecEncoder(nn.Module):
     def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
         """The raw state dict (``ckpt["model"]``) of a published fairseq/funasr ``model.pt``; ``mmap``: mapped,
         not read (a legacy, non-zip file is read whole)."""
-        try:
-            checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as error:
-            if not mmap or "mmap" not in str(error):
-                raise
-            checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+        checkpoint = read_torch_file(path, mmap=mmap)
         state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
         if not isinstance(state, Mapping):
-            raise ValueError(f"{path} is not an emotion2vec checkpoint: no 'model' state dict in it")
+            raise ValueError("it is a PyTorch file but no emotion2vec checkpoint (it holds no 'model' state dict)")
         return dict(state)
 
     def load_published_state_dict(self, state: Mapping[str, torch.Tensor], assign: bool = False) -> None:
