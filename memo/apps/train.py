@@ -89,11 +89,11 @@ def preflight(config: TrainingConfig) -> RunInputs:
 
     check_trackers(config.tracking.report_to)
     folders = locate_training_models(config.models.model_name_or_path, config.models.vae)
+    resume = resolve_resume(config.output_dir, config.checkpointing.resume_from_checkpoint)
     try:
         entries = load_metadata(list(config.data.data_dirs))
     except FileNotFoundError as error:
         raise DataError(f"data.data_dirs: {error} Prepare videos with scripts/prepare_data.py first.") from None
-    resume = resolve_resume(config.output_dir, config.checkpointing.resume_from_checkpoint)
     return RunInputs(folders, entries, resume)
 
 
