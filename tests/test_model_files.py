@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import load_program, run_main
+from conftest import PUBLISHED, load_program, run_main
 from test_field_inputs import EXAMPLE_AUDIO, EXAMPLE_IMAGE, FAST, assert_stopped_early, run, run_program
 
 from memo.io.model_files import file_problem
@@ -251,6 +251,31 @@ def test_a_file_whose_structure_passes_but_does_not_load_is_one_line(pack, tmp_p
     )
     line = assert_stopped_early(result, f"{root / relative} ", problem, f"--only {component} --force")
     assert "models: loaded" not in result.stderr and not out.exists(), line
+
+
+@pytest.mark.parametrize(
+    "name", ["reference_net", "diffusion_net", "image_proj", "audio_proj", "audio_emotion_classifier"]
+)
+def test_the_published_configs_and_weights_pass_the_checks(name):
+    """The checks refuse nothing of the published checkpoint: its configs (the small networks' hold only their
+    class name) fit the classes, and its tensors' names and shapes (recorded from the release) fit the networks
+    those configs build."""
+    import torch
+
+    from memo.io.model_load import _weights_problem, config_type_problem
+    from memo.models.emotion_classifier import AudioEmotionClassifierModel
+    from memo.pipeline import NETWORKS
+
+    cls = {**NETWORKS, "audio_emotion_classifier": AudioEmotionClassifierModel}[name]
+    config = json.loads((PUBLISHED / f"{name}.config.json").read_text())
+    assert config_type_problem(config, cls.__init__) is None
+    with torch.device("meta"):
+        network = cls.from_config(config)
+    expected = {key: tensor.shape for key, tensor in network.state_dict().items()}
+    published = json.loads((PUBLISHED / f"{name}.keys.json").read_text())["keys"]
+    found = {key: ("F32", tuple(shape)) for key, shape in published.items()}
+    assert _weights_problem(expected, found, "config.json", strict=False) is None
+    assert _weights_problem(expected, found, "config.json", strict=True) is None
 
 
 def test_the_load_boundary_names_a_failure_the_checks_cannot_see(pack, tmp_path):

@@ -217,8 +217,9 @@ def config_type_problem(config: Mapping[str, Any], signature: Callable) -> str |
     owner = signature.__qualname__.split(".")[0]
     parameters = inspect.signature(signature).parameters
     settings = [name for name, p in parameters.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
-    if settings and not any(name in config for name in settings):
-        return f"holds none of {owner}'s settings (such as {settings[0]}): it is not this network's config"
+    if settings and "_class_name" not in config and not any(name in config for name in settings):
+        # A saved config names its class (the published ones of the small networks hold nothing else).
+        return f"holds none of {owner}'s settings (such as {settings[0]}) and no _class_name: it is no network's config"
     for name, parameter in parameters.items():
         if name not in config or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
