@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from memo.conditions.audio_features import Wav2VecAudioEncoder
+from memo.conditions.audio_features import Wav2VecAudioEncoder, wav2vec_spec
 from memo.conditions.face import FaceAnalyzer
 from memo.conditions.vocals import VocalSeparator
 from memo.io.hub import (
@@ -36,8 +36,10 @@ from memo.io.hub import (
     resolve_model_dir,
 )
 from memo.io.model_files import ModelFolder, check_model_files
+from memo.io.model_load import ModelSpec, load_model, pretrained_spec, verify_models
 from memo.models.emotion2vec import Emotion2VecEncoder
 from memo.models.emotion_classifier import AudioEmotionClassifierModel
+from memo.pipeline import checkpoint_specs
 from memo.settings.inference import ConfigError, ModelSettings
 
 CHECKPOINT_PATTERNS = list(REGISTRY["networks"].files) + [f"{CHECKPOINT_VAE_FOLDER}/*"]
@@ -51,25 +53,42 @@ CLASSIFIER_FILES = [f"{EMOTION_CLASSIFIER_FOLDER}/{name}" for name in VAE_FILES]
 """The emotion classifier's files, in the same layout."""
 
 
-def check_checkpoint_files(
-    model_name_or_path: str, root: Path, vae: str, vae_dir: Path, extra: Sequence[ModelFolder] = ()
-) -> None:
-    """Check every file the networks, the emotion classifier and the VAE load (and ``extra`` folders) before
-    anything loads: one :class:`~memo.io.model_files.DamagedModelError` names each missing or damaged file."""
+def checkpoint_folders(model_name_or_path: str, root: Path, vae: str, vae_dir: Path) -> tuple[ModelFolder, ModelFolder]:
+    """The checkpoint's folder and the VAE's, each named by the setting that chose it: the VAE's own ``vae``, or
+    ``model_name_or_path`` where the checkpoint carries its own ``vae/`` and ``vae`` is left at its default."""
     own_vae = Path(vae_dir) == root / CHECKPOINT_VAE_FOLDER and vae == VAE_REPO
-    check_model_files(
-        [
-            ModelFolder("model_name_or_path", model_name_or_path, root, NETWORK_FILES + CLASSIFIER_FILES),
-            ModelFolder(
-                "model_name_or_path" if own_vae else "vae",
-                model_name_or_path if own_vae else vae,
-                Path(vae_dir),
-                VAE_FILES,
-                component="vae",
-            ),
-            *extra,
-        ]
+    return (
+        ModelFolder("model_name_or_path", model_name_or_path, root, NETWORK_FILES + CLASSIFIER_FILES),
+        ModelFolder(
+            "model_name_or_path" if own_vae else "vae",
+            model_name_or_path if own_vae else vae,
+            Path(vae_dir),
+            VAE_FILES,
+            component="vae",
+        ),
     )
+
+
+def check_checkpoint_files(
+    model_name_or_path: str,
+    root: Path,
+    vae: str,
+    vae_dir: Path,
+    extra: Sequence[ModelFolder] = (),
+    extra_specs: Sequence[ModelSpec] = (),
+) -> None:
+    """Check every file the networks, the emotion classifier and the VAE load (and ``extra`` folders, and the
+    models of ``extra_specs``) before anything loads: first each file's structure, then each config against its
+    network and each network's weights against its config (:mod:`memo.io.model_load`, headers only). One
+    :class:`~memo.io.model_files.DamagedModelError` names each missing or damaged file."""
+    checkpoint, vae_folder = checkpoint_folders(model_name_or_path, root, vae, vae_dir)
+    check_model_files([checkpoint, vae_folder, *extra])
+    verify_models([*checkpoint_specs(checkpoint, vae_folder).values(), classifier_spec(checkpoint), *extra_specs])
+
+
+def classifier_spec(checkpoint: ModelFolder) -> ModelSpec[AudioEmotionClassifierModel]:
+    """How the checkpoint's emotion classifier is checked and loaded."""
+    return pretrained_spec(AudioEmotionClassifierModel, checkpoint, EMOTION_CLASSIFIER_FOLDER)
 
 
 def pick_device(name: str) -> torch.device:
@@ -164,14 +183,19 @@ def locate_models(config: ModelSettings, need_emotion2vec: bool) -> ModelFiles:
         if lacking:
             locator.missing.append(("misc_model_dir", str(misc), f"lacks {', '.join(lacking)} (from {MEMO_REPO})"))
     locator.check()
-    extra = [ModelFolder("wav2vec", config.wav2vec, wav2vec, list(WAV2VEC_FILES))]
+    wav2vec_folder = ModelFolder("wav2vec", config.wav2vec, wav2vec, list(WAV2VEC_FILES))
+    extra = [wav2vec_folder]
+    specs: list[ModelSpec] = [wav2vec_spec(wav2vec_folder)]
     if misc is not None:
         misc_setting = "misc_model_dir" if config.misc_model_dir else "model_name_or_path"
         misc_name = config.misc_model_dir or (config.model_name_or_path if misc == memo_root else MEMO_REPO)
         extra.append(ModelFolder(misc_setting, str(misc_name), misc, misc_files))
     if emotion2vec is not None:
-        extra.append(ModelFolder("emotion2vec", config.emotion2vec, emotion2vec, list(EMOTION2VEC_FILES)))
-    check_checkpoint_files(config.model_name_or_path, memo_root, config.vae, vae, extra)
+        emotion_folder = ModelFolder("emotion2vec", config.emotion2vec, emotion2vec, list(EMOTION2VEC_FILES))
+        extra.append(emotion_folder)
+        specs.append(Emotion2VecEncoder.spec(emotion_folder))
+    # Every model is checked here, emotion2vec (loaded on first use) included, before any of them loads.
+    check_checkpoint_files(config.model_name_or_path, memo_root, config.vae, vae, extra, specs)
     return ModelFiles(memo=memo_root, misc=misc, vae=vae, wav2vec=wav2vec, emotion2vec=emotion2vec)
 
 
@@ -205,7 +229,9 @@ class ConditionModels:
             if config.vocal_separation
             else None
         )
-        classifier = AudioEmotionClassifierModel.from_pretrained(files.memo / EMOTION_CLASSIFIER_FOLDER)
+        classifier = load_model(
+            classifier_spec(ModelFolder("model_name_or_path", config.model_name_or_path, files.memo, ()))
+        )
         return cls(
             audio_encoder=audio_encoder.to(device),
             face_analyzer=face_analyzer,
@@ -239,6 +265,6 @@ class ConditionModels:
             source = resolve_model_dir(
                 self.emotion2vec_source, list(EMOTION2VEC_FILES), cache_dir=self.cache_dir, setting="emotion2vec"
             )
-            check_model_files([ModelFolder("emotion2vec", str(self.emotion2vec_source), source, EMOTION2VEC_FILES)])
-            self._emotion_encoder = Emotion2VecEncoder.from_pretrained(source, device=self.device)
+            folder = ModelFolder("emotion2vec", str(self.emotion2vec_source), source, EMOTION2VEC_FILES)
+            self._emotion_encoder = load_model(Emotion2VecEncoder.spec(folder, device=self.device))
         return self._emotion_encoder

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from memo.conditions.audio_features import AudioFeatures
 from memo.io.hub import CHECKPOINT_VAE_FOLDER, MEMO_REPO, NETWORK_FOLDERS, VAE_FILES, VAE_REPO, resolve_model_dir
+from memo.io.model_files import ModelFolder
+from memo.io.model_load import ModelSpec, load_model, pretrained_spec, verify_models
 from memo.models.diffusion_net import DiffusionNet
 from memo.models.projections import AudioProjModel, ImageProjModel
 from memo.models.reference_net import ReferenceNet
@@ -37,6 +39,21 @@ from memo.sampling.solvers import SOLVERS, flow_scheduler
 
 NETWORKS = dict(zip(NETWORK_FOLDERS, (ReferenceNet, DiffusionNet, ImageProjModel, AudioProjModel)))
 """Each network's folder in a checkpoint (memo.io.hub.NETWORK_FOLDERS) and its class."""
+
+
+def checkpoint_specs(
+    root: ModelFolder,
+    vae: ModelFolder,
+    torch_dtype: torch.dtype | None = None,
+    vae_dtype: torch.dtype | None = None,
+) -> dict[str, ModelSpec]:
+    """How each network of a checkpoint in the published layout (``root.folder``) and the VAE (``vae.folder``)
+    is checked and loaded (:mod:`memo.io.model_load`), by name: the four of :data:`NETWORKS` in ``torch_dtype``,
+    then ``vae`` in ``vae_dtype`` (default ``torch_dtype``; None: as stored)."""
+    specs = {name: pretrained_spec(network, root, name, torch_dtype=torch_dtype) for name, network in NETWORKS.items()}
+    specs["vae"] = pretrained_spec(AutoencoderKL, vae, torch_dtype=vae_dtype or torch_dtype)
+    return specs
+
 
 ClipCallback = Callable[["MemoPipeline", int, torch.Tensor], None]
 StepCallback = Callable[["MemoPipeline", int, int, torch.Tensor, dict], dict | None]
@@ -148,22 +165,22 @@ class MemoPipeline(DiffusionPipeline):
 
         The VAE comes from ``vae``, else from the checkpoint's own ``vae/`` folder when it has one, else
         from the registry's VAE (``memo.io.hub.VAE_REPO``). Only the files needed are fetched; raises
-        :class:`memo.io.hub.MissingModelError` when they cannot be had.
+        :class:`memo.io.hub.MissingModelError` when they cannot be had, and
+        :class:`memo.io.model_files.DamagedModelError` (one line per file) when one is damaged or does not fit
+        its network, checked before any weights load.
         """
         patterns = [f"{name}/*" for name in NETWORKS] + [f"{CHECKPOINT_VAE_FOLDER}/*"]
         root = resolve_model_dir(model, patterns, setting="model", **hub_kwargs)
         if vae is None:
             vae = root / CHECKPOINT_VAE_FOLDER if (root / CHECKPOINT_VAE_FOLDER).is_dir() else VAE_REPO
         vae_dir = resolve_model_dir(vae, list(VAE_FILES), setting="vae", **hub_kwargs)
-        networks = {
-            name: network.from_pretrained(Path(root) / name, torch_dtype=torch_dtype)
-            for name, network in NETWORKS.items()
-        }
-        return cls(
-            vae=AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype),
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            **networks,
+        specs = checkpoint_specs(
+            ModelFolder("model_name_or_path", str(model), Path(root), ()),
+            ModelFolder("vae", str(vae), Path(vae_dir), (), component="vae"),
+            torch_dtype,
         )
+        verify_models(specs.values())
+        return cls(scheduler=FlowMatchEulerDiscreteScheduler(), **{name: load_model(s) for name, s in specs.items()})
 
     # -- pieces of the clip loop -------------------------------------------------------------------
 

@@ -105,9 +105,78 @@ def test_pruning_keeps_the_new_checkpoint_whatever_its_number(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3"]
 
 
-def test_latest_skips_an_unfinished_checkpoint(tmp_path, caplog):
-    (tmp_path / "checkpoint-1").mkdir()
-    checkpointing.write_training_state(tmp_path / "checkpoint-1", 1)
-    (tmp_path / "checkpoint-2").mkdir()  # e.g. copied by hand, cut short
-    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-1"
-    assert "checkpoint-2 has no training_state.json" in caplog.text
+def whole_run(run, tmp_path: Path, *steps: int) -> Path:
+    """A copy of the run's folder whose ``checkpoint-1`` is copied as each of ``steps`` too."""
+    folder = tmp_path / "run"
+    shutil.copytree(run.base, folder)
+    for step in steps:
+        shutil.copytree(folder / "checkpoint-1", folder / f"checkpoint-{step}")
+        checkpointing.write_training_state(folder / f"checkpoint-{step}", step)
+    return folder
+
+
+def test_latest_skips_an_unfinished_checkpoint(run, tmp_path, caplog):
+    folder = whole_run(run, tmp_path)
+    (folder / "checkpoint-2").mkdir()  # e.g. copied by hand, cut short
+    assert resolve_resume(folder, "latest") == folder / "checkpoint-1"
+    assert f"{folder / 'checkpoint-2' / 'training_state.json'} is missing" in caplog.text
+
+
+def cut_short(path: Path, keep: int = 1000) -> Path:
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damaged", "problem"),
+    [
+        ("diffusion_net/diffusion_pytorch_model.safetensors", "is cut short (1,000 bytes"),
+        ("optimizer.bin", "is cut short or damaged"),
+        ("training_state.json", "is damaged"),
+        ("audio_proj/config.json", "holds none of AudioProjModel's settings"),
+    ],
+)
+def test_latest_falls_back_from_a_damaged_checkpoint_to_the_newest_whole_one(run, tmp_path, caplog, damaged, problem):
+    """issue 29: resume_from_checkpoint=latest with the newest checkpoint damaged warns in one line naming it and
+    what is wrong, and resumes from the newest whole one; accelerate loads that one."""
+    folder = whole_run(run, tmp_path, 2, 3)
+    path = folder / "checkpoint-3" / damaged
+    if damaged.endswith(".json") and damaged != "training_state.json":
+        path.write_text("{}")
+    elif damaged == "training_state.json":
+        path.write_text('{"step": ')
+    else:
+        cut_short(path)
+    assert resolve_resume(folder, "latest") == folder / "checkpoint-2"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert f"{path} {problem}" in warnings[0] and "checkpoint-3 is skipped" in warnings[0], warnings[0]
+    run.accelerator.load_state(str(folder / "checkpoint-2"))
+
+
+def test_latest_with_every_checkpoint_damaged_starts_afresh_saying_so(run, tmp_path, caplog):
+    folder = whole_run(run, tmp_path, 2)
+    for step in (1, 2):
+        cut_short(folder / f"checkpoint-{step}" / "image_proj" / "diffusion_pytorch_model.safetensors", 100)
+    assert resolve_resume(folder, "latest") is None
+    assert f"no whole checkpoint in {folder}; starting from step 0" in caplog.text
+
+
+def test_a_checkpoint_named_that_is_not_there_or_damaged_is_one_line(run, tmp_path):
+    from memo.training.checkpointing import CheckpointError
+
+    folder = whole_run(run, tmp_path, 2)
+    with pytest.raises(CheckpointError) as missing:
+        resolve_resume(folder, "checkpoint-9")
+    assert "resume_from_checkpoint=checkpoint-9: no such checkpoint" in str(missing.value)
+    assert "checkpoint-1, checkpoint-2" in str(missing.value) and "\n" not in str(missing.value)
+    # another network's weights in place of the diffusion net's: named, with the checkpoints to use instead
+    shutil.copyfile(
+        folder / "checkpoint-2" / "audio_proj" / "diffusion_pytorch_model.safetensors",
+        folder / "checkpoint-2" / "diffusion_net" / "diffusion_pytorch_model.safetensors",
+    )
+    with pytest.raises(CheckpointError) as damaged:
+        resolve_resume(folder, "checkpoint-2")
+    line = str(damaged.value)
+    assert "diffusion_net/diffusion_pytorch_model.safetensors holds other weights" in line and "\n" not in line
+    assert "resume from another (checkpoint-1)" in line

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from memo.io.hub import MissingModelError
+from memo.io.model_files import DamagedModelError
 from memo.models.emotion2vec import UNUSED_HEAD_PREFIX, Emotion2VecEncoder
 
 REFERENCE = Path(
@@ -118,7 +119,7 @@ def test_missing_model_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(MissingModelError, match="no such folder"):
         Emotion2VecEncoder.from_pretrained(tmp_path / "absent")
     (tmp_path / "config.yaml").write_text("model_conf: {}\n")
-    with pytest.raises(FileNotFoundError, match="model.pt"):
+    with pytest.raises(DamagedModelError, match="model.pt is missing"):
         Emotion2VecEncoder.from_pretrained(tmp_path)
 
 

@@ -79,19 +79,22 @@ def check_trackers(report_to: str) -> None:
 
 def preflight(config: TrainingConfig) -> RunInputs:
     """Everything a run needs that can be checked before the accelerator starts and the models load: the
-    trackers, the checkpoint and VAE files (fetched once into the hub cache), and the prepared data's metadata;
-    returns what was found, for the run to use as it is."""
+    trackers, the checkpoint and VAE files (fetched once into the hub cache), the prepared data's metadata, and
+    the run's checkpoint to resume from (a name that is not there, or a damaged one, stops here with nothing
+    written); returns what was found, for the run to use as it is."""
     from memo.data.dataset import load_metadata
+    from memo.training.checkpointing import resolve_resume
     from memo.training.networks import locate_training_models
     from memo.training.run import RunInputs
 
     check_trackers(config.tracking.report_to)
     folders = locate_training_models(config.models.model_name_or_path, config.models.vae)
+    resume = resolve_resume(config.output_dir, config.checkpointing.resume_from_checkpoint)
     try:
         entries = load_metadata(list(config.data.data_dirs))
     except FileNotFoundError as error:
         raise DataError(f"data.data_dirs: {error} Prepare videos with scripts/prepare_data.py first.") from None
-    return RunInputs(folders, entries)
+    return RunInputs(folders, entries, resume)
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:

@@ -25,6 +25,10 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from memo.constants import SAMPLE_RATE
 from memo.io.hub import WAV2VEC_FILES, WAV2VEC_REPO, resolve_model_dir
+from memo.io.model_files import ModelFolder
+from memo.io.model_load import ModelSpec, load_model, model_boundary, pretrained_spec
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 WINDOW = 2
 """Each frame sees the features of WINDOW frames on either side."""
@@ -67,6 +71,11 @@ def frame_windows(hidden: torch.Tensor, frames: torch.Tensor | None = None, radi
     return hidden[index.to(hidden.device)]
 
 
+def wav2vec_spec(model: ModelFolder) -> ModelSpec[Wav2Vec2Model]:
+    """How the wav2vec2 model of ``model.folder`` is checked and loaded (:mod:`memo.io.model_load`)."""
+    return pretrained_spec(Wav2Vec2Model, model, extra=[PREPROCESSOR_FILE])
+
+
 class Wav2VecAudioEncoder:
     """A transformers wav2vec2 model and its feature extractor, producing MEMO's per-frame audio features."""
 
@@ -88,12 +97,16 @@ class Wav2VecAudioEncoder:
     def from_pretrained(cls, name_or_path: str | os.PathLike = WAV2VEC_REPO, **kwargs) -> Wav2VecAudioEncoder:
         """Load from a local directory or a hub repo id (only the files needed are fetched).
 
-        ``chunk_seconds`` and ``context_seconds`` are passed on; the rest goes to the hub.
+        ``chunk_seconds`` and ``context_seconds`` are passed on; the rest goes to the hub. Raises
+        :class:`~memo.io.model_files.DamagedModelError` (one line) when a file is damaged or does not fit.
         """
         options = {k: kwargs.pop(k) for k in ("chunk_seconds", "context_seconds") if k in kwargs}
         directory = resolve_model_dir(name_or_path, list(WAV2VEC_FILES), **{"setting": "wav2vec", **kwargs})
-        model = Wav2Vec2Model.from_pretrained(directory)
-        return cls(model, Wav2Vec2FeatureExtractor.from_pretrained(directory), **options)
+        folder = ModelFolder("wav2vec", str(name_or_path), directory, ())
+        model = load_model(wav2vec_spec(folder))
+        with model_boundary(folder, [PREPROCESSOR_FILE]):
+            extractor = Wav2Vec2FeatureExtractor.from_pretrained(directory)
+        return cls(model, extractor, **options)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Wav2VecAudioEncoder:
         self.model.to(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ LFS_POINTER = b"version https://git-lfs"
 """How a git-lfs pointer file begins (a small text file standing in for the real one)."""
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 """safetensors' own limit on its JSON header."""
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".model")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".model", ".pkl")
 
 
 class DamagedModelError(UserError, OSError):
@@ -39,6 +39,22 @@ class DamagedModelError(UserError, OSError):
 
 def _size_text(size: int) -> str:
     return f"{size:,} bytes"
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; ``__metadata__``).
+    Raises ``ValueError`` when the file holds no such header."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise ValueError("the file is shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_SAFETENSORS_HEADER:
+            raise ValueError("its first bytes are no safetensors header")
+        header = json.loads(file.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not the safetensors index")
+    return header
 
 
 def _safetensors_problem(path: Path, size: int) -> str | None:
@@ -175,6 +191,8 @@ class ModelFolder:
     files: Sequence[str]
     component: str | None = None
     """The registry row the files come from (for ``download_models.py --only``); None: found by file name."""
+    fix: str | None = None
+    """What to do about a damaged file of this folder, where it is no downloaded model (a run's checkpoint)."""
 
 
 def _component(model: ModelFolder, relative: str) -> str | None:
@@ -189,8 +207,11 @@ def _component(model: ModelFolder, relative: str) -> str | None:
     return None
 
 
-def _fix(model: ModelFolder, relative: str) -> str:
-    """What to do about a damaged or missing file of ``model``."""
+def fix_for(model: ModelFolder, relative: str) -> str:
+    """What to do about a damaged or missing file ``relative`` of ``model``: download it again (the command), or
+    for a local folder, a good copy (rebuild the tiny pack for its files)."""
+    if model.fix is not None:
+        return model.fix
     folder = model.folder
     parts = folder.resolve().parts
     tiny = next((Path(*parts[: i + 1]) for i, part in enumerate(parts) if part.startswith("tiny-pack-")), None)
@@ -216,7 +237,7 @@ def find_problems(models: Iterable[ModelFolder]) -> list[str]:
                 paths = sorted(model.folder.glob(pattern))
                 if not paths:
                     lines.append(
-                        f"{model.setting}={model.name}: {model.folder} has no {pattern}: {_fix(model, pattern)}"
+                        f"{model.setting}={model.name}: {model.folder} has no {pattern}: {fix_for(model, pattern)}"
                     )
             else:
                 paths = [model.folder / pattern]
@@ -233,13 +254,13 @@ def find_problems(models: Iterable[ModelFolder]) -> list[str]:
                     folder = model.folder / missing_folder
                     lines.append(
                         f"{model.setting}={model.name}: the folder {folder} is missing: "
-                        f"{_fix(model, path.relative_to(model.folder).as_posix())}"
+                        f"{fix_for(model, path.relative_to(model.folder).as_posix())}"
                     )
                     continue
                 problem = file_problem(path)
                 if problem is not None:
                     relative = path.relative_to(model.folder).as_posix()
-                    lines.append(f"{model.setting}={model.name}: {path} {problem}: {_fix(model, relative)}")
+                    lines.append(f"{model.setting}={model.name}: {path} {problem}: {fix_for(model, relative)}")
     return lines
 
 

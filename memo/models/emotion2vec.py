@@ -15,7 +15,6 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +24,8 @@ from torch import nn
 
 from memo.constants import SAMPLE_RATE
 from memo.io.hub import EMOTION2VEC_FILES, EMOTION2VEC_REPO, resolve_model_dir
+from memo.io.model_files import ModelFolder
+from memo.io.model_load import ModelSpec, Shapes, load_model, read_torch_file
 
 DEFAULT_REPO = EMOTION2VEC_REPO
 CHECKPOINT_PREFIX = "d2v_model."
@@ -357,7 +358,8 @@ class Emotion2VecEncoder(nn.Module):
 
         The checkpoint is read with ``weights_only=True`` (it is a pickle) and loaded strictly: every
         parameter must be present and every checkpoint tensor must be used, except the 9-way ``proj``
-        head that MEMO does not need.
+        head that MEMO does not need. Raises :class:`~memo.io.model_files.DamagedModelError` (one line) when a
+        file is damaged or the weights do not fit the config (checked before they load, :meth:`spec`).
         """
         folder = resolve_model_dir(
             name_or_path,
@@ -366,21 +368,52 @@ class Emotion2VecEncoder(nn.Module):
             cache_dir=cache_dir,
             setting="emotion2vec",
         )
-        for needed in ("config.yaml", "model.pt"):
-            if not (folder / needed).is_file():
-                raise FileNotFoundError(f"{needed} is missing from the emotion2vec model directory {folder}")
-        with torch.device("meta"):
-            model = cls.from_config(folder / "config.yaml")
-        model.load_published_state_dict(cls.read_checkpoint(folder / "model.pt"), assign=True)
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return load_model(cls.spec(ModelFolder("emotion2vec", str(name_or_path), folder, ()), device, dtype))
+
+    @classmethod
+    def spec(
+        cls, model: ModelFolder, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> ModelSpec[Emotion2VecEncoder]:
+        """How the ``config.yaml`` + ``model.pt`` of ``model.folder`` are checked and loaded
+        (:mod:`memo.io.model_load`): the config builds the encoder, whose tensors the checkpoint must hold
+        exactly (its ``proj`` head aside)."""
+
+        def load() -> Emotion2VecEncoder:
+            with torch.device("meta"):
+                encoder = cls.from_config(model.folder / "config.yaml")
+            encoder.load_published_state_dict(cls.read_checkpoint(model.folder / "model.pt"), assign=True)
+            return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+        return ModelSpec(
+            model=model,
+            config="config.yaml",
+            weights="model.pt",
+            build=cls.from_config,
+            load=load,
+            shapes=cls.checkpoint_shapes,
+            kind=f"{cls.__module__}.{cls.__qualname__}",
+            strict=True,
+        )
+
+    @classmethod
+    def checkpoint_shapes(cls, path: str | os.PathLike) -> Shapes:
+        """The encoder's tensors a published ``model.pt`` holds, by the encoder's names (``proj`` head left
+        out), read through a memory map: the weights themselves are not read."""
+        state = cls.read_checkpoint(path, mmap=True)
+        return {
+            key.removeprefix(CHECKPOINT_PREFIX): (None, tuple(tensor.shape))
+            for key, tensor in state.items()
+            if not key.startswith(UNUSED_HEAD_PREFIX)
+        }
 
     @staticmethod
-    def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-        """The raw state dict (``ckpt["model"]``) of a published fairseq/funasr ``model.pt``."""
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, torch.Tensor]:
+        """The raw state dict (``ckpt["model"]``) of a published fairseq/funasr ``model.pt``; ``mmap``: mapped,
+        not read (a legacy, non-zip file is read whole)."""
+        checkpoint = read_torch_file(path, mmap=mmap)
         state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
         if not isinstance(state, Mapping):
-            raise ValueError(f"{path} is not an emotion2vec checkpoint: no 'model' state dict in it")
+            raise ValueError("it is a PyTorch file but no emotion2vec checkpoint (it holds no 'model' state dict)")
         return dict(state)
 
     def load_published_state_dict(self, state: Mapping[str, torch.Tensor], assign: bool = False) -> None:

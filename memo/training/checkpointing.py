@@ -32,8 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from memo.errors import UserError
 from memo.io.hub import EMOTION_CLASSIFIER_FOLDER
+from memo.io.model_files import ModelFolder, find_problems
+from memo.io.model_load import find_model_problems
 from memo.io.partial import Partial
+from memo.pipeline import checkpoint_specs
 
 logger = logging.getLogger("memo")
 
@@ -87,24 +91,70 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / STATE_NAME).is_file()
 
 
+class CheckpointError(UserError, FileNotFoundError):
+    """``resume_from_checkpoint`` names a checkpoint that is not there, or one that is damaged."""
+
+
+def checkpoint_problems(path: str | Path, setting: str, fix: str) -> list[str]:
+    """What is wrong with the checkpoint folder ``path``, one line each (``setting: FILE problem: fix``), checked
+    as every model file is (:mod:`memo.io.model_load`: each file's structure, the networks' weights against
+    their configs, headers only): its ``training_state.json`` and accelerate's files, and the four networks
+    in the published layout that resuming loads. Empty when it is whole."""
+    path = Path(path)
+    lines = []
+    state = path / STATE_NAME
+    try:
+        step = json.loads(state.read_text(encoding="utf-8")).get("step")
+        if type(step) is not int:
+            raise ValueError("no whole step number in it")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError) as error:
+        reason = "is missing (the save was not finished)" if not state.exists() else f"is damaged ({error})"
+        lines.append(f"{setting}: {state} {reason}: {fix}")
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    folder = ModelFolder(setting.split("=", 1)[0], setting.split("=", 1)[-1], path, files, fix=fix)
+    specs = checkpoint_specs(folder, folder)
+    specs.pop("vae")
+    lines += find_problems([folder]) + find_model_problems(specs.values())
+    return list(dict.fromkeys(lines))
+
+
 def resolve_resume(output_dir: str | Path, value: str | None) -> Path | None:
-    """The checkpoint to resume from: None for a fresh start, "latest" (the newest complete checkpoint, None when
-    the run has none yet), a checkpoint name in ``output_dir``, or a path."""
+    """The checkpoint to resume from: None for a fresh start, "latest" (the newest whole checkpoint, None when
+    the run has none yet), a checkpoint name in ``output_dir``, or a path.
+
+    ``latest`` skips an unfinished or damaged checkpoint with a one-line warning naming it and what is wrong,
+    and says so when it starts from step 0 for want of a whole one. A name that is not there, or a damaged
+    checkpoint given by name, is a :class:`CheckpointError` (one line: the checkpoints there are). Checks files'
+    structure and headers only, so it runs before anything is written."""
     if not value:
         return None
+    checkpoints = list_checkpoints(output_dir)
+    names = ", ".join(path.name for path in checkpoints) or "none yet"
     if value == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        complete = [path for path in checkpoints if is_complete(path)]
-        for path in checkpoints:
-            if not is_complete(path):
-                logger.warning(
-                    f"{path} has no {STATE_NAME} (it was not finished); resume_from_checkpoint=latest skips it"
-                )
-        return complete[-1] if complete else None
+        for path in reversed(checkpoints):
+            problems = checkpoint_problems(path, "resume_from_checkpoint=latest", f"{path.name} is skipped")
+            if not problems:
+                return path
+            logger.warning(problems[0])
+        if checkpoints:
+            logger.warning(f"resume_from_checkpoint=latest: no whole checkpoint in {output_dir}; starting from step 0")
+        return None
     for candidate in (Path(output_dir) / value, Path(value).expanduser()):
         if candidate.is_dir():
+            others = [path.name for path in checkpoints if path != candidate]
+            fix = (
+                f"resume from another ({', '.join(others)}) or with resume_from_checkpoint=latest"
+                if others
+                else ("start afresh without resume_from_checkpoint")
+            )
+            problems = checkpoint_problems(candidate, f"resume_from_checkpoint={value}", fix)
+            if problems:
+                raise CheckpointError(problems[0])
             return candidate
-    raise FileNotFoundError(f"resume_from_checkpoint={value!r}: no such checkpoint in {output_dir} or on disk.")
+    raise CheckpointError(
+        f"resume_from_checkpoint={value}: no such checkpoint in {output_dir} or on disk (the run's checkpoints: "
+        f"{names}); give one of them, latest, or a checkpoint folder's path."
+    )
 
 
 def prune_checkpoints(output_dir: str | Path, limit: int | None, keep: str | Path) -> list[Path]:

@@ -24,15 +24,19 @@ import time
 
 from accelerate.logging import get_logger
 
+from memo.io.model_files import ModelFolder
+from memo.io.model_load import model_boundary
 from memo.settings.training import TrainingConfig
 from memo.training.batches import epoch_batches
-from memo.training.checkpointing import checkpoint_step, resolve_resume
+from memo.training.checkpointing import checkpoint_step
 from memo.training.run import RunInputs, TrainingRun, make_accelerator, prepare_run
 from memo.training.saving import save_checkpoint
 from memo.training.step import TrainState, add_batch_stats, end_optimizer_step, training_step
 from memo.training.validation import validate
 
 logger = get_logger(__name__, log_level="INFO")
+
+RESUME_FIX = "resume from another checkpoint of the run, or start afresh without resume_from_checkpoint"
 
 
 def _optimizer_steps(optimizer) -> int | None:
@@ -45,14 +49,16 @@ def _optimizer_steps(optimizer) -> int | None:
 
 
 def resume_run(run: TrainingRun) -> TrainState:
-    """Load the checkpoint ``resume_from_checkpoint`` names (none, a folder, or ``latest``) with accelerate,
-    the optimizer, scheduler, random generators and EMA included, and log a ``resume`` event; the state
-    starts at its step (at 0 without one)."""
+    """Load the checkpoint ``resume_from_checkpoint`` chose (:attr:`TrainingRun.resume`, checked whole before the
+    run started) with accelerate, the optimizer, scheduler, random generators and EMA included, and log a
+    ``resume`` event; the state starts at its step (at 0 without one). A file that still fails to load is one
+    :class:`~memo.io.model_files.DamagedModelError` line."""
     accelerator, wanted = run.accelerator, run.config.checkpointing.resume_from_checkpoint
     state = TrainState()
-    resume = resolve_resume(run.output_dir, wanted)
+    resume = run.resume
     if resume is not None:
-        accelerator.load_state(str(resume))
+        with model_boundary(ModelFolder("resume_from_checkpoint", wanted, resume, (), fix=RESUME_FIX)):
+            accelerator.load_state(str(resume))
         if run.ema is not None:
             run.ema.to(accelerator.device)
         state.step = state.start_step = state.last_saved = checkpoint_step(resume)

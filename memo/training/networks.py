@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from memo.loading import ModelLocator, check_checkpoint_files, locate_checkpoint
-from memo.pipeline import NETWORKS
+from memo.io.model_load import load_model
+from memo.loading import ModelLocator, check_checkpoint_files, checkpoint_folders, locate_checkpoint
+from memo.pipeline import checkpoint_specs
 from memo.settings.training import DropoutSettings, ModelSettings
 from memo.training.conditioning import ConditionDropout
 from memo.training.model import MemoTrainingModel
@@ -26,6 +27,9 @@ class ModelFolders:
 
     root: Path
     vae: Path
+    model_name_or_path: str = ""
+    """The setting that chose ``root`` (named in messages; its folder when empty)."""
+    vae_name_or_path: str = ""
 
 
 def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> ModelFolders:
@@ -37,13 +41,20 @@ def locate_training_models(model_name_or_path: str, vae_name_or_path: str) -> Mo
     root, vae_dir = locate_checkpoint(locator, model_name_or_path, vae_name_or_path)
     locator.check()
     check_checkpoint_files(model_name_or_path, root, vae_name_or_path, vae_dir)
-    return ModelFolders(root, vae_dir)
+    return ModelFolders(root, vae_dir, model_name_or_path, vae_name_or_path)
 
 
 def load_pretrained(folders: ModelFolders, vae_dtype: torch.dtype = torch.float32) -> tuple[dict, AutoencoderKL]:
-    """The four networks of a checkpoint in the published layout, and the VAE (in ``vae_dtype``)."""
-    networks = {name: network.from_pretrained(folders.root / name) for name, network in NETWORKS.items()}
-    return networks, AutoencoderKL.from_pretrained(folders.vae, torch_dtype=vae_dtype)
+    """The four networks of a checkpoint in the published layout, and the VAE (in ``vae_dtype``), each loaded
+    through :func:`memo.io.model_load.load_model` (a damaged file is one ``DamagedModelError`` line)."""
+    checkpoint, vae = checkpoint_folders(
+        folders.model_name_or_path or str(folders.root),
+        folders.root,
+        folders.vae_name_or_path or str(folders.vae),
+        folders.vae,
+    )
+    loaded = {name: load_model(spec) for name, spec in checkpoint_specs(checkpoint, vae, vae_dtype=vae_dtype).items()}
+    return loaded, loaded.pop("vae")
 
 
 def load_model_components(

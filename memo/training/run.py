@@ -24,6 +24,7 @@ from memo.sampling.conditioning import encode_frames
 from memo.settings.schema import flat_values
 from memo.settings.training import TrainingConfig
 from memo.training.batches import build_dataloader
+from memo.training.checkpointing import resolve_resume
 from memo.training.flow_matching import FlowMatchingObjective
 from memo.training.networks import ModelFolders, build_model, locate_training_models
 from memo.training.optim import lr_scheduler_for, optimizer_for
@@ -42,13 +43,18 @@ class RunInputs:
 
     folders: ModelFolders
     entries: list[dict]
+    resume: Path | None = None
+    """The checkpoint ``resume_from_checkpoint`` chose, checked whole
+    (:func:`~memo.training.checkpointing.resolve_resume`); None: start from step 0."""
 
 
 def find_inputs(config: TrainingConfig) -> RunInputs:
-    """Locate the checkpoint and VAE and read the metadata of ``data.data_dirs``; raises
-    :class:`~memo.io.hub.MissingModelError` or ``FileNotFoundError`` naming what is missing."""
+    """Locate the checkpoint and VAE, read the metadata of ``data.data_dirs`` and choose the checkpoint to resume
+    from; raises :class:`~memo.io.hub.MissingModelError`, ``FileNotFoundError`` or
+    :class:`~memo.training.checkpointing.CheckpointError` naming what is missing."""
     folders = locate_training_models(config.models.model_name_or_path, config.models.vae)
-    return RunInputs(folders, load_metadata(list(config.data.data_dirs)))
+    resume = resolve_resume(config.output_dir, config.checkpointing.resume_from_checkpoint)
+    return RunInputs(folders, load_metadata(list(config.data.data_dirs)), resume)
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
@@ -91,6 +97,8 @@ class TrainingRun:
     ema: EMAModel | None
     """diffusers' ``EMAModel`` of ``params`` when ``use_ema``."""
     output_dir: Path
+    resume: Path | None = None
+    """The checkpoint to resume from (:attr:`RunInputs.resume`)."""
 
     @property
     def accumulation(self) -> int:
@@ -176,4 +184,5 @@ def prepare_run(config: TrainingConfig, accelerator: Accelerator, inputs: RunInp
         objective=FlowMatchingObjective.from_settings(config.objective),
         ema=ema,
         output_dir=Path(config.output_dir),
+        resume=inputs.resume,
     )
