@@ -1,7 +1,7 @@
 """Download every published model MEMO uses into the Hugging Face cache, once, so that later runs work offline.
 
-    python scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--force] [--list]
-    python scripts/download_models.py --metrics [DIR]      # the evaluation's metric networks instead
+    uv run scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--force] [--list]
+    uv run scripts/download_models.py --metrics [DIR]      # the evaluation's metric networks instead
 
 The models, their files, licences and sizes are the registry in ``memo/io/hub.py``. Files already in the cache
 are not fetched again (``--force`` fetches them anew, replacing damaged ones), and an interrupted download

@@ -47,3 +47,65 @@ def test_overrides_between_options_reach_the_settings_of_every_program(pack, tmp
     # an option's own value is still its value, and an unknown --SETTING is still answered with SETTING=value
     result = run_main(cli.main, [*config, *inputs, "--fps", "25"])
     assert result.returncode == 2 and "error: --fps is not an option" in result.stderr and "fps=25" in result.stderr
+
+
+# -- what the libraries leave in TMPDIR -----------------------------------------------------------------
+
+
+def test_library_defaults_send_the_compile_cache_to_the_project_cache_and_keep_the_users_values(tmp_path, monkeypatch):
+    """torch.compile's cache folder goes under ``$XDG_CACHE_HOME/memo`` and onnxruntime's telemetry (``.ses`` in
+    TMPDIR) is off, unless the user chose otherwise; a cache that cannot be made leaves torch's default, so
+    importing memo never fails (a read-only home). The whole program: test_tiny_flag_builds_the_random_pack."""
+    from memo.environment import apply_library_defaults
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "ORT_DISABLE_TELEMETRY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    apply_library_defaults()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "memo" / "torchinductor")
+    assert (tmp_path / "cache" / "memo" / "torchinductor").is_dir() and os.environ["ORT_DISABLE_TELEMETRY"] == "1"
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
+    monkeypatch.setenv("ORT_DISABLE_TELEMETRY", "0")
+    apply_library_defaults()
+    assert (
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "theirs") and os.environ["ORT_DISABLE_TELEMETRY"] == "0"
+    )
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    apply_library_defaults()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_onnxruntime_writes_nothing_in_tmpdir_or_home(tmp_path):
+    """onnxruntime imported through memo, as face analysis and vocal separation import it, in a fresh process
+    with an empty TMPDIR and home: both stay empty (its telemetry wrote ``$TMPDIR/.ses`` and
+    ``~/.cache/Microsoft/DeveloperTools/.onnxruntime/``)."""
+    tmpdir, home = tmp_path / "tmp", tmp_path / "home"
+    tmpdir.mkdir()
+    home.mkdir()
+    env = {name: value for name, value in os.environ.items() if name not in {"ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME"}}
+    env |= {"TMPDIR": str(tmpdir), "HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    code = "from memo.errors import import_runtime; import_runtime('onnxruntime').get_available_providers()"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, timeout=120)
+    assert os.listdir(tmpdir) == [] and list(home.rglob("*")) == []
+
+
+# -- the download command, in the README's form ---------------------------------------------------------
+
+
+def test_the_download_hint_is_the_readmes_command(tmp_path, monkeypatch):
+    """The README's model section and every program's "not available" message name the same command, in the
+    README's ``uv run`` form."""
+    import re
+
+    from memo.io import hub
+
+    readme = (REPO / "README.md").read_text()
+    named = re.findall(r"`([^`]*scripts/download_models\.py[^`]*)`", readme)
+    assert named == [hub.DOWNLOAD_COMMAND] and hub.DOWNLOAD_COMMAND.startswith("uv run ")
+    message = hub.missing_models_message([("vae", hub.VAE_REPO, "not downloaded")])
+    assert f"once, with network access: {hub.DOWNLOAD_COMMAND}\n" in message
+    assert hub.metric_download_command(tmp_path) == f"{hub.DOWNLOAD_COMMAND} --metrics {tmp_path}"

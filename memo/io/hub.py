@@ -24,6 +24,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from memo.environment import memo_cache_dir
 from memo.errors import UserError
 from memo.io.partial import Partial
 
@@ -44,8 +45,10 @@ EMOTION2VEC_FILES = ("config.yaml", "model.pt")
 MEMO_REPO = "memoavatar/memo"
 """The published MEMO release: the networks, face analysis, vocal separator and emotion classifier."""
 
-DOWNLOAD_COMMAND = "python scripts/download_models.py"
-"""The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache."""
+DOWNLOAD_COMMAND = "uv run scripts/download_models.py"
+"""The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache, in the form of
+the README's commands (``uv run``; no extra: the download needs none, and ``uv run`` keeps the extras installed).
+Every message that names it takes it from here; tests/test_round3_leftovers.py holds the README to it."""
 
 
 @dataclass(frozen=True)
@@ -267,11 +270,6 @@ fetched implicitly (evaluation must give the same numbers offline as online); ``
 
 METRICS_FOLDER = "metrics"
 """The folder of a models folder (``evaluate.py --models``, the tiny pack) that holds the metric files."""
-
-
-def memo_cache_dir() -> Path:
-    """The project's own cache folder: ``$XDG_CACHE_HOME/memo``, else ``~/.cache/memo``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memo"
 
 
 def default_metric_models_dir() -> Path:
