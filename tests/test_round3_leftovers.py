@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import REPO, run_main
 from test_field_inputs import EXAMPLE_AUDIO, EXAMPLE_IMAGE, assert_stopped_early
 

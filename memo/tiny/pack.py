@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from memo.errors import UserError
 from memo.environment import memo_cache_dir
+from memo.errors import UserError
 from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import write_tiny_metric_models
