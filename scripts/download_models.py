@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the command again to resume.", file=sys.stderr)
         return 130
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 - one line for any hub or network failure
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(

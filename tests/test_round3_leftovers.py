@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, run_main
 from test_field_inputs import EXAMPLE_AUDIO, EXAMPLE_IMAGE, assert_stopped_early
 
@@ -108,3 +109,86 @@ def test_the_download_hint_is_the_readmes_command(tmp_path, monkeypatch):
     message = hub.missing_models_message([("vae", hub.VAE_REPO, "not downloaded")])
     assert f"once, with network access: {hub.DOWNLOAD_COMMAND}\n" in message
     assert hub.metric_download_command(tmp_path) == f"{hub.DOWNLOAD_COMMAND} --metrics {tmp_path}"
+
+
+# -- offline: told in seconds ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_at(monkeypatch):
+    """Point huggingface_hub at ``http://127.0.0.1:PORT`` with a 1 s wait, forgetting earlier probes."""
+    from huggingface_hub import constants
+
+    from memo.io import hub
+
+    def point(port: int) -> None:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+        monkeypatch.setattr(hub, "_PROBES", {})
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return point
+
+
+def test_an_unreachable_hub_is_told_in_seconds_and_a_cached_model_still_loads(hub_at, tmp_path):
+    """With the network blocked and the cache empty, every model is refused at once: a closed port (refused) or a
+    port that takes the connection and never answers (a firewall, a captive portal; huggingface_hub waited on it
+    for good). A model already in the cache loads without the network, and the download command says one line."""
+    import socket
+    import time
+
+    from memo.io import hub
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        for endpoint_port in (port, silent.getsockname()[1]):
+            hub_at(endpoint_port)
+            start = time.monotonic()
+            for repo in (hub.VAE_REPO, hub.WAV2VEC_REPO, hub.EMOTION2VEC_REPO):
+                with pytest.raises(hub.MissingModelError) as caught:
+                    hub.resolve_model_dir(repo, ["config.json"], cache_dir=tmp_path / "empty", setting="vae")
+                assert "not downloaded, and the hub cannot be reached (http://127.0.0.1:" in str(caught.value)
+            assert time.monotonic() - start < 5  # one probe of at most 1 s, then the cache alone
+            with pytest.raises(hub.MissingModelError, match="the hub cannot be reached"):
+                hub.download_all(["vae"], cache_dir=tmp_path / "empty")
+            assert not (tmp_path / "empty" / "models--stabilityai--sd-vae-ft-mse" / "snapshots").exists()
+
+        commit = "0" * 40
+        cached = tmp_path / "cache" / "models--stabilityai--sd-vae-ft-mse"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(commit)
+        (cached / "snapshots" / commit).mkdir(parents=True)
+        (cached / "snapshots" / commit / "config.json").write_text("{}")
+        found = hub.resolve_model_dir(hub.VAE_REPO, ["config.json"], cache_dir=tmp_path / "cache", setting="vae")
+        assert found == cached / "snapshots" / commit
+    finally:
+        silent.close()
+
+
+def test_a_hub_that_answers_is_asked_for_the_files(hub_at, tmp_path, monkeypatch):
+    """The real download path: when the hub answers (any HTTP status), snapshot_download is asked as before,
+    network allowed."""
+    import http.server
+    import threading
+
+    from memo.io import hub
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda **kwargs: calls.append(kwargs) or str(tmp_path))
+    try:
+        hub_at(server.server_address[1])
+        assert hub.hub_unreachable() is None
+        assert hub.resolve_model_dir(hub.VAE_REPO, ["config.json"], setting="vae") == tmp_path
+        assert calls[0]["local_files_only"] is False and calls[0]["repo_id"] == hub.VAE_REPO
+    finally:
+        server.shutdown()
+        server.server_close()
