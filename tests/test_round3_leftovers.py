@@ -14,6 +14,20 @@ from conftest import REPO, run_main
 from test_field_inputs import EXAMPLE_AUDIO, EXAMPLE_IMAGE, assert_stopped_early
 
 from memo.apps import batch, cli, prepare, train, web
+from memo.evaluation.models import MetricModels
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory) -> MetricModels:
+    """The tiny metric networks and face models, as the tiny pack lays them out."""
+    from memo.tiny.face_models import write_tiny_face_models
+    from memo.tiny.metric_models import write_tiny_metric_models
+
+    root = tmp_path_factory.mktemp("metric_models")
+    write_tiny_metric_models(root / "metrics")
+    write_tiny_face_models(root / "misc" / "face_analysis" / "models")
+    return MetricModels(root)
+
 
 # -- key=value overrides wherever they stand among the options ------------------------------------------
 
@@ -192,3 +206,60 @@ def test_a_hub_that_answers_is_asked_for_the_files(hub_at, tmp_path, monkeypatch
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- evaluate.py stopped part way -----------------------------------------------------------------------
+
+
+@pytest.mark.slow  # the tiny Inception on four videos: about 6 min on two busy cores
+def test_evaluate_stopped_part_way_leaves_no_report_and_no_partial_and_goes_on_when_run_again(
+    metric_models, tmp_path, monkeypatch
+):
+    """SIGTERM while the second video's features are being written: one line (what stopped it, no report, where
+    the features computed so far are kept), exit status 143, no partial file, nothing beside the report's place;
+    a partial left by a ``kill -9`` is removed by the next run, never read, and the next run finishes with the
+    first video's features from the cache."""
+    import signal
+
+    import numpy as np
+    from test_evaluation import FPS, textures, write_video
+
+    import memo.evaluation.run
+    from memo.evaluation.command import main as evaluation_main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    gen, ref = tmp_path / "generated", tmp_path / "reference"
+    for folder in (gen, ref):
+        folder.mkdir()
+        for name in ("a", "b"):
+            write_video(folder / f"{name}.mp4", textures(8, 32, seed=ord(name)), FPS, None)
+    features = tmp_path / "cache" / "memo" / "features"
+    features.mkdir(parents=True)
+    killed = features / ".fid-0123.npz.99999-0badc0de.partial.npz"  # a kill -9's half-written feature file
+    killed.write_bytes(b"PK\x03\x04 half")
+
+    savez, written = np.savez, []
+
+    def save_then_stop(path, **arrays):
+        savez(path, **arrays)
+        written.append(path)
+        if len(written) == 3:  # a's two files, then the first of b's: stopped while it is a partial
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(memo.evaluation.run.np, "savez", save_then_stop)
+    args = ["--generated", str(gen), "--reference", str(ref), "--metrics", "fid", "--models", str(metric_models.root)]
+    args += ["--out", str(tmp_path / "out" / "report.json")]
+    stopped = run_main(evaluation_main, args, cwd=tmp_path)
+    assert stopped.returncode == 143, stopped.stderr
+    (line,) = stopped.stderr.strip().splitlines()[-1:]
+    kept = f"the features computed so far are kept in {features} and reused by the same command."
+    assert line == f"stopped by SIGTERM; no report was written; {kept}"
+
+    assert not (tmp_path / "out").exists() and not killed.exists()
+    assert sorted(path.name.startswith(".") for path in features.iterdir()) == [False, False]
+
+    monkeypatch.setattr(memo.evaluation.run.np, "savez", savez)
+    rerun = run_main(evaluation_main, args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "features: 6 computed, 2 from the cache" in rerun.stderr, rerun.stderr  # a's two from the cache
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
