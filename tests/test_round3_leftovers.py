@@ -263,3 +263,19 @@ def test_evaluate_stopped_part_way_leaves_no_report_and_no_partial_and_goes_on_w
     assert rerun.returncode == 0, rerun.stderr
     assert "features: 6 computed, 2 from the cache" in rerun.stderr, rerun.stderr  # a's two from the cache
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["report.json", "report.md"]
+
+
+# -- the tests page's figures -------------------------------------------------------------------------
+
+
+def test_the_tests_page_points_at_cis_tier_lines_and_counts_no_tests():
+    """docs/tests.md says where the tiers' counts and times are printed (the headings .ci/run really prints)
+    rather than a count of tests that goes stale with the next test added."""
+    import re
+
+    page = (REPO / "docs" / "tests.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'step() { echo "== $* ($(date -u +%H:%M:%S))"; }' in ci and 'step "default tier, seed 1"' in ci
+    assert "`== default tier, seed 1 (HH:MM:SS)`" in page
+    for text in (page, (REPO / "README.md").read_text()):
+        assert not re.search(r"\b\d+ tests\b", text), re.search(r"\b\d+ tests\b", text)
