@@ -1,7 +1,7 @@
 """Download every published model MEMO uses into the Hugging Face cache, once, so that later runs work offline.
 
-    python scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--force] [--list]
-    python scripts/download_models.py --metrics [DIR]      # the evaluation's metric networks instead
+    uv run scripts/download_models.py [--only vae,wav2vec] [--cache_dir DIR] [--force] [--list]
+    uv run scripts/download_models.py --metrics [DIR]      # the evaluation's metric networks instead
 
 The models, their files, licences and sizes are the registry in ``memo/io/hub.py``. Files already in the cache
 are not fetched again (``--force`` fetches them anew, replacing damaged ones), and an interrupted download
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the command again to resume.", file=sys.stderr)
         return 130
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except Exception as error:  # noqa: BLE001 - one line for any hub or network failure
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(

@@ -227,7 +227,10 @@ def evaluate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_main(evaluation_main, list(args), cwd=cwd)
 
 
-def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_features(models, tmp_path):
+def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_features(models, tmp_path, monkeypatch):
+    """... and the features are kept in the project's cache (``$XDG_CACHE_HOME/memo/features``), not beside
+    the report."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     gen, ref = tmp_path / "generated", tmp_path / "reference"
     gen.mkdir()
     ref.mkdir()
@@ -265,6 +268,14 @@ def test_bad_inputs_are_one_line_each_the_rest_is_scored_and_a_rerun_reuses_feat
     assert "| good |" in (tmp_path / "report.md").read_text()
     # good, short: 2 shapes, faces, portrait, lip, audio, motion; mute: 2 shapes, faces, portrait, motion; rate: 2
     assert "features: 21 computed, 0 from the cache" in run.stderr, run.stderr
+    assert len(list((tmp_path / "cache" / "memo" / "features").glob("*.npz"))) == 21
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "cache",
+        "generated",
+        "reference",
+        "report.json",
+        "report.md",
+    ]
 
     (gen / "unpaired.mp4").unlink()
     (gen / "broken.mp4").unlink()
@@ -296,7 +307,7 @@ def test_make_eval_set_batch_inference_evaluate_loop(pack, tmp_path):
     for i in range(2):
         loud = runs(40, seed=20 + i)
         write_video(videos / f"speaker{i}.mp4", talking_clip(loud, seed=30 + i, size=96), FPS, voice(loud, seed=40 + i))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "true", "XDG_CACHE_HOME": str(tmp_path)}
 
     def run(script: str, *args: str) -> subprocess.CompletedProcess:
         command = [sys.executable, str(REPO / "scripts" / script), *args]

@@ -250,6 +250,8 @@ def test_first_run_offline_lists_the_missing_models_once(tmp_path):
     one short block naming each missing model once, the command that downloads them all, and local folders."""
     import os
 
+    import memo.io.hub
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_cache")}
     result = subprocess.run(
         [sys.executable, str(REPO / "inference.py"), "--output_dir", str(tmp_path / "out")],
@@ -267,7 +269,7 @@ def test_first_run_offline_lists_the_missing_models_once(tmp_path):
     ):
         assert sum(line.startswith(f"  - {setting}={repo} ") for line in block) == 1, block
         assert result.stderr.count(repo) == 1, result.stderr
-    assert "python scripts/download_models.py" in block[5] and "model_name_or_path=DIR" in block[6]
+    assert memo.io.hub.DOWNLOAD_COMMAND in block[5] and "model_name_or_path=DIR" in block[6]
     assert len(block) == 7, block
     assert not (tmp_path / "out").exists()
 
@@ -296,20 +298,27 @@ def test_offline_without_the_models_lists_what_is_missing_in_process(pack, speec
 def test_tiny_flag_builds_the_random_pack_and_says_so(tmp_path):
     """``inference.py --tiny``, the README's offline check, started as a user starts it (the default tier's one
     run of the real program): the pack is built in the cache under the user's home on first use, the bundled
-    example renders with it, and the screen says twice that the weights are random."""
+    example renders with it, and the screen says twice that the weights are random. Nothing is left in TMPDIR
+    (torch.compile's cache folder goes to the project's cache, onnxruntime's telemetry files are not written)
+    nor in the home outside the project's cache."""
     import memo.tiny.pack
+    from memo.environment import library_defaults
 
-    out = tmp_path / "out"
+    out, tmpdir, home = tmp_path / "out", tmp_path / "tmp", tmp_path / "home"
+    tmpdir.mkdir()
     args = ["--tiny", "--output_dir", str(out), "fps=5", "vocal_separation=false", "emotion=happy", *CHEAP]
-    env = {**os.environ, "HOME": str(tmp_path)}
+    env = {name: value for name, value in os.environ.items() if name not in {*library_defaults(), "XDG_CACHE_HOME"}}
+    env |= {"HOME": str(home), "TMPDIR": str(tmpdir)}
     command = [sys.executable, str(REPO / "inference.py"), *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
-    cache = tmp_path / ".cache" / "memo"
+    cache = home / ".cache" / "memo"
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("RANDOM") == 2 and "not a MEMO result" in result.stderr, result.stderr
     info = probe_video(out / "portrait_speech_tiny.mp4")
     assert info.num_frames == int(np.ceil(soundfile.info(EXAMPLE_AUDIO).duration * 5)) and info.has_audio
-    [pack] = cache.iterdir()  # one complete pack, no leftover of its build
+    assert sorted(os.listdir(tmpdir)) == []  # was torchinductor_<user> and onnxruntime's .ses
+    assert sorted(os.listdir(home / ".cache")) == ["memo"]  # was also Microsoft/DeveloperTools/.onnxruntime
+    [pack] = [folder for folder in cache.iterdir() if folder.name != "torchinductor"]  # one complete pack
     assert pack.name.startswith("tiny-pack-") and (pack / "inference.yaml").is_file()
     built = (pack / "inference.yaml").stat().st_mtime_ns
     assert memo.tiny.pack.cached_tiny_pack(cache) == pack / "inference.yaml"  # reused, not built again

@@ -68,9 +68,11 @@ def add_settings_arguments(
 def parse_with_settings(
     parser: argparse.ArgumentParser, argv: list[str] | None, names: list[str]
 ) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, except that an unknown ``--NAME [VALUE]`` or ``--NAME=VALUE`` where NAME is a
-    setting (of ``names``) is answered with the form settings take: ``NAME=VALUE`` (exit status 2)."""
-    args, unknown = parser.parse_known_args(argv)
+    """``parser.parse_args(argv)``, with ``key=value`` overrides taken wherever they stand among the options
+    (argparse's intermixed parsing: ``--input_image a.jpg fps=25 --input_audio b.wav`` is fine), and an unknown
+    ``--NAME [VALUE]`` or ``--NAME=VALUE`` where NAME is a setting (of ``names``) answered with the form settings
+    take: ``NAME=VALUE`` (exit status 2)."""
+    args, unknown = parser.parse_known_intermixed_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     for item in unknown:
         if not item.startswith("--"):

@@ -17,7 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from memo.apps.cli import add_settings_arguments, report_error, report_stop, setup_logging
+from memo.apps.cli import (
+    add_settings_arguments,
+    inference_setting_names,
+    parse_with_settings,
+    report_error,
+    report_stop,
+    setup_logging,
+)
 from memo.errors import UserError, as_path, as_user_error, stop_on_signals
 
 logger = logging.getLogger("memo")
@@ -35,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_settings_arguments(
         parser, overrides_help="inference setting overrides", config_help="inference settings (default: %(default)s)"
     )
-    args = parser.parse_args(argv)
+    args = parse_with_settings(parser, argv, inference_setting_names())
     if (args.shard is None) != (args.num_shards is None):
         parser.error("--shard and --num_shards go together")
     if args.num_shards is not None and not 0 <= args.shard < args.num_shards:

@@ -27,7 +27,16 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from memo.apps.cli import EXAMPLE_AUDIO, EXAMPLE_IMAGE, add_settings_arguments, report_error, report_stop, setup_logging
+from memo.apps.cli import (
+    EXAMPLE_AUDIO,
+    EXAMPLE_IMAGE,
+    add_settings_arguments,
+    inference_setting_names,
+    parse_with_settings,
+    report_error,
+    report_stop,
+    setup_logging,
+)
 from memo.apps.live import generate_watched
 from memo.apps.render_jobs import RenderJob, RenderJobs
 from memo.constants import EMOTION_NAMES
@@ -359,7 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--output_dir", default="outputs/web", help="where videos are kept (default: %(default)s)")
-    return parser.parse_args(argv)
+    return parse_with_settings(parser, argv, inference_setting_names())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from memo.environment import memo_cache_dir
 from memo.errors import UserError
 from memo.io.partial import Partial
 
@@ -44,8 +46,10 @@ EMOTION2VEC_FILES = ("config.yaml", "model.pt")
 MEMO_REPO = "memoavatar/memo"
 """The published MEMO release: the networks, face analysis, vocal separator and emotion classifier."""
 
-DOWNLOAD_COMMAND = "python scripts/download_models.py"
-"""The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache."""
+DOWNLOAD_COMMAND = "uv run scripts/download_models.py"
+"""The project command that downloads every model of :data:`REGISTRY` into the Hugging Face cache, in the form of
+the README's commands (``uv run``; no extra: the download needs none, and ``uv run`` keeps the extras installed).
+Every message that names it takes it from here; tests/test_round3_leftovers.py holds the README to it."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,38 @@ def hub_offline() -> bool:
         return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
+PROBE_REUSE_SECONDS = 60.0
+"""How long one answer of :func:`hub_unreachable` stands (a program loading several models asks once; a web app
+running for days asks again after the network came back)."""
+_PROBES: dict[str, tuple[float, str | None]] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached now, in a few words, or None when it answers (any HTTP status counts).
+
+    One ``HEAD`` of the hub's address (``HF_ENDPOINT``) through huggingface_hub's own HTTP session (its proxies
+    and certificates), waiting at most ``HF_HUB_ETAG_TIMEOUT`` seconds, huggingface_hub's own wait for a file's
+    metadata (default 10). Without it an unreachable network cost each model its own wait, and a network that
+    takes the connection but never answers (a firewall, a captive portal) held the first download for good:
+    huggingface_hub lists a repo's files with no timeout. The answer is reused for :data:`PROBE_REUSE_SECONDS`.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = constants.ENDPOINT
+    asked, reason = _PROBES.get(endpoint, (-PROBE_REUSE_SECONDS, None))
+    if time.monotonic() - asked < PROBE_REUSE_SECONDS:
+        return reason
+    try:
+        get_session().head(endpoint, timeout=float(constants.HF_HUB_ETAG_TIMEOUT))
+        reason = None
+    except Exception as error:  # noqa: BLE001 - no answer, whatever the HTTP library calls it (httpx2, requests)
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{endpoint}: {type(error).__name__}" + (f": {text}" if text else "")
+    _PROBES[endpoint] = (time.monotonic(), reason)
+    return reason
+
+
 def _short_reason(error: BaseException) -> str:
     """Why a download failed, in a few words rather than huggingface_hub's paragraph."""
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or hub_offline():
@@ -172,15 +208,20 @@ def resolve_model_dir(
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
         reason = "no such folder"
         raise MissingModelError(f"{setting}={name}: {reason}.", [(setting, name, reason)])
+    # Offline, the cache alone is looked at, at once (a quick probe tells, rather than each download's own wait).
+    unreachable = None if hub_offline() else hub_unreachable()
     try:
         local = snapshot_download(
             repo_id=name,
             allow_patterns=list(allow_patterns) if allow_patterns else None,
             revision=revision,
             cache_dir=cache_dir,
+            local_files_only=unreachable is not None,
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as error:
-        reason = _short_reason(error)
+        reason = (
+            f"not downloaded, and the hub cannot be reached ({unreachable})" if unreachable else _short_reason(error)
+        )
         raise MissingModelError(missing_models_message([(setting, name, reason)]), [(setting, name, reason)]) from None
     return Path(local)
 
@@ -212,7 +253,13 @@ def download_all(
 ) -> dict[str, Path]:
     """Download the files of the registry rows ``components`` (default: all) into the hub cache (or
     ``cache_dir``), one ``snapshot_download`` per repo; returns each repo's local folder. Already cached files
-    are not fetched again unless ``force`` (which replaces damaged ones)."""
+    are not fetched again unless ``force`` (which replaces damaged ones). Raises :class:`MissingModelError` at
+    once when the hub does not answer (:func:`hub_unreachable`)."""
+    if not hub_offline() and (unreachable := hub_unreachable()) is not None:
+        raise MissingModelError(
+            f"the hub cannot be reached ({unreachable}); check the network (or HF_ENDPOINT and the proxy "
+            "settings) and run the command again."
+        )
     wanted = [REGISTRY[name] for name in (components or REGISTRY)]
     patterns: dict[str, list[str]] = {}
     for model in wanted:
@@ -267,11 +314,6 @@ fetched implicitly (evaluation must give the same numbers offline as online); ``
 
 METRICS_FOLDER = "metrics"
 """The folder of a models folder (``evaluate.py --models``, the tiny pack) that holds the metric files."""
-
-
-def memo_cache_dir() -> Path:
-    """The project's own cache folder: ``$XDG_CACHE_HOME/memo``, else ``~/.cache/memo``."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "memo"
 
 
 def default_metric_models_dir() -> Path:

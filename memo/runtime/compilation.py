@@ -5,7 +5,9 @@ moves data to the host. The diffusion net gets one graph per memory situation (t
 clip creates the temporal memory, the first step of a later clip folds into it, the other steps only read
 it), so a video compiles three diffusion-net graphs and one reference-net graph, all in the first two clips.
 Compiled kernels are kept in the inductor cache (``TORCHINDUCTOR_CACHE_DIR``, default
-``~/.cache/memo/torchinductor``) so a later run with the same shapes loads them instead of compiling again.
+``$XDG_CACHE_HOME/memo/torchinductor``, ``~/.cache/memo/torchinductor``; ``memo.environment`` sets it before
+torch._dynamo is imported, which makes the folder) so a later run with the same shapes loads them instead of
+compiling again.
 
 CUDA graphs (``mode="reduce-overhead"``) are not used: the temporal memory and the reference features are
 new tensors every clip, inputs that CUDA graphs would copy into static buffers on every step (twice their
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from memo.environment import INDUCTOR_CACHE_FOLDER, memo_cache_dir
+
 logger = logging.getLogger("memo")
 
 COMPILED_NETWORKS = ("reference_net", "diffusion_net")
 COMPILED_METHODS = {"diffusion_net": ("forward", "forward_keeping_deep_features", "forward_outer_layers")}
 """The methods compiled per network where not only ``forward``: the diffusion net's deep-cache passes too."""
-DEFAULT_CACHE_DIR = Path("~/.cache/memo/torchinductor").expanduser()
 _COMPILE_METRIC = "_compile.compile_inner"  # torch._dynamo's timer around tracing + inductor codegen of one graph
 
 
@@ -44,11 +47,12 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 
 def use_inductor_cache(directory: str | os.PathLike | None = None) -> Path:
     """Point the inductor cache at ``directory`` (default: ``TORCHINDUCTOR_CACHE_DIR`` if set, else
-    ``~/.cache/memo/torchinductor``, which survives reboots unlike torch's default in /tmp); returns it.
+    ``$XDG_CACHE_HOME/memo/torchinductor``, which survives reboots unlike torch's default in /tmp); returns it.
 
     The FX graph cache (on by default since torch 2.5) keys compiled graphs by their code, shapes, dtypes and
     the torch version, so a stale entry is never reused."""
-    chosen = Path(directory or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+    default = memo_cache_dir() / INDUCTOR_CACHE_FOLDER
+    chosen = Path(directory or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default).expanduser()
     chosen.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen)
     return chosen

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from memo.environment import memo_cache_dir
 from memo.errors import UserError
-from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER, memo_cache_dir
+from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
@@ -63,7 +64,7 @@ def write_tiny_pack(root: str | Path, seed: int = 0) -> Path:
 
 
 def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
-    """The tiny pack in ``cache_dir`` (default: :func:`memo.io.hub.memo_cache_dir`, which honours
+    """The tiny pack in ``cache_dir`` (default: :func:`memo.environment.memo_cache_dir`, which honours
     ``XDG_CACHE_HOME``), built there on first use; returns its config. Raises :class:`TinyPackError` (what to set)
     when that folder cannot be written.
 
