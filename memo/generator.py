@@ -464,7 +464,19 @@ class MemoGenerator:
         def save_memory(pipe, clip: int) -> None:
             nonlocal snapshot_clip, last_snapshot
             started = time.perf_counter()
-            state.save_memory(clip, pipe.temporal_memory.states)
+            try:
+                state.save_memory(clip, pipe.temporal_memory.states)
+            except OSError as error:
+                # The snapshot only shortens a resume: a full disk (it is GiBs, a clip's files are MiBs) or another
+                # failed write of it leaves the last one whole, and the render goes on; tried again next interval.
+                last_snapshot = time.perf_counter()
+                logger.warning(
+                    "resume: the memory snapshot was not written (%s: %s); the render goes on, and a resume "
+                    "replays the clips since the last snapshot",
+                    error.strerror or error,
+                    state.folder,
+                )
+                return
             snapshot_clip, last_snapshot = clip, time.perf_counter()
             logger.debug("resume: memory through clip %d saved in %.1f s", clip + 1, last_snapshot - started)
 
@@ -608,12 +620,15 @@ class MemoGenerator:
         handed to rank 1 once the progress folder is open."""
         shared = (image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed)
         resume_state = self._resume_state
+        handed = False  # whether rank 1 has its job (else it waits for one, and must hear of a stop)
 
         def share_then_take_up(state, done, clips):
+            nonlocal handed
             take_up = resume_state(state, done, clips)
             if take_up is not None:  # the memory snapshot is not used here: each rank replays its own half
                 take_up = ResumeState(done, {c: state.load_clip(c).latents for c in range(done)}, None, -1)
                 take_up.noise_state = state.load_clip(done - 1).noise_state
+            handed = True
             self.parallel.share((*shared, take_up))
             return take_up
 
@@ -630,6 +645,13 @@ class MemoGenerator:
                 emotion=emotion,
                 on_segment=on_segment,
             )
+        except BaseException as error:
+            # Stopped before rank 1 had its job (the progress folder locked by another run, unreadable, a
+            # signal): rank 1 stops with it now, quietly (this rank says why), not at the collective's timeout.
+            if not handed:
+                with contextlib.suppress(ParallelError):  # rank 1 gone too: nothing to tell
+                    self.parallel.share(ParallelError(str(error) or type(error).__name__, quiet=True))
+            raise
         finally:
             del self._resume_state
 
