@@ -36,6 +36,7 @@ from memo.io.job_state import ClipRecord, JobState
 from memo.io.segments import SegmentWriter, assemble, encode_sound, write_playlist
 from memo.io.video import CheckedOutput, probe_video
 from memo.loading import ConditionModels, locate_models, pick_device
+from memo.models.temporal_memory import TemporalMemory
 from memo.pipeline import MemoPipeline, ResumeState
 from memo.progress import VideoProgress
 from memo.runtime.compilation import (
@@ -453,6 +454,9 @@ class MemoGenerator:
         snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
         last_snapshot = clip_start = time.perf_counter()
         snapshots = self.parallel is None  # each rank of parallel=guidance holds half the memory: replayed instead
+        # The call's memory, held here: the pipeline lets go of its own when the call ends, a stop included, and a
+        # handled signal's snapshot is written after that.
+        memory = self.pipeline.memory_factory()
 
         def write(frames) -> None:
             nonlocal writer
@@ -461,11 +465,11 @@ class MemoGenerator:
                 writer = SegmentWriter(state.segment(clip), clip * fpc, rate, *size, config.crf, state.sound)
             writer.write(frames)
 
-        def save_memory(pipe, clip: int) -> None:
+        def save_memory(clip: int) -> None:
             nonlocal snapshot_clip, last_snapshot
             started = time.perf_counter()
             try:
-                state.save_memory(clip, pipe.temporal_memory.states)
+                state.save_memory(clip, memory.states)
             except OSError as error:
                 # The snapshot only shortens a resume: a full disk (it is GiBs, a clip's files are MiBs) or another
                 # failed write of it leaves the last one whole, and the render goes on; tried again next interval.
@@ -492,15 +496,17 @@ class MemoGenerator:
             if on_segment is not None:
                 on_segment(state.segment(clip), clip, clip * fpc / config.fps, durations[clip])
             if snapshots and now - last_snapshot >= 60 * config.resume_snapshot_minutes:
-                save_memory(pipe, clip)
+                save_memory(clip)
 
         on_clip = write if paste is None else paste.streaming(write)
         try:
-            self.render_clips(image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end)
+            self.render_clips(
+                image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end, memory=memory
+            )
         except KeyboardInterrupt:
             held = self.pipeline.memory_clip
             if snapshots and held is not None and held > snapshot_clip:
-                save_memory(self.pipeline, held)
+                save_memory(held)
             raise
         finally:
             if writer is not None:
@@ -534,12 +540,14 @@ class MemoGenerator:
         *,
         resume_from: ResumeState | None = None,
         on_clip_end: Callable[[MemoPipeline, int], None] | None = None,
+        memory: TemporalMemory | None = None,
     ) -> None:
         """Generate the frames clip by clip, handing each clip's frames (3, n, H, W) in [0, 1], on the CPU, to
         ``on_clip``; the clips together last exactly as long as the audio. An exception raised by ``progress``
         (called after every step) stops generation. ``resume_from`` takes the video up at a later clip
         (:class:`memo.pipeline.ResumeState`); ``on_clip_end(pipeline, clip)`` is called after ``on_clip``, with
-        the clip's resume state on the pipeline."""
+        the clip's resume state on the pipeline. ``memory`` is the temporal memory to use (a new one if None), for a
+        caller that reads it after the call."""
         config = self.config
         width, height = config.size
         clips = len(audio.features) // config.num_generated_frames_per_clip
@@ -599,6 +607,7 @@ class MemoGenerator:
                     callback_on_clip_end=clip_end,
                     callback_on_step_end=on_step,
                     resume_from=resume_from,
+                    memory=memory,
                     **call,
                 )
         except torch.OutOfMemoryError as error:
