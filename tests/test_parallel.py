@@ -201,8 +201,14 @@ def start_ranks(command: list[str], extra_env: dict[str, str] | None = None) -> 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     env.update({"OMP_NUM_THREADS": "1", **(extra_env or {})})
     return [
-        subprocess.Popen([sys.executable, *command], cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, *command],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for r in (0, 1)
     ]
 
@@ -235,8 +241,9 @@ def test_two_processes_resume_a_stopped_render_to_the_video_of_one(pack, tmp_pat
 
     audio = speech(tmp_path, 2.2)  # 5 clips of 16 frames at 30 fps
     settings = ["inference_steps=2", "vocal_separation=false", "emotion=neutral"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each launched process runs
     alone = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one", *settings)], cwd=REPO,
-                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                           capture_output=True, text=True, timeout=600, env=one_thread)  # fmt: skip
     assert alone.returncode == 0, alone.stderr
     expected = frames_and_sound(tmp_path / "one" / "portrait_speech.mp4")
 
