@@ -424,6 +424,7 @@ class MemoGenerator:
                     on_segment,
                 )
             write_playlist(state.folder, durations, ended=True)
+            state.drop_memory()  # every clip is done: only the segments and the sound are needed from here
             assemble([state.segment(clip) for clip in range(clips)], state.sound, output_path, overwrite)
             state.remove()
         return output_path

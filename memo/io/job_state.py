@@ -211,6 +211,11 @@ class JobState:
                 if record.latents is not None:
                     self.save_clip(earlier, ClipRecord(None, None, record.seconds))
 
+    def drop_memory(self) -> None:
+        """Remove the snapshot once every clip is done (the largest file: a stop between publishing the video and
+        removing the folder then leaves only the clips' small files behind)."""
+        (self.folder / MEMORY_NAME).unlink(missing_ok=True)
+
     def load_memory(self) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
         """The snapshot's clip and states, or (-1, None) when there is none."""
         path = self.folder / MEMORY_NAME
