@@ -419,6 +419,7 @@ class MemoGenerator:
                     on_segment,
                 )
             write_playlist(state.folder, durations, ended=True)
+            state.drop_memory()  # every clip is done: only the segments and the sound are needed from here
             assemble([state.segment(clip) for clip in range(clips)], state.sound, output_path, overwrite)
             state.remove()
         return output_path
@@ -451,6 +452,9 @@ class MemoGenerator:
         held = state.seconds_kept(snapshot_clip + 1)  # the rendering the last snapshot holds
         run_start = clip_start = time.perf_counter()
         snapshots = self.parallel is None  # each rank of parallel=guidance holds half the memory: replayed instead
+        # The call's memory, held here: the pipeline lets go of its own when the call ends, a stop included, and a
+        # handled signal's snapshot is written after that.
+        memory = self.pipeline.memory_factory()
 
         def write(frames) -> None:
             nonlocal writer
@@ -462,10 +466,25 @@ class MemoGenerator:
         def save_memory(clip: int) -> None:
             nonlocal snapshot_clip, held
             started = time.perf_counter()
-            state.save_memory(clip, memory.states)
+            try:
+                state.save_memory(clip, memory.states)  # raises, too, the last background write's failure
+            except OSError as error:
+                # The snapshot only shortens a resume: a full disk (it is GiBs, a clip's files are MiBs) or another
+                # failed write of it leaves the last one whole, and the render goes on; tried again next interval.
+                held = kept + started - run_start
+                snapshot_failed(error)
+                return
             snapshot_clip, held = clip, kept + started - run_start
             spent = time.perf_counter() - started
             logger.debug("resume: memory through clip %d saved (%.1f s of the render's time)", clip + 1, spent)
+
+        def snapshot_failed(error: OSError) -> None:
+            logger.warning(
+                "resume: the memory snapshot was not written (%s: %s); the render goes on, and a resume "
+                "replays the clips since the last snapshot",
+                error.strerror or error,
+                state.folder,
+            )
 
         def clip_end(pipe, clip: int) -> None:
             nonlocal writer, clip_start
@@ -483,7 +502,6 @@ class MemoGenerator:
                 save_memory(clip)
 
         on_clip = write if paste is None else paste.streaming(write)
-        memory = self.pipeline.memory_factory()  # read by a handled signal's snapshot, after the pipeline raised
         try:
             self.render_clips(
                 image, audio, seed, on_clip, progress, resume_from=resume_from, on_clip_end=clip_end, memory=memory
@@ -492,7 +510,10 @@ class MemoGenerator:
             whole = self.pipeline.memory_clip
             if snapshots and whole is not None and whole > snapshot_clip:
                 save_memory(whole)
-            state.wait_for_memory()
+            try:
+                state.wait_for_memory()
+            except OSError as error:
+                snapshot_failed(error)
             raise
         finally:
             if writer is not None:
@@ -615,12 +636,15 @@ class MemoGenerator:
         handed to rank 1 once the progress folder is open."""
         shared = (image.reference, image.face_embedding, audio.features, audio.emotion_labels, seed)
         resume_state = self._resume_state
+        handed = False  # whether rank 1 has its job (else it waits for one, and must hear of a stop)
 
         def share_then_take_up(state, done, clips):
+            nonlocal handed
             take_up = resume_state(state, done, clips)
             if take_up is not None:  # the memory snapshot is not used here: each rank replays its own half
                 take_up = ResumeState(done, {c: state.load_clip(c).latents for c in range(done)}, None, -1)
                 take_up.noise_state = state.load_clip(done - 1).noise_state
+            handed = True
             self.parallel.share((*shared, take_up))
             return take_up
 
@@ -637,6 +661,13 @@ class MemoGenerator:
                 emotion=emotion,
                 on_segment=on_segment,
             )
+        except BaseException as error:
+            # Stopped before rank 1 had its job (the progress folder locked by another run, unreadable, a
+            # signal): rank 1 stops with it now, quietly (this rank says why), not at the collective's timeout.
+            if not handed:
+                with contextlib.suppress(ParallelError):  # rank 1 gone too: nothing to tell
+                    self.parallel.share(ParallelError(str(error) or type(error).__name__, quiet=True))
+            raise
         finally:
             del self._resume_state
 

@@ -11,17 +11,22 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import soundfile
 from conftest import REPO, run_main
 from PIL import Image
 
 from memo.apps.batch import main as batch_main
+from memo.io.job_state import state_folder
 from memo.io.video import probe_video
 
 SCRIPT = REPO / "scripts" / "batch_inference.py"
@@ -46,20 +51,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 0) -> subprocess.CompletedProcess:
-    """The batch program: in this process (``processes=0``), or started as ``processes`` CPU processes."""
+def batch_command(pack: Path, manifest: Path, output_dir: Path, processes: int = 1) -> list[str]:
+    """The batch program's command line, as ``processes`` CPU processes."""
     arguments = ["--manifest", str(manifest), "--output_dir", str(output_dir)]
     arguments += ["--config", str(pack / "inference.yaml"), "inference_steps=1"]
-    if processes == 0:
-        return run_main(batch_main, arguments, cwd=REPO)
     launcher = []
     if processes > 1:
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
         launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         launcher += ["--main_process_port", str(free_port())]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, *launcher, str(SCRIPT), *arguments]
-    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    return [sys.executable, *launcher, str(SCRIPT), *arguments]
+
+
+BATCH_ENV = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+
+
+def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 0) -> subprocess.CompletedProcess:
+    """The batch program: in this process (``processes=0``), or started as ``processes`` CPU processes."""
+    if processes == 0:
+        return run_main(batch_main, batch_command(pack, manifest, output_dir)[2:], cwd=REPO)
+    command = batch_command(pack, manifest, output_dir, processes)
+    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, env=BATCH_ENV, timeout=900)
 
 
 @pytest.mark.parametrize("processes", [0, pytest.param(2, marks=pytest.mark.e2e)])
@@ -151,3 +163,58 @@ def test_per_job_settings_share_the_loaded_models(pack):
         generator.with_settings(weight_dtype="fp16")
     with pytest.raises(ConfigError, match="multiple of 64"):
         generator.with_settings(resolution=100)
+
+
+def decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A video's frames (n, H, W, 3) and its sound's samples (channels, n), decoded."""
+    with av.open(str(path)) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    with av.open(str(path)) as container:
+        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    return frames, sound
+
+
+@pytest.mark.e2e
+def test_a_stopped_batch_resumes_the_job_it_was_rendering(pack, inputs, tmp_path):
+    """Issue 27 for the batch runner: stopped (SIGTERM, then kill -9) during its second job, rerun: the first
+    job is skipped, the second goes on from its saved clips (the screen says so), and both videos are the
+    uninterrupted batch's, frame for frame, with the same sound."""
+    audio, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
+    soundfile.write(inputs / "long.wav", audio[: round(2.2 * rate)], rate)  # 5 clips of 16 frames at 30 fps
+    manifest = inputs / "jobs.csv"
+    manifest.write_text("image,audio,output\nportrait.jpg,speech.wav,first\nportrait.jpg,long.wav,second\n")
+    whole = batch(pack, manifest, tmp_path / "whole", processes=1)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "out"
+    command = batch_command(pack, manifest, out)
+    folder = state_folder(out / "second.mp4")
+
+    def stopped_at(clip_record: str, stop: signal.Signals) -> str:
+        process = subprocess.Popen(command, cwd=REPO, env=BATCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)  # fmt: skip
+        deadline = time.monotonic() + 600
+        while not (folder / clip_record).exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(stop)
+        _, log = process.communicate(timeout=120)
+        assert process.returncode == (128 + stop if stop != signal.SIGKILL else -stop), log
+        assert "Traceback" not in log and not (out / "second.mp4").exists()
+        return log
+
+    log = stopped_at("clip-00001.pt", signal.SIGTERM)
+    assert "the progress of the one being rendered" in log.splitlines()[-1], log
+    first = (out / "first.mp4").stat().st_mtime_ns
+    log = stopped_at("clip-00003.pt", signal.SIGKILL)
+    assert "first.mp4 exists, skipped" in log and "resuming at 00:0" in log, log
+    again = subprocess.run(command, cwd=REPO, env=BATCH_ENV, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert "first.mp4 exists, skipped" in again.stderr and "resuming at 00:0" in again.stderr, again.stderr
+    assert "1 done, 1 skipped, 0 failed" in again.stdout, again.stdout
+    assert (out / "first.mp4").stat().st_mtime_ns == first
+    for name in ("first.mp4", "second.mp4"):
+        frames, sound = decoded(out / name)
+        expected_frames, expected_sound = decoded(tmp_path / "whole" / name)
+        assert np.array_equal(frames, expected_frames) and np.array_equal(sound, expected_sound), name
+    assert sorted(path.name for path in out.iterdir()) == ["batch_summary.json", "first.mp4", "second.mp4"]

@@ -193,3 +193,92 @@ def test_parallel_settings_are_validated():
         load_config(None, ["parallel=guidance", "cfg_scale=1.0"])
     with pytest.raises(ConfigError, match="even num_generated_frames_per_clip"):
         load_config(None, ["parallel=guidance", "num_generated_frames_per_clip=15"])
+
+
+def start_ranks(command: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """The two processes of ``command`` (an inference.py command line), launched as a launcher would (``RANK``,
+    ``WORLD_SIZE``...), one thread each as torchrun sets it."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    env.update({"OMP_NUM_THREADS": "1", **(extra_env or {})})
+    return [
+        subprocess.Popen(
+            [sys.executable, *command],
+            cwd=REPO,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+
+
+def finish(ranks: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Both processes' stderr once they end (killed if they outlive ``timeout``)."""
+    try:
+        return [rank.communicate(timeout=timeout)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+
+
+def wait_for_file(ranks: list[subprocess.Popen], path) -> None:
+    deadline = time.monotonic() + 600
+    while not path.exists():
+        assert all(rank.poll() is None for rank in ranks), finish(ranks, 60)
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_two_processes_resume_a_stopped_render_to_the_video_of_one(pack, tmp_path):
+    """Issue 27 on two processes: SIGTERM to both part-way, then kill -9 of rank 1 later, then a rerun while
+    another run holds the progress (refused by both at once, one line), then the rerun that finishes: the
+    video is the one-process video, frames and sound. Rank 0 owns the progress folder and hands rank 1 the
+    resume point; every finished clip's memory update is replayed on both."""
+    from memo.io.job_state import JobState, state_folder
+
+    audio = speech(tmp_path, 2.2)  # 5 clips of 16 frames at 30 fps
+    settings = ["inference_steps=2", "vocal_separation=false", "emotion=neutral"]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each launched process runs
+    alone = subprocess.run([sys.executable, *inference(pack, audio, tmp_path / "one", *settings)], cwd=REPO,
+                           capture_output=True, text=True, timeout=600, env=one_thread)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    expected = frames_and_sound(tmp_path / "one" / "portrait_speech.mp4")
+
+    out = tmp_path / "two"
+    output, command = out / "portrait_speech.mp4", inference(pack, audio, out, "parallel=guidance", *settings)
+    folder = state_folder(output)
+    # 1. SIGTERM to both (a scheduler's time limit) after the second clip: both stop with the shell's status.
+    ranks = start_ranks(command)
+    wait_for_file(ranks, folder / "clip-00001.pt")
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    logs = finish(ranks, 120)
+    assert ranks[0].returncode == 143 and ranks[1].returncode in (2, 143), logs
+    assert f"the progress is kept in {folder}" in logs[0] and "Traceback" not in logs[0] + logs[1], logs
+    assert not output.exists()
+    # 2. The rerun resumes (rank 0 says where, once); rank 1 is killed (-9) two clips later, rank 0 stops on it.
+    ranks = start_ranks(command)
+    wait_for_file(ranks, folder / "clip-00003.pt")
+    ranks[1].kill()
+    logs = finish(ranks, 120)
+    assert ranks[0].returncode == 2 and "rank 1" in logs[0] and "Traceback" not in logs[0], logs
+    assert logs[0].count("memo: resuming at 00:0") == 1 and "memo: resuming" not in logs[1], logs
+    # 3. Another run holds the progress: rank 0 refuses with one line, rank 1 stops with it (not at a timeout).
+    with JobState(output, JobState(output, {}).saved()).open():
+        started = time.monotonic()
+        ranks = start_ranks(command)
+        logs = finish(ranks, 300)
+    assert [rank.returncode for rank in ranks] == [2, 2] and time.monotonic() - started < 240, logs
+    assert [line.startswith("error: Another run is rendering") for line in logs[0].splitlines()].count(True) == 1
+    assert "error:" not in logs[1] and "Traceback" not in logs[0] + logs[1], logs
+    # 4. The last rerun finishes the video of one process, frame for frame, and the same sound.
+    ranks = start_ranks(command)
+    logs = finish(ranks)
+    assert [rank.returncode for rank in ranks] == [0, 0], logs
+    assert "resuming at 00:" in logs[0] and "resuming" not in logs[1], logs
+    frames, sound = frames_and_sound(output)
+    assert np.array_equal(frames, expected[0]) and np.array_equal(sound, expected[1])
+    assert [path.name for path in out.iterdir()] == ["portrait_speech.mp4"]

@@ -307,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """0 when no job failed, 1 when some did, 2 for a bad manifest, bad settings or missing models, 130/143/129
-    when stopped by SIGINT/SIGTERM/SIGHUP (the job being rendered leaves nothing; finished ones are kept)."""
+    when stopped by SIGINT/SIGTERM/SIGHUP (finished videos are kept, and the progress of the job being rendered,
+    which a rerun resumes)."""
     start = time.perf_counter()
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -315,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return _run(args, start)
     except KeyboardInterrupt as stop:
-        return report_stop(stop, "finished videos are kept, the one being rendered was removed: run again to go on.")
+        return report_stop(
+            stop,
+            "finished videos are kept, and the progress of the one being rendered (.NAME.mp4.resume beside it): "
+            "run the same command again to go on from there.",
+        )
 
 
 def _run(args: argparse.Namespace, start: float) -> int:

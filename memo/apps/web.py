@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
     if stopped:
         return report_stop(
-            Interrupted(stopped[0]), "the server is closed (a video being rendered is removed next start)."
+            Interrupted(stopped[0]),
+            "the server is closed; a video being rendered keeps its progress, and the page offers to continue it "
+            "at the next start.",
         )
     return 0

@@ -168,18 +168,16 @@ class JobState:
 
     def remove(self) -> None:
         """Remove the folder (the video is published) and release the lock."""
-        self.wait_for_memory()
+        self.wait_for_memory(raise_error=False)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.close()
 
     def __enter__(self) -> JobState:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.wait_for_memory(raise_error=exc_type is None)
-        finally:
-            self.close()
+    def __exit__(self, *exc) -> None:
+        self.wait_for_memory(raise_error=False)  # a snapshot's own failure only makes a resume replay more
+        self.close()
 
     # -- clips -----------------------------------------------------------------------------------------
 
@@ -230,7 +228,7 @@ class JobState:
 
         ``background`` (default: when the states are on an accelerator): copy the states to the host now and
         write them while the caller goes on (a snapshot still being written is waited for first); a failed
-        write is raised by the next call, :meth:`wait_for_memory` or leaving the ``with`` block. Otherwise the
+        write is raised by the next call or :meth:`wait_for_memory` (leaving the ``with`` block drops it). Otherwise the
         states are written before this returns, without a copy (a memory on the host is not doubled)."""
         self.wait_for_memory()
         if background is None:
@@ -271,6 +269,12 @@ class JobState:
                 record = self.load_clip(earlier)
                 if record.latents is not None:
                     self.save_clip(earlier, ClipRecord(None, None, record.seconds))
+
+    def drop_memory(self) -> None:
+        """Remove the snapshot once every clip is done (the largest file: a stop between publishing the video and
+        removing the folder then leaves only the clips' small files behind); one being written is waited for."""
+        self.wait_for_memory(raise_error=False)
+        (self.folder / MEMORY_NAME).unlink(missing_ok=True)
 
     def load_memory(self) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
         """The snapshot's clip and states, or (-1, None) when there is none."""
