@@ -178,21 +178,19 @@ def test_a_render_stopped_every_way_resumes_to_the_same_video(pack, talk, refere
 
     log = stop_after_next_clip(start(*command(pack, talk, out)), folder, signal.SIGHUP, before=meanwhile)
     assert_resumed(log)
-    assert memory_clip(folder) >= 2  # saved on the way out
 
-    # SIGTERM: the run takes up the memory SIGHUP saved, and saves it again on the way out
-    saved = memory_clip(folder)
+    # SIGTERM: the run takes up what SIGHUP left (the memory it saved on the way out, unless the signal came
+    # during a clip's memory update, when none is whole: then the update is replayed)
     log = stop_after_next_clip(start(*command(pack, talk, out)), folder, signal.SIGTERM)
     assert_resumed(log)
-    assert memory_clip(folder) > saved
 
     # kill -9 with a snapshot after every clip (a job-neutral setting: the progress is still this job's), once the
     # second clip of the run is done: the first one's snapshot is saved, the second's perhaps not (then replayed)
-    saved = memory_clip(folder)
+    first = done_clips(folder)
     snapshots = start(*command(pack, talk, out, "resume_snapshot_minutes=0"))
     log = stop_after_next_clip(snapshots, folder, signal.SIGKILL, clips=2)
     assert_resumed(log)
-    assert memory_clip(folder) > saved
+    assert memory_clip(folder) >= first
 
     again = run(*command(pack, talk, out))
     assert again.returncode == 0, again.stderr
