@@ -3,7 +3,9 @@ signal, one line), and what ``kill -9`` leaves behind is removed by the next run
 partial of a job still running (memo.io.partial, used by every writer of the project).
 
 The fast tests drive the mechanism with real processes (a child holding a partial, killed or not); the e2e
-test does it with ``inference.py`` itself on the tiny pack.
+test does it with the batch runner on the tiny pack. ``inference.py`` itself, stopped by SIGTERM, SIGHUP and
+``kill -9`` (with a second run into the same folder meanwhile, and one into the same output refused), is
+tests/test_resume_e2e.py's, which also resumes it.
 """
 
 from __future__ import annotations
@@ -142,12 +144,6 @@ def test_video_writer_and_prepared_store_clean_up_after_killed_runs(tmp_path):
 # -- through inference.py ---------------------------------------------------------------------------
 
 
-def start(pack: Path, audio: Path, output_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, str(REPO / "inference.py"), "--config", str(pack / "inference.yaml")]
-    command += ["--input_image", str(EXAMPLE_IMAGE), "--input_audio", str(audio), "--output_dir", str(output_dir)]
-    return subprocess.Popen([*command, *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-
-
 def wait_for_partial(process: subprocess.Popen, folder: Path, name: str) -> Path:
     """Wait until the render of ``name`` into ``folder`` has finished its first clip; returns its progress folder
     (memo.io.job_state: the video is made there, segment by segment, and remuxed onto ``name`` at the end)."""
@@ -165,48 +161,6 @@ def speech(folder: Path, name: str, seconds: float) -> Path:
     samples, rate = soundfile.read(EXAMPLE_AUDIO, dtype="float32")
     soundfile.write(folder / name, samples[: round(seconds * rate)], rate)
     return folder / name
-
-
-@pytest.mark.e2e
-def test_inference_killed_terminated_and_hung_up(pack, tmp_path):
-    """A (SIGTERM) and C (SIGHUP) say in one line where their progress is kept; B (kill -9) keeps its progress
-    too (memo.io.job_state; tests/test_resume_e2e.py resumes them); D, run while C renders, leaves C's alone,
-    and a second run into C's output is refused while C holds it."""
-    out = tmp_path / "out"
-    names = {key: f"portrait_{key}.mp4" for key in "abcd"}
-    audio = {key: speech(tmp_path, f"{key}.wav", {"c": 8.0, "d": 0.4}.get(key, 3.0)) for key in "abcd"}
-    a, b = start(pack, audio["a"], out), start(pack, audio["b"], out)
-    wait_for_partial(a, out, names["a"])
-    a.send_signal(signal.SIGTERM)
-    kept = wait_for_partial(b, out, names["b"])
-    b.kill()
-    _, a_log = a.communicate(timeout=120)
-    b.wait(timeout=120)
-    assert a.returncode == 143, a_log
-    assert (
-        f"stopped by SIGTERM; no output was written; the progress is kept in {state_folder(out / names['a'])}" in a_log
-    )
-    assert "Traceback" not in a_log and not (out / names["a"]).exists()
-    assert b.returncode == -signal.SIGKILL and kept.is_dir() and not (out / names["b"]).exists()
-    assert partials(out) == []  # the mp4 is only written (remuxed) once every clip is done
-
-    c = start(pack, audio["c"], out)
-    running = wait_for_partial(c, out, names["c"])
-    c.send_signal(signal.SIGSTOP)  # C stays a live job mid-render however fast D is (C could finish first)
-    d = start(pack, audio["d"], out)  # one more while C renders
-    _, d_log = d.communicate(timeout=900)
-    assert d.returncode == 0, d_log
-    assert running.is_dir() and c.poll() is None and "removed" not in d_log, d_log  # C's progress untouched
-    assert probe_video(out / names["d"]).num_frames == 12
-    twin = start(pack, audio["c"], out)  # the same output as C, which holds its progress folder
-    _, twin_log = twin.communicate(timeout=900)
-    assert twin.returncode == 2 and f"Another run is rendering {out / names['c']}" in twin_log, twin_log
-    c.send_signal(signal.SIGHUP)
-    c.send_signal(signal.SIGCONT)
-    _, c_log = c.communicate(timeout=120)
-    assert c.returncode == 129, c_log
-    assert "stopped by SIGHUP; no output was written; the progress is kept in" in c_log, c_log
-    assert sorted(os.listdir(out)) == sorted([names["d"], *(state_folder(out / names[k]).name for k in "abc")])
 
 
 @pytest.mark.e2e
