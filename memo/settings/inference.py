@@ -216,7 +216,7 @@ class ResumeSettings:
     """Saving a long render's progress for resuming (memo/io/job_state.py)."""
 
     resume_snapshot_minutes: float = setting(
-        10.0, "long renders: save the temporal memory for resuming every this many minutes (0: every clip)", minimum=0.0
+        10.0, "long renders: most minutes between snapshots of the temporal memory (0: every clip)", minimum=0.0
     )
 
 
