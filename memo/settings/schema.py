@@ -65,13 +65,18 @@ def _is_section(kind: Any) -> bool:
     return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
-def choices_of(field: dataclasses.Field, kind: Any) -> tuple[Any, ...] | None:
-    """The values a field takes when it is a choice: its ``Literal``'s (``X | None`` included), else None."""
+def literal_choices(kind: Any) -> tuple[Any, ...] | None:
+    """The values of a ``Literal`` type (``Literal[...] | None`` included), else None."""
     options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
     for option in options:
         if typing.get_origin(option) is typing.Literal:
             return typing.get_args(option)
-    return field.metadata.get("choices")
+    return None
+
+
+def choices_of(field: dataclasses.Field, kind: Any) -> tuple[Any, ...] | None:
+    """The values a field takes when it is a choice: its ``Literal``'s (``X | None`` included), else None."""
+    return literal_choices(kind) or field.metadata.get("choices")
 
 
 def leaves(cls: type, prefix: str = "", path: str = "") -> Iterator[tuple[str, str, dataclasses.Field, Any]]:
@@ -340,11 +345,11 @@ def load_layers(
             if described.get(key, "").startswith("bool") and isinstance(value, int) and not isinstance(value, bool):
                 if value not in (0, 1):  # OmegaConf takes any number as true
                     raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
-            choices = typing.get_args(kinds[key]) if typing.get_origin(kinds.get(key)) is typing.Literal else None
+            choices = literal_choices(kinds.get(key))
             if choices and isinstance(value, bool) and str(value).lower() in choices:  # compile: true (YAML)
                 value = str(value).lower()
                 OmegaConf.update(layer, key, value, merge=False)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(
                     f"Invalid setting {key}={value} in {origin}: {key} must be one of {', '.join(map(str, choices))}, "
                     f"got {value!r}."
