@@ -394,3 +394,24 @@ def test_finetune_first_run_offline_without_the_vae_or_a_wandb_login(pack, tmp_p
     assert "wandb has no login here: logging offline" in result.stderr
     assert "Distributed environment" not in result.stderr  # the accelerator never started
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "name", "expected"),
+    [
+        ("mixed_precision=no", "tracking", "mixed_precision", "no"),  # YAML reads no as false
+        ("compile=true", "runtime", "compile", "true"),
+        ("compile=off", "runtime", "compile", "false"),
+    ],
+)
+def test_a_choice_written_as_a_yaml_boolean_word_is_the_choice(override, section, name, expected):
+    """``key=no`` and ``key: true`` reach YAML as booleans: a choice setting that has the word takes it."""
+    module = training if section == "tracking" else inference
+    path = REPO / "configs" / ("finetune.yaml" if module is training else "inference.yaml")
+    config = module.load_config(path, [override])
+    assert getattr(getattr(config, section), name) == expected
+
+
+def test_a_boolean_for_a_choice_without_that_word_is_refused_in_one_line():
+    with pytest.raises(schema.ConfigError, match="mixed_precision must be one of no, fp16, bf16, got True"):
+        training.load_config(REPO / "configs" / "finetune.yaml", ["mixed_precision=yes"])

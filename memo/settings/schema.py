@@ -346,9 +346,11 @@ def load_layers(
                 if value not in (0, 1):  # OmegaConf takes any number as true
                     raise ConfigError(f"Invalid setting {key}={value} in {origin}: it takes true or false.")
             choices = literal_choices(kinds.get(key))
-            if choices and isinstance(value, bool) and str(value).lower() in choices:  # compile: true (YAML)
-                value = str(value).lower()
-                OmegaConf.update(layer, key, value, merge=False)
+            if choices and isinstance(value, bool):  # YAML reads true/yes/on and false/no/off as booleans
+                words = [w for w in (("true", "yes", "on") if value else ("false", "no", "off")) if w in choices]
+                if words:  # compile: true, mixed_precision: no
+                    value = words[0]
+                    OmegaConf.update(layer, key, value, merge=False)
             if choices and value is not None and value not in choices:
                 raise ConfigError(
                     f"Invalid setting {key}={value} in {origin}: {key} must be one of {', '.join(map(str, choices))}, "
