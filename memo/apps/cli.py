@@ -144,7 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_settings_arguments(parser)
     parser.add_argument("--input_image", help="portrait image (default: the bundled example)")
-    parser.add_argument("--input_audio", help="speech or song: wav, mp3, m4a, flac, ogg, video files... (decoded by PyAV; default: the example)")
+    parser.add_argument(
+        "--input_audio",
+        help="speech or song: wav, mp3, m4a, flac, ogg, video files... (decoded by PyAV; default: the example)",
+    )
     parser.add_argument("--output_dir", default="outputs", help="where the mp4 goes (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="random seed, the same as seed=N (default: the config's seed)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
