@@ -13,7 +13,7 @@ from memo.pipeline import ResumeState
 
 CLIPS = 4
 
-pytestmark = pytest.mark.slow  # five 4-clip renders (tests/test_job_state.py holds the fast checks)
+pytestmark = pytest.mark.slow  # 4-clip renders (tests/test_job_state.py holds the fast checks)
 
 
 def render(pipe, **overrides):
@@ -38,9 +38,15 @@ def render(pipe, **overrides):
     return states
 
 
+@pytest.fixture(scope="module")
+def whole(loaded_tiny_pipeline):
+    """The uninterrupted 4-clip render of :func:`render`'s defaults, shared by the tests that only read it (each
+    takes what it hands a resumed render as a copy, so none sees another's changes)."""
+    return render(copy.deepcopy(loaded_tiny_pipeline))
+
+
 @pytest.mark.parametrize("snapshot_clip", [-1, 0, 2], ids=["replay-all", "replay-two", "snapshot-at-stop"])
-def test_resumed_frames_equal_an_uninterrupted_runs(tiny_pipeline, snapshot_clip):
-    whole = render(tiny_pipeline)
+def test_resumed_frames_equal_an_uninterrupted_runs(tiny_pipeline, whole, snapshot_clip):
     assert all(state["memory_clip"] == clip for clip, state in enumerate(whole))
     resume_at = 3
     state = ResumeState(
@@ -50,16 +56,15 @@ def test_resumed_frames_equal_an_uninterrupted_runs(tiny_pipeline, snapshot_clip
         memory_clip=snapshot_clip,
         noise_state=whole[resume_at - 1]["noise"],
     )
-    resumed = render(copy.deepcopy(tiny_pipeline), resume_from=state)
+    resumed = render(tiny_pipeline, resume_from=copy.deepcopy(state))
     assert len(resumed) == CLIPS - resume_at
     for clip, again in zip(range(resume_at, CLIPS), resumed):
         assert torch.equal(again["frames"], whole[clip]["frames"]), f"clip {clip} differs"
         assert torch.equal(again["latents"], whole[clip]["latents"])
 
 
-def test_a_memory_that_already_holds_the_clip_skips_its_update(tiny_pipeline):
+def test_a_memory_that_already_holds_the_clip_skips_its_update(tiny_pipeline, whole):
     """A snapshot taken during clip k, after its first step (a stop by signal): clip k starts again from it."""
-    whole = render(tiny_pipeline)
     state = ResumeState(
         clip=2,
         latents={1: whole[1]["latents"]},
@@ -67,7 +72,7 @@ def test_a_memory_that_already_holds_the_clip_skips_its_update(tiny_pipeline):
         memory_clip=2,
         noise_state=whole[1]["noise"],
     )
-    resumed = render(copy.deepcopy(tiny_pipeline), resume_from=state)
+    resumed = render(tiny_pipeline, resume_from=copy.deepcopy(state))
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(resumed, whole[2:]))
 
 
