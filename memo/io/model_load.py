@@ -204,7 +204,9 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _hint_text(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_args(hint) or not hasattr(hint, "__name__"):
+        return str(hint).replace("typing.", "").replace("NoneType", "None")
+    return hint.__name__
 
 
 def config_type_problem(config: Mapping[str, Any], signature: Callable) -> str | None:
@@ -260,6 +262,11 @@ def _weights_problem(expected: Mapping[str, torch.Size], found: Shapes, config: 
             + f"; {len(unexpected)} are not the network's"
             + (f", e.g. {unexpected[0]}" if unexpected else "")
             + ")"
+        )
+    if found and len(unexpected) >= MIN_SHARED * len(found):
+        return (
+            f"holds other weights than {config} describes ({len(unexpected)} of its {len(found)} tensors are not the "
+            f"network's, e.g. {unexpected[0]})"
         )
     if expected and len(missing) >= MIN_SHARED * len(expected):
         return (
