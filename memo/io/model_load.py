@@ -204,7 +204,9 @@ def _fits(value: Any, hint: Any) -> bool:
 
 
 def _hint_text(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if typing.get_args(hint) or not hasattr(hint, "__name__"):
+        return str(hint).replace("typing.", "").replace("NoneType", "None")
+    return hint.__name__
 
 
 def config_type_problem(config: Mapping[str, Any], signature: Callable) -> str | None:
@@ -261,6 +263,11 @@ def _weights_problem(expected: Mapping[str, torch.Size], found: Shapes, config: 
             + (f", e.g. {unexpected[0]}" if unexpected else "")
             + ")"
         )
+    if found and len(unexpected) >= MIN_SHARED * len(found):
+        return (
+            f"holds other weights than {config} describes ({len(unexpected)} of its {len(found)} tensors are not the "
+            f"network's, e.g. {unexpected[0]})"
+        )
     if expected and len(missing) >= MIN_SHARED * len(expected):
         return (
             f"holds other weights than {config} describes ({len(missing)} of the {len(expected)} tensors the "
@@ -269,7 +276,7 @@ def _weights_problem(expected: Mapping[str, torch.Size], found: Shapes, config: 
     return None
 
 
-_verified: dict[tuple, str | None] = {}
+_verified: dict[tuple, tuple[str, str] | None] = {}
 """Deep-check results by (spec's class and files, their sizes and times): checking again costs nothing."""
 
 
@@ -286,33 +293,34 @@ def _stat(path: Path) -> tuple[int, int]:
     return status.st_size, status.st_mtime_ns
 
 
-def _deep_problem(spec: ModelSpec) -> str | None:
-    """What is wrong with ``spec``'s config or weights (``"FILE problem"``), None when they fit each other."""
+def _deep_problem(spec: ModelSpec) -> tuple[str, str] | None:
+    """What is wrong with ``spec``'s config or weights (the file, relative to its folder, and the problem), None
+    when they fit each other."""
     config_path, weights_path = spec.path(spec.config), spec.path(spec.weights)
     if spec.signature is not None and config_path.suffix == ".json":
         try:
             config = _read_config(config_path)
         except (OSError, ValueError, UnicodeDecodeError) as error:
-            return f"{config_path} cannot be read as a config ({_reason(error)})"
+            return spec.config, f"cannot be read as a config ({_reason(error)})"
         problem = config_type_problem(config, spec.signature)
         if problem is not None:
-            return f"{config_path} {problem}"
+            return spec.config, problem
     try:
         with torch.device("meta"):
             network = spec.build(config_path)
     except (UserError, MemoryError, ImportError):
         raise
     except Exception as error:
-        return f"{config_path} does not describe a network that can be built ({_reason(error)})"
+        return spec.config, f"does not describe a network that can be built ({_reason(error)})"
     expected = {name: tensor.shape for name, tensor in network.state_dict().items()}
     try:
         found = spec.shapes(weights_path)
     except (UserError, MemoryError, ImportError):
         raise
     except Exception as error:
-        return f"{weights_path} cannot be read ({_reason(error)})"
+        return spec.weights, f"cannot be read ({_reason(error)})"
     problem = _weights_problem(expected, found, spec.config.rsplit("/", 1)[-1], spec.strict)
-    return None if problem is None else f"{weights_path} {problem}"
+    return None if problem is None else (spec.weights, problem)
 
 
 def find_model_problems(specs: Iterable[ModelSpec]) -> list[str]:
@@ -333,8 +341,11 @@ def find_model_problems(specs: Iterable[ModelSpec]) -> list[str]:
         else:
             problem = _verified[key]
         if problem is not None:
-            relative = Path(problem.split(" ", 1)[0]).relative_to(spec.model.folder).as_posix()
-            lines.append(f"{spec.model.setting}={spec.model.name}: {problem}: {fix_for(spec.model, relative)}")
+            relative, what = problem
+            line = (
+                f"{spec.model.setting}={spec.model.name}: {spec.path(relative)} {what}: {fix_for(spec.model, relative)}"
+            )
+            lines.append(line)
     return list(dict.fromkeys(lines))
 
 
