@@ -308,3 +308,29 @@ def test_a_path_naming_an_unknown_users_home_or_a_dangling_link_says_so(pack, tm
     result = run_main(cli.main, [*config, "--input_audio", str(tmp_path / "speech.wav")])
     assert_stopped_early(result, "is a link to", "moved.wav, which does not exist")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_inference_with_a_hub_that_never_answers_stops_with_the_missing_models(tmp_path):
+    """``inference.py`` as a new user runs it, the cache empty and the hub's address taking connections that are
+    never answered (a firewall, a captive portal): the one block of missing models, exit 2, nothing written
+    (it waited for good before the probe)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env |= {"HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "inference.py"), "--output_dir", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        silent.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    block = result.stderr[result.stderr.index("error: ") :].splitlines()
+    assert block[0] == "error: 4 models are not available:"
+    assert all("the hub cannot be reached (http://127.0.0.1:" in line for line in block[1:5]), block
+    assert not (tmp_path / "out").exists()
