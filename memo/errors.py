@@ -36,10 +36,16 @@ class EmptyPathError(UserError, ValueError):
 
 def as_path(value: str | os.PathLike, what: str) -> Path:
     """``value`` as a ``Path`` with ``~`` expanded; raises :class:`EmptyPathError` ("``what`` is empty") for an
-    empty or blank string, which ``Path`` would otherwise turn into the current folder."""
+    empty or blank string, which ``Path`` would otherwise turn into the current folder, and :class:`UserError` for
+    a ``~NAME`` that names no user here."""
     if not str(os.fspath(value)).strip():
         raise EmptyPathError(f"{what} is empty; give the path of the file or folder to use.")
-    return Path(value).expanduser()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~NAME for a user this system does not know, or ~ without a home
+        user = str(os.fspath(value))[1:].split("/")[0]
+        home = f"no user named {user!r} here" if user else "no home folder is set (HOME)"
+        raise UserError(f"{what} {value}: {home}, so {'~' + user} cannot be expanded; give the path in full.") from None
 
 
 def failure_message(error: BaseException) -> str:

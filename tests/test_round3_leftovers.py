@@ -279,3 +279,58 @@ def test_the_tests_page_points_at_cis_tier_lines_and_counts_no_tests():
     assert "`== default tier, seed 1 (HH:MM:SS)`" in page
     for text in (page, (REPO / "README.md").read_text()):
         assert not re.search(r"\b\d+ tests\b", text), re.search(r"\b\d+ tests\b", text)
+
+
+# -- the second pass's own cases (docs/field-tests.md, round 3, second pass) ------------------------------
+
+
+def test_a_tiny_pack_build_killed_with_kill_9_is_removed_by_the_next_build(tmp_path):
+    """The pack is built in a locked hidden folder: a build killed where no handler runs left
+    ``~/.cache/memo/.tiny-pack-XXXX`` for good (tens of MB); the next build removes it."""
+    from memo.tiny.pack import cached_tiny_pack
+
+    killed = tmp_path / ".tiny-pack-0123456789ab.99999-0badc0de.partial"
+    (killed / "vae").mkdir(parents=True)
+    (killed / "vae" / "config.json").write_text("{}")
+    config = cached_tiny_pack(tmp_path)
+    assert config.is_file() and not killed.exists()
+    assert [path.name for path in tmp_path.iterdir()] == [config.parent.name]
+
+
+def test_a_path_naming_an_unknown_users_home_or_a_dangling_link_says_so(pack, tmp_path):
+    """``~nosuchuser/a.jpg`` was a RuntimeError traceback ("Could not determine home directory"); a link whose
+    file was moved was said not to exist, though the name is there."""
+    config = ["--config", str(pack / "inference.yaml"), "--output_dir", str(tmp_path / "out")]
+    result = run_main(cli.main, [*config, "--input_image", "~nosuchuser/a.jpg"])
+    assert_stopped_early(result, "--input_image ~nosuchuser/a.jpg", "no user named 'nosuchuser'", "in full")
+
+    (tmp_path / "speech.wav").symlink_to(tmp_path / "moved.wav")
+    result = run_main(cli.main, [*config, "--input_audio", str(tmp_path / "speech.wav")])
+    assert_stopped_early(result, "is a link to", "moved.wav, which does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_inference_with_a_hub_that_never_answers_stops_with_the_missing_models(tmp_path):
+    """``inference.py`` as a new user runs it, the cache empty and the hub's address taking connections that are
+    never answered (a firewall, a captive portal): the one block of missing models, exit 2, nothing written
+    (it waited for good before the probe)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env |= {"HF_HOME": str(tmp_path / "empty"), "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    try:
+        result = subprocess.run(
+            [sys.executable, str(REPO / "inference.py"), "--output_dir", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        silent.close()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    block = result.stderr[result.stderr.index("error: ") :].splitlines()
+    assert block[0] == "error: 4 models are not available:"
+    assert all("the hub cannot be reached (http://127.0.0.1:" in line for line in block[1:5]), block
+    assert not (tmp_path / "out").exists()

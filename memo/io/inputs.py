@@ -30,6 +30,8 @@ def input_problem(path: str | os.PathLike, what: str = "file") -> str | None:
                 "does not exist (it is a Windows path: on this system write it with / and this system's folders, "
                 "e.g. /mnt/c/... under WSL)"
             )
+        if os.path.islink(text):
+            return f"is a link to {os.readlink(text)}, which does not exist (a moved or deleted file)"
         return "does not exist"
     if os.path.isdir(text):
         return f"is a folder, not a {what}"

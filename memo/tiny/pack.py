@@ -11,8 +11,6 @@ CPU. The videos it makes are noise: it exercises code, not quality.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from omegaconf import OmegaConf
 from memo.environment import memo_cache_dir
 from memo.errors import UserError
 from memo.io.hub import CHECKPOINT_VAE_FOLDER, FACE_MODELS_FOLDER, VOCAL_SEPARATOR_FOLDER
+from memo.io.partial import Partial
 from memo.tiny.face_models import write_tiny_face_models
 from memo.tiny.metric_models import write_tiny_metric_models
 from memo.tiny.networks import write_emotion2vec, write_memo_networks, write_vae, write_wav2vec2
@@ -69,8 +68,8 @@ def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
     when that folder cannot be written.
 
     The folder is named after a digest of the code that writes the pack, so a changed pack is built anew
-    rather than an old one reused. It is built in a temporary folder beside it and renamed when complete:
-    an interrupted build leaves no half pack behind.
+    rather than an old one reused. It is built in a hidden, locked folder beside it and renamed when complete:
+    an interrupted build leaves no half pack behind, and one killed with ``kill -9`` is removed by the next build.
     """
     source = b"".join(path.read_bytes() for path in sorted(Path(__file__).parent.glob("*.py")))
     root = Path(cache_dir or memo_cache_dir()).expanduser() / f"tiny-pack-{hashlib.sha256(source).hexdigest()[:12]}"
@@ -79,7 +78,8 @@ def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
         return config
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
-        building = Path(tempfile.mkdtemp(prefix=".tiny-pack-", dir=root.parent))
+        # A locked hidden folder: a build killed with kill -9 is removed by the next one (memo.io.partial).
+        building = Partial(root, directory=True)
     except OSError as error:
         reason = error.strerror or error
         raise TinyPackError(
@@ -87,18 +87,16 @@ def cached_tiny_pack(cache_dir: str | Path | None = None) -> Path:
             "folder (e.g. XDG_CACHE_HOME=/tmp/cache), or write the pack with scripts/make_tiny_checkpoint.py DIR "
             "and pass --config DIR/inference.yaml."
         ) from None
-    try:
-        write_tiny_pack(building)
+    with building:
+        write_tiny_pack(building.path)
         # The config names the pack's folders: write it again for where the pack will live.
-        written = OmegaConf.load(building / "inference.yaml")
+        written = OmegaConf.load(building.path / "inference.yaml")
         for key in ("model_name_or_path", "vae", "wav2vec", "emotion2vec"):
-            written[key] = str(root / Path(written[key]).relative_to(building.resolve()))
-        OmegaConf.save(written, building / "inference.yaml")
+            written[key] = str(root / Path(written[key]).relative_to(building.path.resolve()))
+        OmegaConf.save(written, building.path / "inference.yaml")
         try:
-            building.rename(root)
-        except OSError:  # another process finished first: use its pack
+            building.publish(replace=False)
+        except OSError:  # another process finished first (FileExistsError, or ENOTEMPTY in a race): use its pack
             if not config.is_file():
                 raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return config
