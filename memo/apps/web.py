@@ -129,6 +129,16 @@ class WebApp:
         self.streaming = live_view_available() if streaming is None else streaming
         self.live_dir = output_dir / LIVE_FOLDER
         self.jobs = RenderJobs(output_dir / JOBS_FOLDER)
+        self.closing = threading.Event()
+        """Set when the server stops: renders under way stop at their next step and keep their records and progress,
+        so that the next start offers to continue them."""
+        self._renders: set[threading.Event] = set()
+
+    def stop_renders(self) -> None:
+        """The server is stopping: stop every render under way at its next step, keeping what it has made."""
+        self.closing.set()
+        for stopped in list(self._renders):
+            stopped.set()
 
     def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
         """The face crop the model will see; a warning (not an error) when the image cannot be used."""
@@ -212,6 +222,9 @@ class WebApp:
         progress(0, desc="Reading the image and the audio")
         segments: queue.Queue[Path | None] = queue.Queue()
         stopped = threading.Event()
+        self._renders.add(stopped)
+        if self.closing.is_set():
+            stopped.set()
         outcome: dict[str, object] = {}
 
         def work(folder: Path) -> None:
@@ -246,7 +259,9 @@ class WebApp:
                     stopped.set()  # the page went away: the render stops at its next step
                     worker.join()
         finally:
-            self.jobs.end(job)
+            self._renders.discard(stopped)
+            if not self.closing.is_set():  # a render stopped by the server's stop is offered at the next start
+                self.jobs.end(job)
         error = outcome.get("error")
         if error is not None:
             with shown_in_page("Generation"):
@@ -393,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
     if stopped:
+        app.stop_renders()  # else the process would wait for the render under way to finish before it exits
         return report_stop(
             Interrupted(stopped[0]),
             "the server is closed; a video being rendered keeps its progress, and the page offers to continue it "
