@@ -32,6 +32,7 @@ from memo.apps.live import generate_watched
 from memo.apps.render_jobs import RenderJob, RenderJobs
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
+    STOP_SIGNALS,
     Interrupted,
     UserError,
     as_path,
@@ -395,6 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = app.build()
     try:
         with stop_on_signals() as stopped:
+            # A stop first stops the render under way (gradio's server waits for its request before it closes).
+            handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+            def stop_renders_first(signum, frame):
+                app.stop_renders()
+                handlers[signum](signum, frame)
+
+            if callable(handlers[signal.SIGTERM]):  # stop_on_signals installed them (the main thread)
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, stop_renders_first)
             demo.queue().launch(
                 server_name=args.host,
                 server_port=args.port,
@@ -408,7 +419,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         stopped.append(stop.signum if isinstance(stop, Interrupted) else signal.SIGINT)
     if stopped:
-        app.stop_renders()  # else the process would wait for the render under way to finish before it exits
         return report_stop(
             Interrupted(stopped[0]),
             "the server is closed; a video being rendered keeps its progress, and the page offers to continue it "
