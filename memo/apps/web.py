@@ -41,6 +41,7 @@ from memo.apps.live import generate_watched
 from memo.apps.render_jobs import RenderJob, RenderJobs
 from memo.constants import EMOTION_NAMES
 from memo.errors import (
+    STOP_SIGNALS,
     Interrupted,
     UserError,
     as_path,
@@ -138,6 +139,16 @@ class WebApp:
         self.streaming = live_view_available() if streaming is None else streaming
         self.live_dir = output_dir / LIVE_FOLDER
         self.jobs = RenderJobs(output_dir / JOBS_FOLDER)
+        self.closing = threading.Event()
+        """Set when the server stops: renders under way stop at their next step and keep their records and progress,
+        so that the next start offers to continue them."""
+        self._renders: set[threading.Event] = set()
+
+    def stop_renders(self) -> None:
+        """The server is stopping: stop every render under way at its next step, keeping what it has made."""
+        self.closing.set()
+        for stopped in list(self._renders):
+            stopped.set()
 
     def preview(self, image: str | None, size: str, framing: str) -> Image.Image | None:
         """The face crop the model will see; a warning (not an error) when the image cannot be used."""
@@ -221,6 +232,9 @@ class WebApp:
         progress(0, desc="Reading the image and the audio")
         segments: queue.Queue[Path | None] = queue.Queue()
         stopped = threading.Event()
+        self._renders.add(stopped)
+        if self.closing.is_set():
+            stopped.set()
         outcome: dict[str, object] = {}
 
         def work(folder: Path) -> None:
@@ -255,7 +269,9 @@ class WebApp:
                     stopped.set()  # the page went away: the render stops at its next step
                     worker.join()
         finally:
-            self.jobs.end(job)
+            self._renders.discard(stopped)
+            if not self.closing.is_set():  # a render stopped by the server's stop is offered at the next start
+                self.jobs.end(job)
         error = outcome.get("error")
         if error is not None:
             with shown_in_page("Generation"):
@@ -395,6 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = app.build()
     try:
         with stop_on_signals() as stopped:
+            # A stop first stops the render under way (gradio's server waits for its request before it closes).
+            handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+            def stop_renders_first(signum, frame):
+                app.stop_renders()
+                handlers[signum](signum, frame)
+
+            if callable(handlers[signal.SIGTERM]):  # stop_on_signals installed them (the main thread)
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, stop_renders_first)
             demo.queue().launch(
                 server_name=args.host,
                 server_port=args.port,
