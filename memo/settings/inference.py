@@ -234,6 +234,7 @@ class InferenceConfig:
     resume: ResumeSettings = section(ResumeSettings, "saved progress of long renders", flat=True)
 
     def __getattr__(self, name: str) -> Any:
+        """Setting ``name`` as users write it (``fps``), read from its section; AttributeError for others."""
         path = SETTING_PATHS.get(name)
         if path is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
