@@ -25,6 +25,7 @@ import soundfile
 from conftest import REPO, run_main
 from PIL import Image
 
+import memo.apps.batch
 from memo.apps.batch import main as batch_main
 from memo.io.job_state import state_folder
 from memo.io.video import probe_video
@@ -75,7 +76,7 @@ def batch(pack: Path, manifest: Path, output_dir: Path, processes: int = 0) -> s
 
 
 @pytest.mark.parametrize("processes", [0, pytest.param(2, marks=pytest.mark.e2e)])
-def test_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inputs, tmp_path, processes):
+def test_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inputs, tmp_path, processes, monkeypatch):
     manifest = inputs / "jobs.csv"
     manifest.write_text(
         "image,audio,output,emotion,seed,cfg_scale\n"
@@ -108,6 +109,13 @@ def test_processes_share_the_manifest_and_a_rerun_skips_finished_jobs(pack, inpu
     assert [job["line"] for job in summary["skipped"]] == [2, 3] and not summary["done"]
     assert [job["line"] for job in summary["failed"]] == [4]
     assert {output: output.stat().st_mtime_ns for output in outputs} == written
+
+    # a manifest whose every output exists loads no model at all
+    finished = inputs / "finished.csv"
+    finished.write_text("".join(manifest.read_text().splitlines(keepends=True)[:3]))
+    monkeypatch.setattr(memo.apps.batch, "MemoGenerator", lambda *_: pytest.fail("the models were loaded"))
+    done = batch(pack, finished, out)
+    assert done.returncode == 0 and "0 done, 2 skipped, 0 failed (1 process)" in done.stdout, done.stdout
 
 
 def test_a_bad_manifest_is_refused_before_any_work(pack, inputs, tmp_path):

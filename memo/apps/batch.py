@@ -232,8 +232,9 @@ def load_jobs(
     return base, jobs
 
 
-def run_jobs(generator: MemoGenerator, jobs: list[Job], process: int, bar: bool = True) -> list[dict[str, Any]]:
+def run_jobs(generator: MemoGenerator | None, jobs: list[Job], process: int, bar: bool = True) -> list[dict[str, Any]]:
     """Render each job, skipping finished outputs; a failure is recorded with its reason and the next job goes on.
+    ``generator`` may be None when every job's output exists (nothing is rendered then).
     With ``bar``, a bar over the jobs (those finished before this run count as done, not in the speed) above each
     video's own (:mod:`memo.progress`)."""
     results = []
@@ -279,7 +280,8 @@ def summarize(results: list[dict[str, Any]], manifest: Path, output_dir: Path, p
 def report(summary: dict[str, Any], path: Path) -> str:
     """A few lines for the terminal: the counts, where the summary is, and why each failed job failed."""
     counts = ", ".join(f"{len(summary[status])} {status}" for status in ("done", "skipped", "failed"))
-    lines = [f"batch: {counts} ({summary['processes']} processes); summary in {path}"]
+    processes = summary["processes"]
+    lines = [f"batch: {counts} ({processes} process{'es' if processes > 1 else ''}); summary in {path}"]
     lines += [f"  failed: line {job['line']} ({job['output']}): {job['reason']}" for job in summary["failed"]]
     return "\n".join(lines)
 
@@ -347,9 +349,11 @@ def _run(args: argparse.Namespace, start: float) -> int:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"[process {state.process_index}] %(name)s: %(message)s"))
     mine = jobs[state.process_index :: state.num_processes]
+    generator = None  # no model loads when every output of this process's jobs exists already
     try:
-        config = base.updated(device="cpu") if state.device.type == "cpu" else base
-        generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
+        if not all(job.output.exists() for job in mine):
+            config = base.updated(device="cpu") if state.device.type == "cpu" else base
+            generator = MemoGenerator(config)  # "auto"/"cuda" is this process's GPU: PartialState made it current
     except (UserError, OSError) as caught:
         if (error := as_user_error(caught)) is None:
             raise
