@@ -449,7 +449,8 @@ class MemoGenerator:
         writer: SegmentWriter | None = None
         snapshot_clip = resume_from.memory_clip if resume_from is not None else -1
         kept = state.seconds_kept(resume_from.clip) if resume_from is not None else 0.0
-        held = state.seconds_kept(snapshot_clip + 1)  # the rendering the last snapshot holds
+        # the rendering the last snapshot holds (one taken at a stop may hold the update of the clip then unfinished)
+        held = state.seconds_kept(min(snapshot_clip + 1, resume_from.clip if resume_from is not None else 0))
         run_start = clip_start = time.perf_counter()
         snapshots = self.parallel is None  # each rank of parallel=guidance holds half the memory: replayed instead
         # The call's memory, held here: the pipeline lets go of its own when the call ends, a stop included, and a

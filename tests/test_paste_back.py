@@ -374,3 +374,31 @@ def test_inference_pastes_the_video_back_into_the_photo(case, speech, tmp_path):
             if touching[side]:
                 gap = np.abs(luma(frame[edge_rows, edge_columns]) - luma(inside[edge_rows, edge_columns])).mean()
                 assert gap < 5.0, (side, gap)
+
+
+@pytest.mark.slow
+def test_a_pasted_render_stopped_part_way_resumes_to_the_uninterrupted_video(pack, speech, tmp_path):
+    """paste_back with exact resume: a render stopped after its first clip (as a handled signal stops it) keeps
+    the pasted clip's segment, and the rerun ends in the video an uninterrupted render gives, frame for frame."""
+    from memo.generator import MemoGenerator
+    from memo.io.job_state import state_folder
+
+    wide = tmp_path / "wide.png"
+    Image.open(REPO / "assets" / "examples" / "portrait.jpg").convert("RGB").resize((192, 128)).save(wide)
+    settings = [*CHEAP, "paste_back=true", "width=64", "height=64"]
+    generator = MemoGenerator(load_config(pack / "inference.yaml", settings))
+    whole = generator.generate(wide, speech, tmp_path / "whole.mp4")
+
+    def stop_in_the_second_clip(fraction: float, text: str) -> None:
+        if fraction > 0.75:  # after the second clip's (only) step, before its end
+            raise KeyboardInterrupt
+
+    stopped = tmp_path / "stopped.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        generator.generate(wide, speech, stopped, progress=stop_in_the_second_clip)
+    assert not stopped.exists() and generator.saved_progress(wide, speech, stopped).clips_done == 1
+    generator.generate(wide, speech, stopped)
+    frames, expected = decode(stopped), decode(whole)
+    assert frames[0].shape == (128, 192, 3) and len(frames) == len(expected) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(frames, expected, strict=True))
+    assert not state_folder(stopped).exists()
