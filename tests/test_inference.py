@@ -218,8 +218,9 @@ def test_bad_settings(pack, speech, tmp_path, override, fragments):
     assert not any(tmp_path.iterdir())
 
 
-def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path):
+def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path, monkeypatch):
     from memo.generator import GpuMemoryError, MemoGenerator
+    from memo.pipeline import MemoPipeline
     from memo.settings.inference import load_config
 
     generator = MemoGenerator(load_config(pack / "inference.yaml"))
@@ -227,7 +228,7 @@ def test_out_of_gpu_memory_names_settings_that_fit(pack, speech, tmp_path):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    generator.pipeline = exhausted
+    monkeypatch.setattr(MemoPipeline, "__call__", exhausted)  # the pipeline runs out of memory when called
     with pytest.raises(GpuMemoryError, match="vae_batch_size=1"):
         generator.generate(EXAMPLE_IMAGE, speech, tmp_path / "oom.mp4")
     # no video, no partial: only the render's progress folder, kept to be resumed (memo.io.job_state)
