@@ -358,3 +358,20 @@ def test_make_eval_set_batch_inference_evaluate_loop(pack, tmp_path):
         assert set(figures) >= {"fid", "fvd", "sync_c", "sync_d", "sync_offset", "csim", "motion"}
         assert all(figures[key] is not None and np.isfinite(figures[key]) for key in ("fid", "fvd", "csim"))
     assert "| **set** (2) |" in scored.stdout
+
+
+def test_missing_face_models_name_every_metric_that_needs_them_and_the_download(tmp_path, monkeypatch):
+    """``--metrics motion`` alone needs the face models too: the message says which metrics use them and how to
+    get them (evaluate.py takes --models, not key=value)."""
+    import memo.evaluation.models as metric_models
+    from memo.io.hub import DOWNLOAD_COMMAND, MissingModelError
+
+    def not_cached(*_args, **_kwargs):
+        raise MissingModelError("not in the cache (model_name_or_path=DIR as key=value)")
+
+    monkeypatch.setattr(metric_models, "resolve_model_dir", not_cached)
+    with pytest.raises(MissingModelError) as caught:
+        metric_models.MetricModels(tmp_path).face_dir()
+    message = str(caught.value)
+    assert "motion" in message and "CSIM" in message and DOWNLOAD_COMMAND in message and "--models" in message
+    assert "key=value" not in message and str(tmp_path) in message

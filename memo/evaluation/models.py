@@ -18,6 +18,7 @@ import torch
 from memo.conditions.face import FaceAnalyzer
 from memo.errors import import_runtime
 from memo.io.hub import (
+    DOWNLOAD_COMMAND,
     FACE_MODELS_FOLDER,
     MEMO_REPO,
     METRIC_MODELS,
@@ -83,7 +84,11 @@ class MetricModels:
         try:
             return resolve_model_dir(FACE_REPO, [f"{FACE_MODELS}/*"]) / FACE_MODELS
         except MissingModelError as error:
-            raise MissingModelError(f"The face models for CSIM are not in {local}. {error}") from error
+            raise MissingModelError(
+                f"The face-analysis models (the face box of the Sync and motion metrics, the identity of CSIM) are "
+                f"not in {local} nor in the Hugging Face cache: download MEMO's models once with "
+                f"`{DOWNLOAD_COMMAND}` (they hold them), or point --models at a folder holding {FACE_MODELS}/."
+            ) from error
 
     def inception(self):
         """torch-fidelity's ``FeatureExtractorInceptionV3`` with the pool3 ('2048') output, on ``device``."""
