@@ -4,7 +4,15 @@ layouts (IMAGE as LoadImage makes it, AUDIO as LoadAudio makes it).
 
 ComfyUI itself cannot be installed here, so the few calls the pack makes into it (``comfy.model_management``,
 ``comfy.utils.ProgressBar``, ``folder_paths``) are answered by small stand-ins that behave as ComfyUI's do
-(read from the sources named in the README's ComfyUI section); nothing else of ComfyUI is imitated.
+(read from ComfyUI's sources in ``comfyanonymous/ComfyUI``, each file at the commit named, so from different
+versions: ``nodes.py`` e60e19b (node definitions, ``NODE_CLASS_MAPPINGS``, custom-node loading, which registers a
+folder under its own name), ``execution.py`` 00a0995 (nodes run under ``torch.inference_mode()``, input
+validation), ``comfy_extras/nodes_audio.py`` 01e93c7 (AUDIO, Load Audio), ``comfy_extras/nodes_video.py`` 0413db9
+(Create Video, Save Video; the VIDEO type came with 68f0d35), ``comfy/model_management.py`` 00184d1
+(``free_memory``, ``unet_offload_device``, ``soft_empty_cache``, ``throw_exception_if_processing_interrupted``),
+``comfy/utils.py`` 00728eb (``ProgressBar.update_absolute(value, total, preview)``), ``latent_preview.py``
+0219e5b (the preview as ``("JPEG", image, args.preview_size)``), ``folder_paths.py`` (``add_model_folder_path``,
+``get_folder_paths``)); nothing else of ComfyUI is imitated.
 
 The default tier checks the import, the schema, the example workflow and one node on the models; the runs of
 the generating nodes are the ``e2e`` tier.
