@@ -670,3 +670,32 @@ def test_validation_reference_image_is_loaded_as_inference_loads_it(tmp_path):
     assert reference.shape == (1, 3, 64, 64)
     torch.testing.assert_close(reference[0, :, 0, 0], torch.ones(3))
     torch.testing.assert_close(reference[0, :, 32, 32], torch.tensor([90, 60, 40]) / 127.5 - 1, atol=0.02, rtol=0)
+
+
+def test_a_step_whose_every_sample_is_left_out_warns_once(caplog, monkeypatch):
+    """Robust training leaves out samples above the threshold; a model far from MEMO's weights (the tiny pack,
+    another base) may have every sample above it, and then nothing is learned: the run says so, once."""
+    import logging
+    from types import SimpleNamespace
+
+    import memo.training.step
+    from memo.settings.training import ObjectiveSettings
+    from memo.training.step import TrainState, end_optimizer_step
+
+    run = SimpleNamespace(
+        ema=None,
+        accumulation=1,
+        lr_scheduler=SimpleNamespace(get_last_lr=lambda: [1e-5]),
+        accelerator=SimpleNamespace(log=lambda *args, **kwargs: None),
+        record=lambda metrics: None,
+        config=SimpleNamespace(objective=ObjectiveSettings(), tracking=SimpleNamespace(logging_steps=100)),
+    )
+    # accelerate's logger needs a process state, which would outlive this test: a plain logger stands in
+    monkeypatch.setattr(memo.training.step, "logger", logging.getLogger("memo.training.step"))
+    state = TrainState()
+    with caplog.at_level(logging.WARNING):
+        for kept in (0.0, 0.0, 1.0):
+            state.seen_sum, state.kept_sum = 2.0, kept
+            end_optimizer_step(run, state, 0, None)
+    warnings = [r.getMessage() for r in caplog.records if "robust_loss_threshold" in r.getMessage()]
+    assert len(warnings) == 1 and "step 1:" in warnings[0] and "robust_training=false" in warnings[0]

@@ -42,6 +42,8 @@ class TrainState:
     robust threshold, clips seen, seconds spent waiting for data."""
     tick: float = field(default_factory=time.perf_counter)
     """When the optimizer step under way began (``time.perf_counter``)."""
+    warned_all_left_out: bool = False
+    """Whether this run has warned of a step whose every sample the robust threshold left out."""
 
 
 @dataclass
@@ -132,6 +134,13 @@ def end_optimizer_step(run: TrainingRun, state: TrainState, epoch: int, grad_nor
         metrics["grad_norm"] = float(grad_norm)
     if not math.isfinite(state.last_loss):
         logger.warning(f"Non-finite loss at step {state.step}")
+    if state.seen_sum and not state.kept_sum and not state.warned_all_left_out:
+        state.warned_all_left_out = True  # once a run: a model far from MEMO's weights may stay above it for long
+        logger.warning(
+            f"step {state.step}: every sample's loss was above robust_loss_threshold="
+            f"{run.config.objective.robust_loss_threshold}, so nothing was learned from it; robust training "
+            "expects MEMO's published weights (set robust_training=false, or raise the threshold, for others)"
+        )
     run.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
     run.record(metrics)
     if state.step % run.config.tracking.logging_steps == 0:
