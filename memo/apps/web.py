@@ -273,6 +273,8 @@ class WebApp:
             if not self.closing.is_set():  # a render stopped by the server's stop is offered at the next start
                 self.jobs.end(job)
         error = outcome.get("error")
+        if isinstance(error, RenderStopped):  # the page went away, or the server is stopping: nobody to tell
+            return
         if error is not None:
             with shown_in_page("Generation"):
                 raise error
