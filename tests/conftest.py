@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +125,14 @@ def link_example_files(folder: Path, **names: str) -> None:
     for name in names.values():
         source = "speech.wav" if name.endswith(".wav") else "portrait.jpg"
         (folder / name).symlink_to(examples / source)
+
+
+def decoded_video(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A video's frames (n, H, W, 3) and its sound's samples (channels, n), decoded with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    with av.open(str(path)) as container:
+        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    return frames, sound

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from conftest import REPO, run_main
+from conftest import REPO, decoded_video, run_main
 from PIL import Image
 
 from memo.io.video import probe_video
@@ -303,7 +303,6 @@ def test_a_render_stopped_with_the_server_continues_after_a_restart(pack, tmp_pa
     """Issue 27 for the web app, as a user meets it: the server is stopped (SIGTERM) mid-render; the restarted
     server's page offers the render, and Continue goes on from its saved clips (the log says so) to the video an
     uninterrupted render of the same request gives, frame for frame, with the same sound."""
-    import av
     import numpy as np
 
     from memo.io.job_state import state_folder
@@ -333,12 +332,7 @@ def test_a_render_stopped_with_the_server_continues_after_a_restart(pack, tmp_pa
     assert log.count("resuming at 00:0") == 1 and "Traceback" not in log, log
 
     def decoded(video) -> tuple[np.ndarray, np.ndarray]:
-        path = video["video"] if isinstance(video, dict) else video
-        with av.open(str(path)) as container:
-            frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-        with av.open(str(path)) as container:
-            sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
-        return frames, sound
+        return decoded_video(video["video"] if isinstance(video, dict) else video)
 
     (frames, sound), (expected_frames, expected_sound) = decoded(continued), decoded(whole)
     assert np.array_equal(frames, expected_frames) and np.array_equal(sound, expected_sound)

@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, run_main
+from conftest import REPO, decoded_video, run_main
 from PIL import Image
 
 import memo.apps.batch
@@ -173,15 +172,6 @@ def test_per_job_settings_share_the_loaded_models(pack):
         generator.with_settings(resolution=100)
 
 
-def decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A video's frames (n, H, W, 3) and its sound's samples (channels, n), decoded."""
-    with av.open(str(path)) as container:
-        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-    with av.open(str(path)) as container:
-        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
-    return frames, sound
-
-
 @pytest.mark.e2e
 def test_a_stopped_batch_resumes_the_job_it_was_rendering(pack, inputs, tmp_path):
     """Issue 27 for the batch runner: stopped (SIGTERM, then kill -9) during its second job, rerun: the first
@@ -222,7 +212,7 @@ def test_a_stopped_batch_resumes_the_job_it_was_rendering(pack, inputs, tmp_path
     assert "1 done, 1 skipped, 0 failed" in again.stdout, again.stdout
     assert (out / "first.mp4").stat().st_mtime_ns == first
     for name in ("first.mp4", "second.mp4"):
-        frames, sound = decoded(out / name)
-        expected_frames, expected_sound = decoded(tmp_path / "whole" / name)
+        frames, sound = decoded_video(out / name)
+        expected_frames, expected_sound = decoded_video(tmp_path / "whole" / name)
         assert np.array_equal(frames, expected_frames) and np.array_equal(sound, expected_sound), name
     assert sorted(path.name for path in out.iterdir()) == ["batch_summary.json", "first.mp4", "second.mp4"]

@@ -23,7 +23,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, decoded_video
 
 from memo.io.job_state import JobState, state_folder
 from memo.io.partial import PARTIAL_PATTERN
@@ -60,15 +60,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-
-
-def decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A video's frames (n, H, W, 3) and its sound's samples (channels, n), decoded."""
-    with av.open(str(path)) as container:
-        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-    with av.open(str(path)) as container:
-        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
-    return frames, sound
 
 
 def wait_for(process: subprocess.Popen, path: Path) -> None:
@@ -119,7 +110,7 @@ def reference(pack, talk, tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
     assert "discarded: seed differs (42, was 7); starting over" in done.stderr, done.stderr
     assert "resuming" not in done.stderr
     assert sorted(p.name for p in out.iterdir()) == [NAME]  # the progress folder went with publishing
-    return decoded(out / NAME)
+    return decoded_video(out / NAME)
 
 
 def stop_after_next_clip(process: subprocess.Popen, folder: Path, stop: int, before=None, clips: int = 1) -> str:
@@ -196,7 +187,7 @@ def test_a_render_stopped_every_way_resumes_to_the_same_video(pack, talk, refere
     again = run(*command(pack, talk, out))
     assert again.returncode == 0, again.stderr
     assert_resumed(again.stderr)
-    frames, sound = decoded(out / NAME)
+    frames, sound = decoded_video(out / NAME)
     assert frames.shape == reference[0].shape and np.array_equal(frames, reference[0])
     assert np.array_equal(sound, reference[1])
     assert sorted(os.listdir(out)) == sorted([NAME, "portrait_short.mp4"])

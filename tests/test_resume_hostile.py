@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, decoded_video
 
 from memo.io.job_state import state_folder
 
@@ -62,14 +61,6 @@ def stop_at(args: list[str], path: Path, stop: signal.Signals, preexec=None) -> 
     return process.returncode, log
 
 
-def decoded(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with av.open(str(path)) as container:
-        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-    with av.open(str(path)) as container:
-        sound = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
-    return frames, sound
-
-
 def test_a_hostile_chain_of_stops_and_reruns_ends_in_the_uninterrupted_video(pack, tmp_path):
     samples, rate = soundfile.read(REPO / "assets" / "examples" / "speech.wav", dtype="float32")
     audio = tmp_path / "talk.wav"
@@ -109,7 +100,7 @@ def test_a_hostile_chain_of_stops_and_reruns_ends_in_the_uninterrupted_video(pac
         again = subprocess.run(command(pack, audio, out), capture_output=True, text=True, cwd=REPO)
         assert again.returncode == 0, again.stderr
         assert "memo: generate:" not in again.stderr and "discarded" not in again.stderr, again.stderr
-    frames, sound = decoded(out / NAME)
-    expected_frames, expected_sound = decoded(tmp_path / "whole" / NAME)
+    frames, sound = decoded_video(out / NAME)
+    expected_frames, expected_sound = decoded_video(tmp_path / "whole" / NAME)
     assert np.array_equal(frames, expected_frames) and np.array_equal(sound, expected_sound)
     assert [path.name for path in out.iterdir()] == [NAME]
