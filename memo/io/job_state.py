@@ -114,6 +114,7 @@ class JobState:
         self.discarded: str | None = None  # why saved progress was thrown away, if it was
         self._writing: threading.Thread | None = None  # a memory snapshot being written in the background
         self._write_error: BaseException | None = None
+        self._seconds: dict[int, float] = {}  # each record's rendering time, read once (records are MiBs)
 
     # -- finding, checking, locking ------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class JobState:
         return self
 
     def _clear(self) -> None:
+        self._seconds.clear()
         for entry in self.folder.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -209,14 +211,18 @@ class JobState:
                 {"latents": record.latents, "noise_state": record.noise_state, "seconds": record.seconds}, partial.path
             )
             partial.publish()
+        self._seconds[clip] = record.seconds
 
     def load_clip(self, clip: int) -> ClipRecord:
         data = torch.load(self.record_path(clip), map_location="cpu", weights_only=True)
-        return ClipRecord(data["latents"], data["noise_state"], float(data["seconds"]))
+        self._seconds[clip] = float(data["seconds"])
+        return ClipRecord(data["latents"], data["noise_state"], self._seconds[clip])
 
     def seconds_kept(self, clips: int) -> float:
-        """The rendering time of the first ``clips`` clips, as recorded."""
-        return sum(self.load_clip(clip).seconds for clip in range(clips))
+        """The rendering time of the first ``clips`` clips, as recorded (each record read at most once)."""
+        return sum(
+            self._seconds[clip] if clip in self._seconds else self.load_clip(clip).seconds for clip in range(clips)
+        )
 
     # -- the memory snapshot -----------------------------------------------------------------------------
 
